@@ -1,0 +1,23 @@
+"""Shared test fixtures: the real samples in ../shared/data and a file-only matplotlib backend."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("WAFERLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real WM-811K samples; CI always has it beside the checkout."""
+    if not SHARED_DATA.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"real samples not found at {SHARED_DATA}")
+        pytest.skip(f"real samples not found at {SHARED_DATA} (set WAFERLAB_SHARED_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,40 @@
+"""The top-level command: help at every level, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from waferlab.cli import build_parser, main
+
+
+def _subcommand_paths() -> list[list[str]]:
+    parser = build_parser()
+    paths: list[list[str]] = [[]]
+
+    def walk(p, prefix):
+        for action in p._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for name, child in action.choices.items():
+                    paths.append(prefix + [name])
+                    walk(child, prefix + [name])
+
+    walk(parser, [])
+    return paths
+
+
+@pytest.mark.parametrize("path", _subcommand_paths(), ids=lambda p: " ".join(p) or "waferlab")
+def test_help_at_every_level(path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*path, "--help"])
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_unknown_subcommand_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "waferlab.cli", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "invalid choice" in proc.stderr

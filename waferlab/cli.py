@@ -1,0 +1,75 @@
+"""The one ``waferlab`` command: each package registers its own subcommands here.
+
+Heavy libraries (torch, matplotlib) are imported inside the handlers, so ``--help`` stays instant.
+A :class:`~waferlab.errors.WaferlabError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from waferlab import __version__
+from waferlab.errors import WaferlabError
+
+# Modules that define ``register(subparsers)``; each adds its own subcommands.
+COMMAND_MODULES = (
+    "waferlab.data.commands",
+    "waferlab.models.commands",
+    "waferlab.engine.commands",
+    "waferlab.explain.commands",
+    "waferlab.demo",
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit 2), never a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the full parser with every registered subcommand."""
+    parser = _Parser(
+        prog="waferlab",
+        description="Train, compare, explain and deploy wafer-map defect-pattern classifiers.",
+    )
+    parser.add_argument("--version", action="version", version=f"waferlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a package not built yet registers nothing
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = getattr(args, "func", None)
+    if handler is None:  # a command group called without its subcommand
+        args.parser.print_help(sys.stderr)
+        return 2
+    try:
+        result = handler(args)
+    except WaferlabError as exc:
+        sys.stderr.write(f"waferlab: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("waferlab: interrupted\n")
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

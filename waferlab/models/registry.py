@@ -1,0 +1,103 @@
+"""Model registry: ``create_model(name, ...)`` builds any registered model with one contract.
+
+Contract of every model: ``forward(x)`` maps ``(N, in_chans, H, W)`` (any H, W >= 32) to
+``(N, num_classes)``; ``model.cam_target_layer`` is the module whose output is the 4-D feature map
+right before the final pooling (or flatten), where CAMs are taken; ``model.classifier`` is the last
+module producing the class scores (swapped for a cosine head by ``head="cosine"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+from waferlab.errors import WaferlabError
+
+Builder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model: its builder and a one-line description."""
+
+    name: str
+    builder: Builder
+    family: str
+    description: str
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(name: str, *, family: str, description: str) -> Callable[[Builder], Builder]:
+    """Decorator that registers ``builder(num_classes, in_chans, pretrained, **options)`` as ``name``."""
+
+    def deco(builder: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelSpec(name, builder, family, description)
+        return builder
+
+    return deco
+
+
+def _ensure_loaded() -> None:
+    # Importing the package registers every model module.
+    import waferlab.models  # noqa: F401
+
+
+def list_models() -> list[str]:
+    """Names of all registered models, in registration order."""
+    _ensure_loaded()
+    return list(_REGISTRY)
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The registry entry for ``name``; a clear error lists the known names otherwise."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(_REGISTRY)
+        raise WaferlabError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    pretrained: str | None = None,
+    head: str = "linear",
+    **options: object,
+) -> nn.Module:
+    """Build model ``name`` for ``num_classes`` classes and ``in_chans`` input channels.
+
+    ``pretrained``: ``None``, ``"imagenet"`` (downloads through the library's weights API on a
+    machine with network) or a path to a local ``.pth``/``.safetensors`` state dict.
+    ``head``: ``"linear"`` or ``"cosine"`` (L2-normalised cosine classifier, for Circle loss).
+    """
+    spec = model_spec(name)
+    if num_classes < 1:
+        raise WaferlabError(f"num_classes must be >= 1, got {num_classes}")
+    if in_chans < 1:
+        raise WaferlabError(f"in_chans must be >= 1, got {in_chans}")
+    try:
+        model = spec.builder(num_classes=num_classes, in_chans=in_chans, pretrained=pretrained, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise WaferlabError(f"model {name!r}: {exc}") from None
+        raise
+    if not isinstance(getattr(model, "cam_target_layer", None), nn.Module):
+        raise RuntimeError(f"model {name!r} does not expose cam_target_layer")  # a bug, not a user error
+    if head == "cosine":
+        from waferlab.models.heads import use_cosine_head
+
+        use_cosine_head(model)
+    elif head != "linear":
+        raise WaferlabError(f"unknown head {head!r}; use 'linear' or 'cosine'")
+    model.model_name = name  # type: ignore[assignment]
+    model.num_classes = num_classes  # type: ignore[assignment]
+    model.in_chans = in_chans  # type: ignore[assignment]
+    return model
