@@ -1,0 +1,1 @@
+"""Training engine: Lightning module, runs, evaluation metrics and reports."""

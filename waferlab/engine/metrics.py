@@ -1,0 +1,260 @@
+"""Evaluation metrics for wafer-map classifiers: one dict that every report, run and comparison reads.
+
+Headline metrics are macro-F1 and balanced accuracy, not accuracy: on WM-811K a constant "none"
+predictor already scores 85-93 % accuracy. ``defect_vs_none_recall`` tracks the dominant real-world
+failure (a defect waved through as "none"); ``ece`` and ``nll`` track calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from waferlab.errors import WaferlabError
+
+#: Probability rows whose sum is further than this from 1 are renormalised (and counted).
+SUM_TOLERANCE = 1e-3
+#: Probabilities are clipped to at least this before the log in the NLL, so a zero never gives inf.
+NLL_EPS = 1e-12
+
+#: The metrics a report or comparison table leads with, in display order.
+HEADLINE_KEYS = (
+    "accuracy",
+    "balanced_accuracy",
+    "macro_precision",
+    "macro_recall",
+    "macro_f1",
+    "weighted_f1",
+    "ece",
+    "nll",
+    "defect_vs_none_recall",
+)
+
+
+def _as_labels(y_true: Any, class_names: Sequence[str]) -> np.ndarray:
+    """Turn integer indices or class-name strings into an int64 index array, validating the range."""
+    y = np.asarray(y_true)
+    if y.ndim != 1:
+        raise WaferlabError(f"y_true must be 1-D (one label per map), got shape {tuple(y.shape)}")
+    if y.size and (y.dtype.kind in "OUS"):
+        lookup = {name: i for i, name in enumerate(class_names)}
+        bad = sorted({str(v) for v in y.tolist() if v not in lookup})
+        if bad:
+            raise WaferlabError(
+                f"y_true has labels not in class_names: {', '.join(bad[:5])}"
+                f" (classes: {', '.join(class_names)})"
+            )
+        return np.fromiter((lookup[v] for v in y.tolist()), dtype=np.int64, count=y.size)
+    if y.size and y.dtype.kind == "f":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise WaferlabError("y_true must hold integer class indices, got non-integer values")
+    elif y.size and y.dtype.kind not in "iub":
+        raise WaferlabError(f"y_true must hold class indices or class names, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size:
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= len(class_names):
+            bad = lo if lo < 0 else hi
+            hint = " (-1 marks unlabeled maps: evaluate labeled maps only)" if bad == -1 else ""
+            raise WaferlabError(
+                f"y_true has class index {bad} outside 0..{len(class_names) - 1}{hint}"
+            )
+    return y
+
+
+def _as_probs(probs: Any, n: int, num_classes: int) -> tuple[np.ndarray, int]:
+    """Validate an (N, C) probability array; renormalise rows that do not sum to 1.
+
+    Returns the float64 probabilities and how many rows were renormalised. Negative, non-finite
+    or all-zero rows are an error: they mean logits or garbage were passed, not probabilities.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2:
+        raise WaferlabError(f"probs must be 2-D (maps x classes), got shape {tuple(p.shape)}")
+    if p.shape[0] != n:
+        raise WaferlabError(f"probs has {p.shape[0]} rows but y_true has {n} labels")
+    if p.shape[1] != num_classes:
+        raise WaferlabError(f"probs has {p.shape[1]} columns but there are {num_classes} class names")
+    if not np.all(np.isfinite(p)):
+        row = int(np.argwhere(~np.isfinite(p))[0, 0])
+        raise WaferlabError(f"probs has a non-finite value (NaN or inf) in row {row}")
+    if np.any(p < 0):
+        row = int(np.argwhere(p < 0)[0, 0])
+        raise WaferlabError(
+            f"probs has a negative value in row {row}: pass softmax probabilities, not logits"
+        )
+    sums = p.sum(axis=1)
+    if np.any(sums <= 0):
+        raise WaferlabError(f"probs row {int(np.argmax(sums <= 0))} is all zeros")
+    off = np.abs(sums - 1.0) > SUM_TOLERANCE
+    return p / sums[:, None], int(off.sum())  # dividing also removes float round-off
+
+
+def _nan_to_none(value: float) -> float | None:
+    """JSON has no NaN: undefined values are reported as ``None`` (``null``)."""
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> list[dict[str, Any]]:
+    """Equal-width reliability bins on the top-class confidence (for a reliability table/diagram).
+
+    Bin ``i`` holds confidences in ``[i/n_bins, (i+1)/n_bins)``; a confidence of exactly 1.0 is
+    put in the top bin. Empty bins are listed with ``count`` 0 and ``None`` averages.
+    """
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    out = []
+    for i in range(n_bins):
+        sel = idx == i
+        count = int(sel.sum())
+        out.append({
+            "lo": float(edges[i]),
+            "hi": float(edges[i + 1]),
+            "count": count,
+            "confidence": float(confidence[sel].mean()) if count else None,
+            "accuracy": float(correct[sel].mean()) if count else None,
+        })
+    return out
+
+
+def compute_metrics(
+    y_true: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    none_class: str = "none",
+    n_bins: int = 15,
+) -> dict[str, Any]:
+    """Compute every evaluation metric of a classifier from true labels and predicted probabilities.
+
+    ``y_true`` holds class indices into ``class_names`` (or the names themselves); ``probs`` is
+    (N, C) softmax output, the prediction being its arg-max. Rows not summing to 1 (beyond
+    ``SUM_TOLERANCE``) are renormalised and counted in ``renormalized_rows``; negative or
+    non-finite values raise :class:`WaferlabError`, as do N = 0 and labels out of range.
+
+    Undefined values are explicit, never silently zero. Per-class counts (tp, fp, fn) and the
+    confusion matrix come from torchmetrics with ``average="none"`` and no ``ignore_index`` (every
+    label counts); the ratios are taken here in float64 with these 0/0 rules:
+
+    * a class absent from ``y_true`` (support 0) has ``recall`` and ``f1`` = ``None`` (JSON
+      ``null``) and ``precision`` = 0.0 if it was predicted (all false alarms) else ``None``;
+    * a present class that is never predicted has ``precision`` 0.0 (``zero_division=0``);
+    * ``macro_*`` and ``balanced_accuracy`` average over the classes PRESENT in ``y_true`` only
+      (torchmetrics' own macro average would count an absent class as 0); ``weighted_f1``
+      weights by support, so absent classes weigh nothing.
+
+    With ``none_class`` among the classes it adds ``defect_vs_none_recall`` (share of true defect
+    maps NOT predicted as none), ``none_precision`` (share of maps predicted none that are none)
+    and ``false_alarm_rate`` (share of true none maps predicted as a defect); each is ``None``
+    when its denominator is 0. ``ece`` is torchmetrics' top-label L1 calibration error with
+    ``n_bins`` equal-width bins on the max probability; ``nll`` is the mean of -log p(true class)
+    with p clipped at ``NLL_EPS``.
+    """
+    import torch
+    from torchmetrics.functional.classification import (
+        multiclass_calibration_error,
+        multiclass_confusion_matrix,
+        multiclass_stat_scores,
+    )
+
+    class_names = [str(c) for c in class_names]
+    num_classes = len(class_names)
+    if num_classes == 0:
+        raise WaferlabError("class_names is empty: cannot compute metrics without classes")
+    if len(set(class_names)) != num_classes:
+        raise WaferlabError(f"class_names has duplicates: {', '.join(class_names)}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise WaferlabError(f"n_bins must be a positive integer, got {n_bins!r}")
+    y = _as_labels(y_true, class_names)
+    n = int(y.size)
+    if n == 0:
+        raise WaferlabError("no maps to evaluate (N = 0): the evaluation split is empty")
+    p, renormalized = _as_probs(probs, n, num_classes)
+
+    # torchmetrics' multiclass metrics need at least 2 classes: pad a never-used class for C = 1.
+    tm_classes = max(num_classes, 2)
+    p_tm = p if num_classes >= 2 else np.concatenate([p, np.zeros((n, 1))], axis=1)
+    target = torch.from_numpy(y)
+    pred_idx = torch.from_numpy(p.argmax(axis=1))
+    kw: dict[str, Any] = {"num_classes": tm_classes, "ignore_index": None}
+    # Integer counts from torchmetrics; the ratios are taken below in float64 with explicit 0/0 rules.
+    stats = multiclass_stat_scores(pred_idx, target, average="none", **kw).numpy()[:num_classes]
+    tp, fp, fn = (stats[:, j].astype(np.float64) for j in (0, 1, 3))
+    cm = multiclass_confusion_matrix(pred_idx, target, **kw).numpy().astype(np.int64)
+    cm = cm[:num_classes, :num_classes]
+    ece = float(multiclass_calibration_error(torch.from_numpy(p_tm), target, n_bins=int(n_bins),
+                                             norm="l1", **kw))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)  # zero_division = 0
+        recall = np.where(tp + fn > 0, tp / (tp + fn), np.nan)  # undefined for an absent class
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    accuracy = float(tp.sum() / n)
+
+    support = cm.sum(axis=1)
+    predicted = cm.sum(axis=0)
+    present = support > 0
+    per_class: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(class_names):
+        if present[i]:
+            entry = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+        else:
+            entry = {"precision": 0.0 if predicted[i] > 0 else None, "recall": None, "f1": None}
+        entry["support"] = int(support[i])
+        per_class[name] = entry
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cm_norm = cm / support[:, None]
+    cm_norm_list = [[_nan_to_none(v) for v in row] for row in cm_norm.tolist()]
+
+    true_p = np.clip(p[np.arange(n), y], NLL_EPS, None)
+    nll = float(-np.mean(np.log(true_p)))
+    confidence = p.max(axis=1)
+    correct = (p.argmax(axis=1) == y).astype(np.float64)
+
+    out: dict[str, Any] = {
+        "n": n,
+        "class_names": class_names,
+        "accuracy": accuracy,
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_precision": float(precision[present].mean()),
+        "macro_recall": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
+        "weighted_f1": float(np.sum(f1[present] * support[present]) / support.sum()),
+        "classes_absent": [c for c, k in zip(class_names, present) if not k],
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": cm_norm_list,
+        "ece": ece,
+        "n_bins": int(n_bins),
+        "nll": nll,
+        "mean_confidence": float(confidence.mean()),
+        "calibration_bins": calibration_bins(confidence, correct, int(n_bins)),
+        "renormalized_rows": renormalized,
+    }
+    if none_class in class_names:
+        k = class_names.index(none_class)
+        defect = np.arange(num_classes) != k
+        true_defect = int(support[defect].sum())
+        caught = int(cm[defect][:, defect].sum())  # true defect, predicted any defect class
+        pred_none = int(predicted[k])
+        true_none = int(support[k])
+        out["defect_vs_none_recall"] = caught / true_defect if true_defect else None
+        out["none_precision"] = int(cm[k, k]) / pred_none if pred_none else None
+        out["false_alarm_rate"] = int(cm[k, defect].sum()) / true_none if true_none else None
+    return out
+
+
+def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, int, float]]:
+    """The ``k`` largest off-diagonal cells as (true, predicted, count, share of the true class)."""
+    names = metrics["class_names"]
+    cm = np.asarray(metrics["confusion_matrix"], dtype=np.int64)
+    support = cm.sum(axis=1)
+    cells = [
+        (names[i], names[j], int(cm[i, j]), float(cm[i, j] / support[i]))
+        for i in range(len(names))
+        for j in range(len(names))
+        if i != j and cm[i, j] > 0
+    ]
+    cells.sort(key=lambda c: (-c[2], -c[3], c[0], c[1]))
+    return cells[:k]
