@@ -1,0 +1,203 @@
+"""Wafer-map augmentation: online (rot90/flips, small rotations, die-flip noise) and the study's offline
+balancing by rotation. Every transform keeps the values in {0 no die, 1 good, 2 failed}.
+
+Apply both to the TRAINING part only: augmenting before the split leaks rotated copies of a test map into
+training (the attention study's augmented numbers carry that leak).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from waferlab.errors import WaferlabError
+
+
+def _check_batch(maps: torch.Tensor) -> None:
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 3 or maps.dtype != torch.uint8:
+        shape = tuple(maps.shape) if hasattr(maps, "shape") else type(maps).__name__
+        dtype = getattr(maps, "dtype", None)
+        raise WaferlabError(f"augmentation needs a uint8 (N,H,W) tensor of wafer maps, got {dtype} {shape}")
+
+
+def dihedral(maps: torch.Tensor, k: torch.Tensor, flip_v: torch.Tensor, flip_h: torch.Tensor) -> torch.Tensor:
+    """Per-sample exact rot90 by ``k`` (0..3, counter-clockwise like ``torch.rot90``) then flips, one gather.
+
+    ``k``, ``flip_v`` (up-down), ``flip_h`` (left-right) are (N,) tensors on the maps' device. Odd ``k``
+    needs square maps.
+    """
+    n, h, w = maps.shape
+    if h != w and bool((k % 2 == 1).any()):
+        raise WaferlabError(f"a 90-degree rotation needs square maps, got {h}x{w}")
+    dev = maps.device
+    i = torch.arange(h, device=dev).view(1, h, 1).expand(n, h, w)
+    j = torch.arange(w, device=dev).view(1, 1, w).expand(n, h, w)
+    # flips act on the output grid first (out = flip(rot(x)))
+    i = torch.where(flip_v.view(n, 1, 1), h - 1 - i, i)
+    j = torch.where(flip_h.view(n, 1, 1), w - 1 - j, j)
+    kk = (k % 4).view(n, 1, 1)
+    # rot90 by k: out[i, j] = x[src_i, src_j]
+    src_i = torch.where(kk == 0, i, torch.where(kk == 1, j, torch.where(kk == 2, h - 1 - i, w - 1 - j)))
+    src_j = torch.where(kk == 0, j, torch.where(kk == 1, w - 1 - i, torch.where(kk == 2, w - 1 - j, i)))
+    flat = maps.reshape(n, h * w)
+    return torch.gather(flat, 1, (src_i * w + src_j).reshape(n, h * w)).reshape(n, h, w)
+
+
+def rotate_nearest(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
+    """Rotate each map by its own angle (degrees, counter-clockwise) with nearest sampling; outside -> 0."""
+    n, h, w = maps.shape
+    theta = torch.deg2rad(degrees.to(device=maps.device, dtype=torch.float32))
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    mat = torch.zeros(n, 2, 3, device=maps.device, dtype=torch.float32)
+    # normalised coordinates: keep the rotation rigid for non-square maps
+    mat[:, 0, 0] = cos
+    mat[:, 0, 1] = -sin * h / w
+    mat[:, 1, 0] = sin * w / h
+    mat[:, 1, 1] = cos
+    grid = F.affine_grid(mat, [n, 1, h, w], align_corners=False)
+    out = F.grid_sample(maps.unsqueeze(1).to(torch.float32), grid, mode="nearest", padding_mode="zeros",
+                        align_corners=False)
+    return out.squeeze(1).round_().clamp_(0, 2).to(torch.uint8)
+
+
+class Augmenter(nn.Module):
+    """Random wafer-map augmentation of uint8 (N,H,W) batches on any device; values stay in {0,1,2}.
+
+    Per sample: rot90 by a random k (``rot90``), random up-down and left-right flips (``flips``), a
+    rotation by U(-max_rotation, max_rotation) degrees with nearest sampling, and die-flip noise (each
+    on-wafer die good<->failed with probability ``die_flip``). Identity in ``eval()`` mode.
+    """
+
+    def __init__(self, rot90: bool = True, flips: bool = True, max_rotation: float = 15.0,
+                 die_flip: float = 0.01, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if max_rotation < 0 or not 0.0 <= die_flip <= 1.0:
+            raise WaferlabError(f"augmentation needs max_rotation >= 0 and 0 <= die_flip <= 1, "
+                                f"got {max_rotation} and {die_flip}")
+        self.rot90 = bool(rot90)
+        self.flips = bool(flips)
+        self.max_rotation = float(max_rotation)
+        self.die_flip = float(die_flip)
+        self.generator = generator
+
+    def extra_repr(self) -> str:
+        return (f"rot90={self.rot90}, flips={self.flips}, max_rotation={self.max_rotation}, "
+                f"die_flip={self.die_flip}")
+
+    def _rand(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Uniform [0,1) numbers on ``device`` from the generator (moved over if it lives elsewhere)."""
+        gen = self.generator
+        if gen is None:
+            return torch.rand(shape, device=device)
+        if gen.device == device:
+            return torch.rand(shape, generator=gen, device=device)
+        return torch.rand(shape, generator=gen, device=gen.device).to(device)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """Augment a uint8 (N,H,W) batch (returns a new tensor; the input is left untouched)."""
+        _check_batch(maps)
+        if not self.training or maps.shape[0] == 0:
+            return maps
+        n, h, w = maps.shape
+        dev = maps.device
+        out = maps
+        if self.rot90 or self.flips:
+            u = self._rand((n, 3), dev)
+            if self.rot90:
+                k = (u[:, 0] * (4 if h == w else 2)).long().clamp_(max=3)
+                k = k if h == w else k * 2  # non-square maps: 0 or 180 degrees only
+            else:
+                k = torch.zeros(n, dtype=torch.long, device=dev)
+            flip_v = (u[:, 1] < 0.5) if self.flips else torch.zeros(n, dtype=torch.bool, device=dev)
+            flip_h = (u[:, 2] < 0.5) if self.flips else torch.zeros(n, dtype=torch.bool, device=dev)
+            out = dihedral(out, k, flip_v, flip_h)
+        if self.max_rotation > 0:
+            angles = (self._rand((n,), dev) * 2.0 - 1.0) * self.max_rotation
+            out = rotate_nearest(out, angles)
+        if self.die_flip > 0:
+            flip = (out > 0) & (self._rand((n, h, w), dev) < self.die_flip)
+            out = torch.where(flip, 3 - out, out)
+        return out if out is not maps else maps.clone()
+
+
+# ------------------------------------------------------------------------------------- offline balancing
+def _rotate_numpy(maps: np.ndarray, degrees: np.ndarray) -> np.ndarray:
+    """Nearest rotation of square (K,S,S) maps about the centre, one angle per map; outside -> 0."""
+    k, s, _ = maps.shape
+    c = (s - 1) / 2.0
+    yy, xx = np.meshgrid(np.arange(s) - c, np.arange(s) - c, indexing="ij")
+    t = np.deg2rad(degrees)[:, None, None]
+    # inverse map: output pixel (y, x) samples the input at R(-theta) (y, x)
+    src_x = np.cos(t) * xx - np.sin(t) * yy + c
+    src_y = np.sin(t) * xx + np.cos(t) * yy + c
+    sx = np.floor(src_x + 0.5).astype(np.int64)
+    sy = np.floor(src_y + 0.5).astype(np.int64)
+    inside = (sx >= 0) & (sx < s) & (sy >= 0) & (sy < s)
+    flat = maps.reshape(k, s * s)
+    gathered = np.take_along_axis(flat, (np.clip(sy, 0, s - 1) * s + np.clip(sx, 0, s - 1)).reshape(k, -1), 1)
+    return np.where(inside.reshape(k, -1), gathered, 0).reshape(k, s, s).astype(np.uint8)
+
+
+_DIHEDRAL7 = [(1, False), (2, False), (3, False), (0, True), (1, True), (2, True), (3, True)]
+
+
+def _dihedral_numpy(maps: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    out = np.rot90(maps, k, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if flip else out)
+
+
+def balance_by_rotation(maps: np.ndarray, labels: np.ndarray, targets: Mapping[int, int], seed: int = 0,
+                        max_rotation: float = 15.0, return_source: bool = False):
+    """Raise each class in ``targets`` (label -> wanted count) to that count with rotated copies.
+
+    Copies cycle through the originals; the first 7 rounds use the 7 non-identity dihedral transforms,
+    later rounds a random dihedral transform plus a rotation of up to ``max_rotation`` degrees. Apply
+    to the TRAINING part only (the study balanced before splitting, leaking copies into its test set).
+    Returns ``(maps, labels)`` with the copies appended (plus each row's source index if ``return_source``).
+    """
+    maps = np.asarray(maps)
+    labels = np.asarray(labels)
+    if maps.ndim != 3 or maps.shape[1] != maps.shape[2] or maps.dtype != np.uint8:
+        raise WaferlabError(f"balancing by rotation needs square uint8 (N,S,S) maps, "
+                            f"got {maps.dtype} {maps.shape}")
+    if len(labels) != len(maps):
+        raise WaferlabError(f"balancing by rotation: {len(labels)} labels for {len(maps)} maps")
+    rng = np.random.default_rng(seed)
+    new_maps: list[np.ndarray] = [maps]
+    new_labels: list[np.ndarray] = [labels]
+    sources: list[np.ndarray] = [np.arange(len(maps))]
+    for cls, want in targets.items():
+        members = np.flatnonzero(labels == cls)
+        extra = int(want) - len(members)
+        if extra <= 0 or len(members) == 0:
+            continue
+        members = members[rng.permutation(len(members))]
+        for rnd in range(math.ceil(extra / len(members))):
+            take = members[: min(len(members), extra - rnd * len(members))]
+            batch = maps[take]
+            if rnd < len(_DIHEDRAL7):
+                batch = _dihedral_numpy(batch, *_DIHEDRAL7[rnd])
+            else:
+                ks = rng.integers(0, 4, len(take))
+                flips = rng.random(len(take)) < 0.5
+                for kk in range(4):
+                    for fl in (False, True):
+                        sel = (ks == kk) & (flips == fl)
+                        if sel.any():
+                            batch[sel] = _dihedral_numpy(batch[sel], kk, fl)
+                angles = rng.uniform(-max_rotation, max_rotation, len(take))
+                # at least 1 degree, so that no copy is a plain duplicate
+                angles = np.where(np.abs(angles) < 1.0, np.copysign(1.0, angles), angles)
+                batch = _rotate_numpy(batch, angles)
+            new_maps.append(batch)
+            new_labels.append(np.full(len(take), cls, dtype=labels.dtype))
+            sources.append(take)
+    out_maps, out_labels = np.concatenate(new_maps), np.concatenate(new_labels)
+    if return_source:
+        return out_maps, out_labels, np.concatenate(sources)
+    return out_maps, out_labels

@@ -1,0 +1,309 @@
+"""The prepared cache: every map resized to one SxS grid (nearest, values kept), in one pickle-free .npz.
+
+Training never touches the raw sources again: ``waferlab data prepare`` resizes once (vectorised per map
+shape, fast enough for all 811k WM-811K maps) and the engine loads the cache with ``load_prepared``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from waferlab.data.table import UNLABELED, WM811K_CLASSES, WaferTable
+from waferlab.errors import WaferlabError
+
+#: Key of the .npz member that marks a waferlab cache; it holds the metadata JSON as a 0-d string.
+CACHE_MARKER = "__waferlab_cache__"
+#: Version of the cache layout written by :func:`save_cache`.
+CACHE_FORMAT = 1
+#: Side length used when a source is prepared on the fly without an explicit size.
+DEFAULT_SIZE = 64
+_CHUNK = 8192  # maps resized per vectorised gather (bounds the temporary stack's memory)
+
+
+@dataclass
+class PreparedData:
+    """Maps resized to ``size`` x ``size`` with integer labels and provenance, one row per map.
+
+    ``labels`` index ``class_names`` (-1 = unlabeled); ``orig_shape`` keeps each map's shape before
+    resizing; ``split`` is the source's own split tag; ``masks`` (true pattern regions) only for
+    synthetic data.
+    """
+
+    maps: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    split: np.ndarray
+    lot: np.ndarray
+    wafer_index: np.ndarray
+    orig_shape: np.ndarray
+    size: int
+    source: str = ""
+    multi_hot: np.ndarray | None = None
+    multi_label_names: tuple[str, ...] = ()
+    masks: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.class_names = tuple(self.class_names)
+        self.multi_label_names = tuple(self.multi_label_names)
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        self.split = np.asarray(self.split, dtype=object)
+        self.lot = np.asarray(self.lot, dtype=object)
+        self.wafer_index = np.asarray(self.wafer_index, dtype=np.int64)
+        self.orig_shape = np.asarray(self.orig_shape, dtype=np.int32).reshape(-1, 2)
+        n = len(self.maps)
+        where = self.source or "prepared data"
+        square = (self.size, self.size)
+        if self.maps.ndim != 3 or self.maps.shape[1:] != square or self.maps.dtype != np.uint8:
+            raise WaferlabError(f"{where}: maps must be uint8 (N,{self.size},{self.size}), "
+                                f"got {self.maps.dtype} {self.maps.shape}")
+        for name in ("labels", "split", "lot", "wafer_index", "orig_shape"):
+            if len(getattr(self, name)) != n:
+                raise WaferlabError(f"{where}: column {name!r} has {len(getattr(self, name))} rows, "
+                                    f"expected {n}")
+        if self.multi_hot is not None and len(self.multi_hot) != n:
+            raise WaferlabError(f"{where}: {len(self.multi_hot)} multi-hot rows for {n} maps")
+        if self.masks is not None and self.masks.shape != self.maps.shape:
+            raise WaferlabError(f"{where}: masks {self.masks.shape} do not match maps {self.maps.shape}")
+        if n and (self.labels.min() < -1 or self.labels.max() >= len(self.class_names)):
+            raise WaferlabError(f"{where}: label ids must lie in -1..{len(self.class_names) - 1}")
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def subset(self, idx: np.ndarray | Sequence[int]) -> PreparedData:
+        """Rows ``idx`` (int array or boolean mask) as a new PreparedData (arrays are copied)."""
+        idx = np.asarray(idx)
+        if idx.dtype == bool:
+            idx = np.flatnonzero(idx)
+        idx = idx.astype(np.int64, copy=False)
+        return replace(
+            self,
+            maps=self.maps[idx], labels=self.labels[idx], split=self.split[idx], lot=self.lot[idx],
+            wafer_index=self.wafer_index[idx], orig_shape=self.orig_shape[idx],
+            multi_hot=None if self.multi_hot is None else self.multi_hot[idx],
+            masks=None if self.masks is None else self.masks[idx],
+        )
+
+    def class_counts(self) -> dict[str, int]:
+        """Maps per class in ``class_names`` order (zeros included), then ``"unlabeled"`` if any."""
+        counts = np.bincount(self.labels[self.labels >= 0], minlength=len(self.class_names))
+        out = {name: int(c) for name, c in zip(self.class_names, counts)}
+        n_unlabeled = int((self.labels < 0).sum())
+        if n_unlabeled:
+            out[UNLABELED] = n_unlabeled
+        return out
+
+    def label_names(self) -> np.ndarray:
+        """Class name of every row (``"unlabeled"`` for -1), as an object array."""
+        names = np.array([*self.class_names, UNLABELED], dtype=object)
+        return names[np.where(self.labels < 0, len(self.class_names), self.labels)]
+
+
+# ----------------------------------------------------------------------------------------------- resize
+def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
+    """Source index of every output index for a nearest resize (pixel centres; = torch ``nearest-exact``)."""
+    idx = np.floor((np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out)).astype(np.int64)
+    return np.minimum(idx, n_in - 1)
+
+
+def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
+    """Nearest-resize a (N,H,W) stack to (N,size,size) with one index gather (values are kept exactly)."""
+    _, h, w = stack.shape
+    if (h, w) == (size, size):
+        return np.ascontiguousarray(stack)
+    rows = nearest_indices(h, size)
+    cols = nearest_indices(w, size)
+    return stack[:, rows[:, None], cols[None, :]]
+
+
+def _class_vocabulary(labels: np.ndarray) -> tuple[str, ...]:
+    names = {str(x) for x in labels.tolist()} - {UNLABELED}
+    if names <= set(WM811K_CLASSES):
+        return WM811K_CLASSES
+    return tuple(sorted(names))
+
+
+def prepare(table: WaferTable, size: int, progress: bool = False) -> PreparedData:
+    """Resize every map (and mask) of ``table`` to ``size`` x ``size`` with nearest sampling.
+
+    Maps are grouped by shape and each group is resized by one vectorised gather. Class names are the
+    canonical WM-811K order when every label is a WM-811K name, otherwise the sorted label names.
+    """
+    if int(size) < 1:
+        raise WaferlabError(f"--size must be a positive number of pixels, got {size}")
+    size = int(size)
+    n = len(table)
+    where = table.source or "table"
+    maps_out = np.empty((n, size, size), dtype=np.uint8)
+    masks_out = np.empty((n, size, size), dtype=np.uint8) if table.masks is not None else None
+    shapes = np.zeros((n, 2), dtype=np.int64)
+    for i, m in enumerate(table.maps):
+        if np.ndim(m) != 2 or 0 in np.shape(m):
+            raise WaferlabError(f"{where}: row {i}: field 'waferMap' must be a non-empty 2-D grid, "
+                                f"got shape {np.shape(m)}")
+        shapes[i] = np.shape(m)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"resize to {size}x{size}", unit="map")
+    if n:
+        uniq, inverse = np.unique(shapes, axis=0, return_inverse=True)
+        inverse = inverse.reshape(-1)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        for g in range(len(uniq)):
+            members = order[bounds[g]:bounds[g + 1]]
+            for start in range(0, len(members), _CHUNK):
+                chunk = members[start:start + _CHUNK]
+                stack = np.stack([table.maps[i] for i in chunk])
+                _check_values(stack, chunk, where)
+                maps_out[chunk] = resize_stack(stack.astype(np.uint8, copy=False), size)
+                if masks_out is not None:
+                    mstack = np.stack([np.asarray(table.masks[i]) for i in chunk])
+                    mstack = mstack.astype(np.uint8, copy=False)
+                    if mstack.shape != stack.shape:
+                        raise WaferlabError(f"{where}: row {int(chunk[0])}: mask shape {mstack.shape[1:]} "
+                                            f"differs from map shape {stack.shape[1:]}")
+                    masks_out[chunk] = resize_stack(mstack, size)
+                if bar is not None:
+                    bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    class_names = _class_vocabulary(table.labels)
+    lookup = {name: i for i, name in enumerate(class_names)}
+    labels = np.array([lookup.get(str(x), -1) for x in table.labels.tolist()], dtype=np.int64)
+    return PreparedData(
+        maps=maps_out, labels=labels, class_names=class_names, split=table.split.copy(),
+        lot=table.lot.copy(), wafer_index=table.wafer_index.copy(), orig_shape=shapes.astype(np.int32),
+        size=size, source=table.source,
+        multi_hot=None if table.multi_hot is None else np.asarray(table.multi_hot, dtype=np.uint8),
+        multi_label_names=table.multi_label_names, masks=masks_out,
+    )
+
+
+def _check_values(stack: np.ndarray, rows: np.ndarray, where: str) -> None:
+    if stack.dtype.kind not in "biu":
+        if not np.all(np.isin(stack, (0, 1, 2))):
+            bad = int(rows[np.flatnonzero(~np.isin(stack, (0, 1, 2)).reshape(len(stack), -1).any(1))[0]])
+            raise WaferlabError(f"{where}: row {bad}: field 'waferMap' holds values other than 0/1/2")
+        return
+    if stack.size and (stack.min() < 0 or stack.max() > 2):
+        bad_rows = ((stack < 0) | (stack > 2)).reshape(len(stack), -1).any(1)
+        bad = int(rows[np.flatnonzero(bad_rows)[0]])
+        raise WaferlabError(f"{where}: row {bad}: field 'waferMap' holds values other than 0/1/2 "
+                            f"(0 no die, 1 good, 2 failed)")
+
+
+def resize_prepared(p: PreparedData, size: int) -> PreparedData:
+    """The same data at another side length (nearest from the cached grid; original shapes kept)."""
+    if size == p.size:
+        return p
+    out = np.empty((len(p), size, size), dtype=np.uint8)
+    masks = None if p.masks is None else np.empty_like(out)
+    for start in range(0, len(p), _CHUNK):
+        sl = slice(start, start + _CHUNK)
+        out[sl] = resize_stack(p.maps[sl], size)
+        if masks is not None:
+            masks[sl] = resize_stack(p.masks[sl], size)
+    return replace(p, maps=out, masks=masks, size=size)
+
+
+# ----------------------------------------------------------------------------------------------- cache file
+def _codes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    strings = np.array([str(v) for v in values.tolist()] or [""], dtype=str)[: len(values)]
+    vocab, codes = np.unique(strings, return_inverse=True)
+    return vocab.astype(str), codes.reshape(-1).astype(np.int32)
+
+
+def save_cache(p: PreparedData, path: str | os.PathLike[str]) -> None:
+    """Write ``p`` as one uncompressed, pickle-free .npz, atomically (marker key + metadata JSON)."""
+    from waferlab.io import atomic_open
+
+    meta = {"format": CACHE_FORMAT, "size": p.size, "n_maps": len(p), "class_names": list(p.class_names),
+            "multi_label_names": list(p.multi_label_names), "source": p.source}
+    split_vocab, split_codes = _codes(p.split)
+    lot_vocab, lot_codes = _codes(p.lot)
+    arrays: dict[str, np.ndarray] = {
+        CACHE_MARKER: np.array(json.dumps(meta)),
+        "maps": p.maps, "labels": p.labels, "orig_shape": p.orig_shape, "wafer_index": p.wafer_index,
+        "split_vocab": split_vocab, "split_codes": split_codes,
+        "lot_vocab": lot_vocab, "lot_codes": lot_codes,
+    }
+    if p.multi_hot is not None:
+        arrays["multi_hot"] = np.asarray(p.multi_hot, dtype=np.uint8)
+    if p.masks is not None:
+        arrays["masks"] = p.masks
+    with atomic_open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def is_cache(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a file written by :func:`save_cache` (checked without loading it)."""
+    try:
+        if not Path(path).is_file() or not zipfile.is_zipfile(path):
+            return False
+        with zipfile.ZipFile(path) as zf:
+            return f"{CACHE_MARKER}.npy" in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def load_cache(path: str | os.PathLike[str]) -> PreparedData:
+    """Read a cache written by :func:`save_cache`, never unpickling; a foreign/corrupt file is an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise WaferlabError(f"{path}: cache file not found")
+    if not is_cache(path):
+        raise WaferlabError(f"{path}: not a waferlab cache (no {CACHE_MARKER!r} entry); "
+                            f"make one with 'waferlab data prepare'")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z[CACHE_MARKER][()]))
+            if int(meta.get("format", 0)) > CACHE_FORMAT:
+                raise WaferlabError(f"{path}: cache format {meta.get('format')} is newer than this waferlab "
+                                    f"reads ({CACHE_FORMAT}); upgrade waferlab or prepare the cache again")
+            arrays = {key: z[key] for key in z.files if key != CACHE_MARKER}
+    except WaferlabError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise WaferlabError(f"{path}: corrupt waferlab cache ({type(exc).__name__}: {exc}); "
+                            f"prepare it again") from None
+    missing = {"maps", "labels", "orig_shape", "wafer_index", "split_vocab", "split_codes",
+               "lot_vocab", "lot_codes"} - set(arrays)
+    if missing:
+        raise WaferlabError(f"{path}: corrupt waferlab cache (missing {', '.join(sorted(missing))})")
+    try:
+        split = arrays["split_vocab"].astype(object)[arrays["split_codes"]]
+        lot = arrays["lot_vocab"].astype(object)[arrays["lot_codes"]]
+        return PreparedData(
+            maps=arrays["maps"], labels=arrays["labels"], class_names=tuple(meta["class_names"]),
+            split=split, lot=lot, wafer_index=arrays["wafer_index"], orig_shape=arrays["orig_shape"],
+            size=int(meta["size"]), source=str(meta.get("source", "")),
+            multi_hot=arrays.get("multi_hot"), multi_label_names=tuple(meta.get("multi_label_names", ())),
+            masks=arrays.get("masks"),
+        )
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        raise WaferlabError(f"{path}: corrupt waferlab cache ({type(exc).__name__}: {exc})") from None
+
+
+def load_prepared(src: str | os.PathLike[str], size: int | None = None,
+                  progress: bool = False) -> PreparedData:
+    """Data at ``size`` x ``size`` from a cache (re-sized with nearest if its size differs) or any source.
+
+    A non-cache source is read with ``waferlab.data.readers.load_table`` and prepared on the fly
+    (size defaults to 64 there; for a cache, ``None`` keeps the cached size).
+    """
+    if is_cache(src):
+        p = load_cache(src)
+        return p if size is None else resize_prepared(p, int(size))
+    from waferlab.data.readers import load_table
+
+    return prepare(load_table(src), DEFAULT_SIZE if size is None else int(size), progress=progress)

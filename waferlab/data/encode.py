@@ -1,0 +1,65 @@
+"""Turn uint8 wafer-map batches (0 no die, 1 good, 2 failed) into model input tensors, on their own device."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from waferlab.errors import WaferlabError
+
+#: Input encodings: one-hot {no die, good, failed} (default), gray (value/2), the study's gray-to-RGB.
+ENCODINGS: tuple[str, ...] = ("onehot", "gray", "rgb")
+_CHANNELS = {"onehot": 3, "gray": 1, "rgb": 3}
+#: The attention study's gray-to-RGB pixel values for 0/1/2, scaled to [0, 1].
+RGB_LEVELS = (0.0, 127.0 / 255.0, 1.0)
+
+
+def num_channels(encoding: str) -> int:
+    """Number of input channels an encoding produces."""
+    try:
+        return _CHANNELS[encoding]
+    except KeyError:
+        raise WaferlabError(f"unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}") from None
+
+
+def _as_batch(maps: torch.Tensor) -> torch.Tensor:
+    if not isinstance(maps, torch.Tensor):
+        maps = torch.as_tensor(maps)
+    if maps.dim() == 4 and maps.shape[1] == 1:
+        maps = maps[:, 0]
+    if maps.dim() == 2:
+        maps = maps.unsqueeze(0)
+    if maps.dim() != 3:
+        raise WaferlabError(f"wafer-map batch must be (N,H,W), got shape {tuple(maps.shape)}")
+    if maps.dtype != torch.uint8:
+        raise WaferlabError(f"wafer-map batch must be uint8 with values 0/1/2, got {maps.dtype}")
+    return maps
+
+
+def encode(maps: torch.Tensor, encoding: str = "onehot") -> torch.Tensor:
+    """Encode a uint8 (N,H,W) batch as float32 (N,C,H,W) on the same device.
+
+    ``onehot``: 3 channels (no die, good, failed); ``gray``: 1 channel value/2; ``rgb``: 3 equal
+    channels 0/127/255 scaled to [0,1], as the attention study fed its ImageNet backbones.
+    """
+    channels = num_channels(encoding)
+    maps = _as_batch(maps)
+    if encoding == "onehot":
+        return torch.stack([maps == 0, maps == 1, maps == 2], dim=1).to(torch.float32)
+    if encoding == "gray":
+        return (maps.to(torch.float32) * 0.5).unsqueeze(1)
+    levels = torch.tensor(RGB_LEVELS, dtype=torch.float32, device=maps.device)
+    gray = levels[maps.long().clamp_(0, 2)].unsqueeze(1)
+    return gray.expand(-1, channels, -1, -1).contiguous()
+
+
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Nearest-resize a uint8 (N,H,W) batch on its device (pixel-centre rule, as ``prepare`` does)."""
+    maps = _as_batch(maps)
+    out_hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(maps.shape[-2:]) == out_hw:
+        return maps
+    if maps.shape[0] == 0:
+        return maps.new_zeros((0, *out_hw))
+    resized = F.interpolate(maps.unsqueeze(1).to(torch.float32), size=out_hw, mode="nearest-exact")
+    return resized.squeeze(1).round_().to(torch.uint8)
