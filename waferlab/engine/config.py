@@ -1,0 +1,268 @@
+"""Training configuration: one dataclass, YAML presets, and the preset < CLI flags < ``--set`` resolution."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from waferlab.errors import WaferlabError
+
+PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
+CLASS_SETS = ("all9", "defect8")
+SPLITS = ("stratified", "random", "lot", "official")
+ENCODINGS = ("onehot", "gray", "rgb")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULERS = ("none", "cosine")
+CHECKPOINTS = ("best", "last")
+HEADS = ("linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; saved resolved as ``RUN_DIR/config.yaml``."""
+
+    model: str = "resnet34"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    head: str = "linear"
+    pretrained: str | None = None
+    data: str = ""
+    out: str = ""
+    class_set: str = "all9"
+    encoding: str = "onehot"
+    image_size: int = 64
+    split: str = "stratified"
+    fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
+    max_maps: int | None = None
+    balance_targets: dict[str, int] = field(default_factory=dict)
+    epochs: int = 20
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    scheduler: str = "cosine"
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    loss: str = "weighted_ce"
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    logit_scale: float | None = None
+    augment: bool = True
+    augment_options: dict[str, Any] = field(default_factory=dict)
+    freeze_bn: bool = False
+    checkpoint: str = "best"
+    seed: int = 0
+    deterministic: bool = True
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    compile: bool = False
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data copy (for YAML)."""
+        return dataclasses.asdict(self)
+
+    @property
+    def has_val(self) -> bool:
+        """True when the split carves out a validation part."""
+        return self.fractions[1] > 0
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def preset_names() -> list[str]:
+    """Names of the YAML presets shipped in ``waferlab/configs``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A preset name (``default``) or a path to a YAML file -> the file's path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists() or "/" in name_or_path:
+        if not path.is_file():
+            raise WaferlabError(f"config file not found: {name_or_path}")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        raise WaferlabError(f"unknown config preset {name_or_path!r}; presets: {', '.join(preset_names())} "
+                            "(or pass a path to a .yaml file)")
+    return preset
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a config YAML into a dict, checking every key against :class:`TrainConfig`."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise WaferlabError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    except OSError as exc:
+        raise WaferlabError(f"cannot read config {path}: {exc.strerror}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise WaferlabError(f"{path}: a config must be a mapping of key: value, got {type(raw).__name__}")
+    for key in raw:
+        _check_key(key, str(path))
+    return dict(raw)
+
+
+def _check_key(key: object, where: str) -> None:
+    if key not in FIELD_NAMES:
+        close = difflib.get_close_matches(str(key), FIELD_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise WaferlabError(f"{where}: unknown config key {key!r}{hint}")
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``["lr=1e-3", "model_options.width=0.5"]`` -> nested override dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise WaferlabError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            parsed = value
+        top, _, sub = key.partition(".")
+        _check_key(top, "--set")
+        if sub:
+            current = out.setdefault(top, {})
+            if not isinstance(current, dict):
+                raise WaferlabError(f"--set {key}: {top} is not a mapping")
+            current[sub] = parsed
+        else:
+            out[top] = parsed
+    return out
+
+
+def build_config(config: str | None = None, overrides: dict[str, Any] | None = None,
+                 sets: list[str] | None = None) -> TrainConfig:
+    """Resolve defaults < preset/YAML (``config``, default ``"default"``) < ``overrides`` < ``--set``."""
+    values: dict[str, Any] = read_yaml(resolve_config_path(config or "default"))
+    for key, value in (overrides or {}).items():
+        _check_key(key, "override")
+        if value is not None:
+            values[key] = value
+    for key, value in parse_set(sets).items():
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A validated config from a plain dict (e.g. a run's saved ``config.yaml``)."""
+    for key in values:
+        _check_key(key, where)
+    cfg = TrainConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def _number(cfg: TrainConfig, name: str, kind: type, minimum: float | None = None,
+            strict: bool = False, allow_none: bool = False) -> None:
+    value = getattr(cfg, name)
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise WaferlabError(f"config {name}: expected a{'n integer' if kind is int else ' number'}, "
+                            f"got {value!r}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        op = ">" if strict else ">="
+        raise WaferlabError(f"config {name} must be {op} {minimum:g}, got {value!r}")
+    if kind is float:
+        setattr(cfg, name, float(value))
+
+
+def _choice(cfg: TrainConfig, name: str, choices: tuple[str, ...]) -> None:
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise WaferlabError(f"config {name}: unknown value {value!r}; use one of {', '.join(choices)}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every field; a bad value raises a one-line :class:`WaferlabError` naming the field."""
+    _number(cfg, "epochs", int, 1)
+    _number(cfg, "image_size", int, 32)
+    _number(cfg, "batch_size", int, 1)
+    _number(cfg, "eval_batch_size", int, 1)
+    _number(cfg, "lr", float, 0.0, strict=True)
+    _number(cfg, "weight_decay", float, 0.0)
+    _number(cfg, "momentum", float, 0.0)
+    _number(cfg, "warmup_epochs", float, 0.0)
+    _number(cfg, "min_lr", float, 0.0)
+    _number(cfg, "seed", int, 0)
+    _number(cfg, "num_nodes", int, 1)
+    _number(cfg, "max_maps", int, 2, allow_none=True)
+    _number(cfg, "logit_scale", float, 0.0, strict=True, allow_none=True)
+    _choice(cfg, "class_set", CLASS_SETS)
+    _choice(cfg, "encoding", ENCODINGS)
+    _choice(cfg, "split", SPLITS)
+    _choice(cfg, "optimizer", OPTIMIZERS)
+    _choice(cfg, "scheduler", SCHEDULERS)
+    _choice(cfg, "checkpoint", CHECKPOINTS)
+    _choice(cfg, "head", HEADS)
+    if not isinstance(cfg.model, str) or not cfg.model:
+        raise WaferlabError("config model: a model name is required (see 'waferlab models')")
+    for name in ("model_options", "loss_options", "augment_options", "balance_targets"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise WaferlabError(f"config {name}: expected a mapping, got {getattr(cfg, name)!r}")
+    if cfg.min_lr > cfg.lr:
+        raise WaferlabError(f"config min_lr ({cfg.min_lr:g}) is larger than lr ({cfg.lr:g})")
+    fr = cfg.fractions
+    if (not isinstance(fr, (list, tuple)) or len(fr) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in fr)):
+        raise WaferlabError(f"config fractions: expected 3 non-negative numbers train,val,test, got {fr!r}")
+    if abs(sum(fr) - 1.0) > 1e-6:
+        raise WaferlabError(f"config fractions must sum to 1, got {fr!r} (sum {sum(fr):g})")
+    if fr[0] <= 0:
+        raise WaferlabError(f"config fractions: the train fraction must be > 0, got {fr!r}")
+    cfg.fractions = [float(x) for x in fr]
+    if cfg.checkpoint == "best" and not cfg.has_val:
+        cfg.checkpoint = "last"  # no validation part: nothing to select the best epoch by
+    dev = cfg.devices
+    if isinstance(dev, bool) or not (isinstance(dev, int) and dev >= 1 or isinstance(dev, (str, list))):
+        raise WaferlabError(f"config devices: expected a count >= 1, 'auto' or a list, got {cfg.devices!r}")
+    if cfg.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"):
+        raise WaferlabError(f"config accelerator: unknown value {cfg.accelerator!r}; use auto, cpu or gpu")
+    if cfg.precision is not None and str(cfg.precision) not in (
+            "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true"):
+        raise WaferlabError(f"config precision: unknown value {cfg.precision!r}; use 32-true, bf16-mixed or "
+                            "16-mixed")
+    if cfg.precision is not None:
+        cfg.precision = str(cfg.precision)
+    for name in ("nesterov", "augment", "freeze_bn", "deterministic", "compile", "progress"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise WaferlabError(f"config {name}: expected true or false, got {getattr(cfg, name)!r}")
+    if cfg.nesterov and cfg.optimizer != "sgd":
+        raise WaferlabError("config nesterov: only meaningful with optimizer sgd")
+    if cfg.data:
+        path = Path(cfg.data)
+        if not path.exists():
+            raise WaferlabError(f"data not found: {cfg.data}")
+
+
+def dump_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML text (key order as in the dataclass)."""
+    import yaml
+
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,62 @@
+"""``evaluate_run``: a run's metrics on any labelled data, labels matched to the run's classes by name."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from waferlab.errors import WaferlabError
+
+
+def map_labels(data_classes: tuple[str, ...], labels: np.ndarray, run_classes: tuple[str, ...],
+               where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Data label ids -> run label ids by class NAME; returns (kept row indices, run ids).
+
+    Unlabeled rows (-1) are dropped; a label the run does not know is a one-line error listing them.
+    """
+    run_id = {name: i for i, name in enumerate(run_classes)}
+    present = np.unique(labels[labels >= 0])
+    unknown = sorted(data_classes[i] for i in present if data_classes[i] not in run_id)
+    if unknown:
+        raise WaferlabError(f"{where}: labels the run does not know: {', '.join(unknown)} "
+                            f"(the run's classes: {', '.join(run_classes)})")
+    keep = np.flatnonzero(labels >= 0)
+    lut = np.array([run_id.get(name, -1) for name in data_classes], dtype=np.int64)
+    return keep, lut[labels[keep]]
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_size: int = 256,
+                 device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` on every labelled map of ``data``; metrics/report go to ``out``."""
+    import torch
+
+    from waferlab.data.cache import load_prepared
+    from waferlab.engine.metrics import compute_metrics
+    from waferlab.engine.report import write_evaluation
+    from waferlab.engine.run import load_run, predict_probs
+
+    if not Path(data).exists():
+        raise WaferlabError(f"data not found: {data}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, info = load_run(run_dir, device=device)
+    p = load_prepared(data, info.image_size, progress=progress)
+    keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    dropped = len(p) - len(keep)
+    if dropped:
+        print(f"waferlab: note: {dropped} unlabeled map(s) in {data} dropped", file=sys.stderr)
+    if len(keep) == 0:
+        raise WaferlabError(f"{data}: no labelled maps to evaluate")
+    probs = predict_probs(model, p.maps[keep], info, batch_size=batch_size, device=device, progress=progress)
+    metrics = compute_metrics(y, probs, info.class_names)
+    metrics["run_dir"] = str(run_dir)
+    metrics["data"] = str(data)
+    cfg = info.config
+    card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(keep)),
+            "n_unlabeled_dropped": int(dropped), "class_set": cfg.get("class_set"),
+            "trained_on": cfg.get("data"), "image_size": info.image_size, "encoding": info.encoding,
+            "seed": cfg.get("seed")}
+    write_evaluation(metrics, out, f"{info.model_name} evaluated on {Path(data).name}", card)
+    return metrics
