@@ -1,0 +1,241 @@
+"""Per-class statistics of wafer maps, to check that synthetic maps agree with real WM-811K maps.
+
+Statistics per map (all on the wafer's own normalised coordinates, so grids of any size compare):
+failed-die fraction, a 10-bin radial failure profile, where that profile peaks and how wide its
+high part is (ring width / radial extent), the failure rate in the outermost dies, how much of the
+rim is covered by failures, and the size and principal-axis length of the largest connected failed
+component (a scratch's length). ``compare`` puts real and synthetic medians/IQRs side by side.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from waferlab.data.table import WaferTable
+from waferlab.errors import WaferlabError
+
+#: Number of normalised-radius bins of the radial profile.
+N_RADIAL_BINS = 10
+#: Scalar statistics that ``compare`` reports, in order.
+STATS: tuple[str, ...] = (
+    "fail_frac", "peak_r", "radial_extent", "rate_center", "rate_edge", "edge_coverage",
+    "largest_cc_frac", "cc_length", "n_dies",
+)
+#: Short description of each statistic (for tables and the benchmark printout).
+STAT_HELP: dict[str, str] = {
+    "fail_frac": "failed dies / wafer dies",
+    "peak_r": "normalised radius of the radial-profile maximum",
+    "radial_extent": "radial width (0..1) where the profile is above half its range",
+    "rate_center": "failure rate at normalised radius < 0.3",
+    "rate_edge": "failure rate of the outermost two die rings",
+    "edge_coverage": "fraction of 16 rim sectors with failure rate > 50%",
+    "largest_cc_frac": "largest 8-connected failed component / wafer dies",
+    "cc_length": "largest component's extent along its principal axis / wafer diameter",
+    "n_dies": "dies on the wafer",
+}
+
+_EIGHT = np.ones((3, 3), bool)
+
+
+def _coords(wafer: np.ndarray):
+    """Normalised radius, polar angle and die distance to the rim of every die of ``wafer``."""
+    from scipy.ndimage import distance_transform_edt
+
+    inside = wafer > 0
+    rows, cols = np.nonzero(inside)
+    ci, cj = (rows.min() + rows.max()) / 2, (cols.min() + cols.max()) / 2
+    ri, rj = (rows.max() - rows.min() + 1) / 2, (cols.max() - cols.min() + 1) / 2
+    ii, jj = np.mgrid[0:wafer.shape[0], 0:wafer.shape[1]]
+    v, u = (ii - ci) / ri, (jj - cj) / rj
+    edge = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
+    return inside, np.sqrt(u * u + v * v), np.arctan2(v, u), edge, (ri + rj)
+
+
+def map_stats(wafer: np.ndarray) -> dict[str, float]:
+    """The scalar statistics (``STATS``) and radial profile (``prof0..prof9``) of one map."""
+    from scipy.ndimage import label
+
+    wafer = np.asarray(wafer)
+    if wafer.ndim != 2 or not (wafer > 0).any():
+        raise WaferlabError(f"map of shape {wafer.shape} has no wafer dies")
+    inside, r, theta, edge, diameter = _coords(wafer)
+    failed = wafer == 2
+    n_dies = int(inside.sum())
+    out: dict[str, float] = {"fail_frac": failed.sum() / n_dies, "n_dies": float(n_dies),
+                             "height": float(wafer.shape[0]), "width": float(wafer.shape[1])}
+    bins = np.minimum((r[inside] * N_RADIAL_BINS).astype(int), N_RADIAL_BINS - 1)
+    tot = np.bincount(bins, minlength=N_RADIAL_BINS)
+    bad = np.bincount(bins, weights=failed[inside], minlength=N_RADIAL_BINS)
+    prof = np.where(tot > 0, bad / np.maximum(tot, 1), np.nan)
+    prof = _fill_nan(prof)
+    for k, p in enumerate(prof):
+        out[f"prof{k}"] = float(p)
+    lo, hi = prof.min(), prof.max()
+    out["peak_r"] = (int(np.argmax(prof)) + 0.5) / N_RADIAL_BINS
+    out["radial_extent"] = float((prof > lo + 0.5 * (hi - lo)).sum() / N_RADIAL_BINS) if hi > lo else 1.0
+    central = inside & (r < 0.3)
+    out["rate_center"] = float(failed[central].mean()) if central.any() else float(prof[0])
+    rim = inside & (edge <= 2.0)
+    out["rate_edge"] = float(failed[rim].mean())
+    sector = ((theta[rim] + np.pi) / (2 * np.pi) * 16).astype(int) % 16
+    s_tot = np.bincount(sector, minlength=16)
+    s_bad = np.bincount(sector, weights=failed[rim], minlength=16)
+    have = s_tot > 0
+    out["edge_coverage"] = float((s_bad[have] / s_tot[have] > 0.5).mean())
+    comp, n_comp = label(failed, structure=_EIGHT)
+    if n_comp == 0:
+        out["largest_cc_frac"] = 0.0
+        out["cc_length"] = 0.0
+    else:
+        sizes = np.bincount(comp.ravel())[1:]
+        big = int(np.argmax(sizes)) + 1
+        out["largest_cc_frac"] = float(sizes[big - 1] / n_dies)
+        pts = np.argwhere(comp == big).astype(float)
+        if len(pts) < 2:
+            out["cc_length"] = 1.0 / diameter
+        else:
+            pts -= pts.mean(axis=0)
+            _, vecs = np.linalg.eigh(pts.T @ pts)
+            proj = pts @ vecs[:, -1]
+            out["cc_length"] = float((proj.max() - proj.min() + 1.0) / diameter)
+    return out
+
+
+def _fill_nan(prof: np.ndarray) -> np.ndarray:
+    """Fill empty radial bins (tiny wafers) from their neighbours."""
+    if not np.isnan(prof).any():
+        return prof
+    idx = np.arange(len(prof))
+    ok = ~np.isnan(prof)
+    return np.interp(idx, idx[ok], prof[ok])
+
+
+def table_stats(table: WaferTable, max_per_class: int | None = None, seed: int = 0):  # -> DataFrame
+    """One row per map: ``label`` plus ``map_stats``; at most ``max_per_class`` maps per class (seeded)."""
+    import pandas as pd
+
+    idx = np.arange(len(table))
+    if max_per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = []
+        for lab in dict.fromkeys(table.labels.tolist()):
+            rows = idx[table.labels == lab]
+            keep.extend(rng.permutation(rows)[:max_per_class].tolist() if len(rows) > max_per_class else rows)
+        idx = np.sort(np.array(keep, dtype=int))
+    rows = []
+    for i in idx:
+        st = map_stats(table.maps[i])
+        st["label"] = table.labels[i]
+        rows.append(st)
+    return pd.DataFrame(rows)
+
+
+def compare(real, synth, stats: tuple[str, ...] = STATS):  # -> DataFrame
+    """Per class and statistic: real and synthetic median / 25% / 75% and whether they agree.
+
+    ``agree`` is true when the synthetic median lies within the real inter-quartile range widened by
+    a quarter of its width on each side (plus a small absolute slack), i.e. a typical synthetic map is typical
+    of the real class too.
+    """
+    import pandas as pd
+
+    rows = []
+    for lab in [c for c in dict.fromkeys(real["label"]) if c in set(synth["label"])]:
+        r, s = real[real["label"] == lab], synth[synth["label"] == lab]
+        for stat in stats:
+            rq = np.percentile(r[stat], [25, 50, 75])
+            sq = np.percentile(s[stat], [25, 50, 75])
+            iqr = rq[2] - rq[0]
+            slack = 0.25 * iqr + 0.01 * (abs(rq[1]) if stat == "n_dies" else 1.0)
+            rows.append({
+                "class": lab, "stat": stat, "n_real": len(r), "n_synth": len(s),
+                "real_q25": rq[0], "real_median": rq[1], "real_q75": rq[2],
+                "synth_q25": sq[0], "synth_median": sq[1], "synth_q75": sq[2],
+                "agree": bool(rq[0] - slack <= sq[1] <= rq[2] + slack),
+            })
+    return pd.DataFrame(rows)
+
+
+def format_comparison(cmp) -> str:
+    """The comparison as a fixed-width text table, one line per (class, statistic)."""
+    lines = [f"{'class':<10} {'statistic':<16} {'n_real':>6} {'real median [IQR]':>26} "
+             f"{'synth median [IQR]':>26}  agree"]
+    for row in cmp.itertuples():
+        fmt = "{:.0f}" if row.stat == "n_dies" else "{:.3f}"
+        real = f"{fmt.format(row.real_median)} [{fmt.format(row.real_q25)}, {fmt.format(row.real_q75)}]"
+        syn = f"{fmt.format(row.synth_median)} [{fmt.format(row.synth_q25)}, {fmt.format(row.synth_q75)}]"
+        lines.append(f"{row._1:<10} {row.stat:<16} {row.n_real:>6} {real:>26} {syn:>26}  "
+                     f"{'yes' if row.agree else 'NO'}")
+    n_ok = int(cmp["agree"].sum())
+    lines.append(f"agreement: {n_ok}/{len(cmp)} (class, statistic) pairs")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ real samples
+
+_PKL = "wm811k_mohithmanjunath04_sample_197645f/LSWMD_sample.pkl"
+_PNG_DIR = "wm811k_dm3_ntu_png_67f9ccf/generated_images"
+_CSV = "wm811k_caslabai_sub100/sub100_WM-811K.csv"
+
+
+def load_real_samples(shared_dir: str | Path) -> WaferTable:
+    """The real maps of ``shared/data`` at original size: LSWMD sample pickle, dm3 PNGs, sub100 CSV.
+
+    Read directly (not through the general readers) so calibration only depends on pandas and Pillow.
+    Unlabelled rows are dropped.
+    """
+    import pandas as pd
+    from PIL import Image
+
+    root = Path(shared_dir)
+    maps: list[np.ndarray] = []
+    labels: list[str] = []
+    lots: list[str] = []
+    pkl = root / _PKL
+    if pkl.is_file():
+        df = pd.read_pickle(pkl)
+        for m, ft, lot in zip(df["waferMap"], df["failureType"], df["lotName"]):
+            lab = _nested_label(ft)
+            if lab:
+                maps.append(np.asarray(m, dtype=np.uint8))
+                labels.append(lab)
+                lots.append(str(lot))
+    png_dir = root / _PNG_DIR
+    for f in sorted(png_dir.glob("*.png")) if png_dir.is_dir() else []:
+        m = re.fullmatch(r"\d+_(.+)\.png", f.name)
+        if not m:
+            continue
+        px = np.asarray(Image.open(f).convert("L"), dtype=np.float32)
+        maps.append(np.clip(np.rint(px / 127.5), 0, 2).astype(np.uint8))
+        labels.append(m.group(1))
+        lots.append("dm3")
+    csv = root / _CSV
+    if csv.is_file():
+        df = pd.read_csv(csv, sep="\t", index_col=0)
+        for s, ft, lot in zip(df["waferMap"], df["failureType"], df["lotName"]):
+            lab = str(ft).strip("[]' \"")
+            if lab:
+                maps.append(np.array(json.loads(s), dtype=np.uint8))
+                labels.append(lab)
+                lots.append(str(lot))
+    if not maps:
+        raise WaferlabError(f"{root}: no real sample maps found (expected {_PKL}, {_PNG_DIR}, {_CSV})")
+    n = len(maps)
+    return WaferTable(maps=maps, labels=np.array(labels, dtype=object),
+                      split=np.array([""] * n, dtype=object), lot=np.array(lots, dtype=object),
+                      wafer_index=np.zeros(n, np.int64), source=str(root))
+
+
+def _nested_label(value) -> str:
+    """The class name in an LSWMD nested label cell (``[['Center']]``, ``[]``, NaN or str)."""
+    if isinstance(value, str):
+        return value
+    arr = np.asarray(value, dtype=object)
+    if arr.size == 0:
+        return ""
+    item = arr.ravel()[0]
+    return "" if item is None or (isinstance(item, float) and np.isnan(item)) else str(item)

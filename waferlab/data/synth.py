@@ -1,0 +1,416 @@
+"""Synthetic wafer maps of all 9 WM-811K classes (and MixedWM38-style mixtures) with true pattern masks.
+
+Each map is drawn on a realistic die grid (circle or slight ellipse filling the grid, optional flat or notch),
+with a clustered random background of failed dies and one geometric pattern whose region is recorded as the
+map's mask. Grid sizes follow a WM-811K-like distribution (many small grids) drawn independently of the
+class, so the class cannot be read from the map shape. Parameter ranges were tuned against the real samples
+in ``shared/data`` (see ``waferlab.data.calibrate`` and ``benchmarks/synth_calibration.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from waferlab.data.table import MIXED38_TYPES, WM811K_CLASSES, WaferTable
+from waferlab.errors import WaferlabError
+
+#: Side of a MixedWM38 map.
+MIXED_SIZE = 52
+#: Types that MixedWM38 combines into mixtures (Near-full and Random only occur alone).
+MIXABLE_TYPES: tuple[str, ...] = ("Center", "Donut", "Edge-Loc", "Edge-Ring", "Loc", "Scratch")
+#: Wafers per synthetic lot, as in WM-811K.
+LOT_SIZE = 25
+#: Fraction of maps tagged "Training" (the rest "Test").
+TRAIN_FRACTION = 0.8
+
+# Common real WM-811K grid shapes (from the shared samples) and how often they are drawn (relative).
+_COMMON_SHAPES: tuple[tuple[int, int, float], ...] = (
+    (25, 27, 12.0), (38, 36, 8.0), (53, 52, 5.0), (63, 62, 5.0), (39, 31, 4.0), (39, 37, 4.0),
+    (26, 26, 3.0), (33, 33, 3.0), (33, 29, 3.0), (43, 42, 3.0), (46, 46, 2.0), (31, 31, 2.0),
+    (35, 31, 2.0), (44, 41, 2.0), (53, 58, 4.0), (45, 48, 2.0), (27, 25, 2.0), (41, 42, 2.0),
+)
+_COMMON_P = np.array([s[2] for s in _COMMON_SHAPES]) / sum(s[2] for s in _COMMON_SHAPES)
+
+
+def mixed_class_names() -> tuple[str, ...]:
+    """The 38 MixedWM38 classes: ``none``, 8 singles, then 13/12/4 mixtures of 2/3/4 types ("+"-joined)."""
+    names = ["none", *MIXED38_TYPES]
+    for k in (2, 3, 4):
+        for combo in itertools.combinations(MIXABLE_TYPES, k):
+            s = set(combo)
+            if {"Center", "Donut"} <= s or {"Edge-Loc", "Edge-Ring"} <= s:
+                continue  # these never co-occur in MixedWM38
+            names.append(_join(combo))
+    return tuple(names)
+
+
+def _join(types) -> str:
+    order = {t: i for i, t in enumerate(MIXED38_TYPES)}
+    return "+".join(sorted(types, key=order.__getitem__))
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Precomputed coordinates of one wafer outline on an H x W die grid."""
+
+    inside: np.ndarray  # bool (H,W): die present
+    u: np.ndarray  # float32 (H,W): column offset from the centre, 1 at the rim
+    v: np.ndarray  # float32 (H,W): row offset from the centre, 1 at the rim
+    r: np.ndarray  # float32 (H,W): normalised radius
+    theta: np.ndarray  # float32 (H,W): polar angle in radians (-pi..pi)
+    edge: np.ndarray  # float32 (H,W): distance in dies to the nearest no-die cell (1 for the outermost dies)
+    radius: float  # wafer radius in dies (mean of the two half-axes)
+    coarse_i: np.ndarray  # int (H,1): row index into a 6x6 coarse noise grid
+    coarse_j: np.ndarray  # int (1,W)
+
+
+_GEOM_CACHE: dict[tuple[int, int, int], _Geometry] = {}
+_N_VARIANTS = 10
+
+
+def _geometry(h: int, w: int, variant: int) -> _Geometry:
+    """Outline ``variant`` (0-3 round with slightly different rims, 4-7 a flat side, 8-9 a notch), cached."""
+    key = (h, w, variant)
+    geom = _GEOM_CACHE.get(key)
+    if geom is not None:
+        return geom
+    from scipy.ndimage import distance_transform_edt
+
+    ii, jj = np.mgrid[0:h, 0:w].astype(np.float32)
+    v = (ii - (h - 1) / 2) / (h / 2)
+    u = (jj - (w - 1) / 2) / (w / 2)
+    r = np.sqrt(u * u + v * v)
+    thr = (1.0, 0.985, 1.015, 0.97)[variant % 4]
+    inside = r * r <= thr
+    if 4 <= variant < 8:  # a flat: chop the outermost ~1-2 rows/columns on one side
+        depth = 0.94 if min(h, w) < 40 else 0.955
+        side = (v, -v, u, -u)[variant - 4]
+        inside &= side <= depth
+    elif variant >= 8:  # a notch: a small wedge at the bottom or the right
+        ang = np.arctan2(v, u)
+        centre = np.pi / 2 if variant == 8 else 0.0
+        d_ang = np.abs(np.angle(np.exp(1j * (ang - centre))))
+        inside &= ~((r > 0.9) & (d_ang < 1.6 / max(h, w) * 2))
+    edge = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1].astype(np.float32)
+    geom = _Geometry(inside=inside, u=u, v=v, r=r, theta=np.arctan2(v, u).astype(np.float32), edge=edge,
+                     radius=(h + w) / 4.0, coarse_i=(np.arange(h) * 6 // h)[:, None],
+                     coarse_j=(np.arange(w) * 6 // w)[None, :])
+    if len(_GEOM_CACHE) > 4096:  # bound memory for very many distinct shapes
+        _GEOM_CACHE.clear()
+    _GEOM_CACHE[key] = geom
+    return geom
+
+
+def _draw_shape(rng: np.random.Generator) -> tuple[int, int]:
+    """A die-grid shape from a WM-811K-like distribution: common real shapes, else mostly small sides."""
+    if rng.random() < 0.5:
+        h, w, _ = _COMMON_SHAPES[rng.choice(len(_COMMON_SHAPES), p=_COMMON_P)]
+        return (h, w) if rng.random() < 0.8 else (w, h)
+    side = 25.0 + 75.0 * rng.beta(1.0, 2.5)
+    aspect = np.exp(rng.normal(0.0, 0.07)) if rng.random() < 0.93 else rng.uniform(0.6, 0.85)
+    h = int(round(side * np.sqrt(aspect)))
+    w = int(round(side / np.sqrt(aspect)))
+    if rng.random() < 0.5:
+        h, w = w, h
+    return max(h, 22), max(w, 22)
+
+
+# ------------------------------------------------------------------------------------------- patterns
+# Each pattern function returns (fail probability field P (H,W) float32, region mask bool (H,W)).
+
+
+def _logistic(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+
+
+def _ang_dist(theta: np.ndarray, centre: float) -> np.ndarray:
+    """Absolute angular distance (radians, 0..pi) between ``theta`` and ``centre``."""
+    d = np.abs(theta - centre) % (2 * np.pi)
+    return np.minimum(d, 2 * np.pi - d)
+
+
+def _center(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    cu, cv = rng.normal(0.0, 0.04, 2)
+    rc = rng.uniform(0.13, 0.3) if mixed else rng.uniform(0.12, 0.42)
+    ell = np.exp(rng.normal(0.0, 0.12))
+    d = np.sqrt(((g.u - cu) * ell) ** 2 + ((g.v - cv) / ell) ** 2)
+    soft = rng.uniform(0.01, 0.03) if mixed else rng.uniform(0.015, 0.09)
+    p_in = rng.uniform(0.9, 1.0) if mixed else rng.uniform(0.65, 1.0)
+    prob = p_in * _logistic((rc - d) / soft)
+    return prob, d <= rc
+
+
+def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    cu, cv = rng.normal(0.0, 0.03, 2)
+    r_in = rng.uniform(0.12, 0.3) if mixed else rng.uniform(0.15, 0.5)
+    r_out = min(r_in + (rng.uniform(0.12, 0.3) if mixed else rng.uniform(0.12, 0.4)), 0.9)
+    ell = np.exp(rng.normal(0.0, 0.08))
+    d = np.sqrt(((g.u - cu) * ell) ** 2 + ((g.v - cv) / ell) ** 2)
+    soft = rng.uniform(0.01, 0.04)
+    p_in = rng.uniform(0.8, 1.0) if mixed else rng.uniform(0.65, 0.98)
+    prob = p_in * _logistic((d - r_in) / soft) * _logistic((r_out - d) / soft)
+    region = (d >= r_in) & (d <= r_out)
+    if rng.random() < (0.2 if mixed else 0.45):  # a partial ring (open "C"), at least 200 degrees
+        half_gap = np.deg2rad(rng.uniform(20.0, 80.0))
+        gap = _ang_dist(np.arctan2(g.v - cv, g.u - cu), rng.uniform(-np.pi, np.pi)) < half_gap
+        prob = np.where(gap, 0.0, prob)
+        region &= ~gap
+    return prob, region
+
+
+def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    width = 1.0 + min(rng.exponential(0.6), 3.0) + 0.015 * g.radius * rng.random()
+    p_in = rng.uniform(0.85, 1.0)
+    region = g.inside & (g.edge <= width)
+    modulation = rng.uniform(0.0, 0.2)  # failure density varying slowly around the ring
+    phase = rng.uniform(-np.pi, np.pi)
+    prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase)))
+    if rng.random() < 0.15:  # partial coverage: 240-340 degrees
+        gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(10.0, 60.0))
+        region &= ~gap
+    prob = np.where(region, prob, 0.0)
+    return prob, region
+
+
+def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    centre = rng.uniform(-np.pi, np.pi)
+    p_in = rng.uniform(0.6, 0.98)
+    if rng.random() < 0.7:  # an arc along the rim, a few dies deep
+        depth = 1.0 + rng.exponential(0.8) + rng.uniform(0.0, 0.08) * g.radius
+        half = np.deg2rad(rng.uniform(12.0, 50.0))
+        dang = _ang_dist(g.theta, centre)
+        region = g.inside & (g.edge <= depth) & (dang <= half)
+        prob = p_in * _logistic((half - dang) / 0.06) * _logistic((depth + 0.5 - g.edge) / 0.5)
+    else:  # a blob centred on the rim
+        rad = rng.uniform(0.1, 0.25)
+        rc = rng.uniform(0.92, 1.08)
+        d = np.sqrt((g.u - rc * np.cos(centre)) ** 2 + (g.v - rc * np.sin(centre)) ** 2)
+        region = g.inside & (d <= rad)
+        prob = p_in * _logistic((rad - d) / rng.uniform(0.015, 0.05))
+    return np.where(g.inside, prob, 0.0), region
+
+
+def _loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    n_blobs = 1 if mixed else int(rng.choice([1, 2, 3], p=[0.7, 0.22, 0.08]))
+    keep = np.ones_like(g.r)
+    region = np.zeros(g.r.shape, bool)
+    for _ in range(n_blobs):
+        rad = rng.uniform(0.09, 0.26) if n_blobs == 1 else rng.uniform(0.06, 0.16)
+        rc = rng.uniform(0.18, max(0.25, 0.92 - rad))
+        ang = rng.uniform(-np.pi, np.pi)
+        rot = rng.uniform(-np.pi, np.pi)
+        ell = np.exp(rng.normal(0.0, 0.3))
+        du, dv = g.u - rc * np.cos(ang), g.v - rc * np.sin(ang)
+        a = (du * np.cos(rot) + dv * np.sin(rot)) * ell
+        b = (-du * np.sin(rot) + dv * np.cos(rot)) / ell
+        d = np.sqrt(a * a + b * b)
+        p_in = rng.uniform(0.6, 0.98)
+        keep *= 1.0 - p_in * _logistic((rad - d) / rng.uniform(0.01, 0.04))
+        region |= d <= rad
+    return 1.0 - keep, region & g.inside
+
+
+def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    h, w = g.r.shape
+    rad = g.radius
+    length = rng.uniform(0.8, 2.0) * rad if mixed else rng.uniform(0.4, 1.6) * rad
+    step = 0.35
+    t = np.arange(0.0, length, step)
+    # start anywhere well inside, heading roughly across the wafer
+    r0, a0 = 0.75 * np.sqrt(rng.random()), rng.uniform(-np.pi, np.pi)
+    heading0 = rng.uniform(-np.pi, np.pi)
+    curv = rng.normal(0.0, 0.6) / rad  # gentle curvature (radius of curvature mostly > 1.5 R)
+    heading = heading0 + curv * t
+    if rng.random() < 0.45:  # a polyline: 1-3 kinks of 10-40 degrees
+        kinks = np.sort(rng.uniform(0.15, 0.85, rng.integers(1, 4))) * length
+        bends = np.deg2rad(rng.uniform(10.0, 40.0, len(kinks))) * rng.choice([-1.0, 1.0])
+        heading = heading + np.concatenate([[0.0], np.cumsum(bends)])[np.searchsorted(kinks, t)]
+    dx = np.concatenate([[0.0], np.cumsum(np.cos(heading[:-1]))]) * step
+    dy = np.concatenate([[0.0], np.cumsum(np.sin(heading[:-1]))]) * step
+    x = (w - 1) / 2 + r0 * np.cos(a0) * w / 2 + dx
+    y = (h - 1) / 2 + r0 * np.sin(a0) * h / 2 + dy
+    ii, jj = np.rint(y).astype(np.int64), np.rint(x).astype(np.int64)
+    # gaps: drop some chunks of the line (drawn with low probability, still part of the region)
+    chunk = np.minimum((t / max(rad * 0.15, 2.0)).astype(np.int64), 10_000)
+    solid = rng.random(chunk.max() + 1) > rng.uniform(0.0, 0.1 if mixed else 0.25)
+    region = np.zeros((h, w), bool)
+    drawn = np.zeros((h, w), bool)
+    thick = rng.random() < 0.3
+    offsets = [(0, 0)] + ([(1, 0), (0, 1)] if thick else [])
+    for di, dj in offsets:
+        a, b = ii + di, jj + dj
+        ok = (a >= 0) & (a < h) & (b >= 0) & (b < w)
+        region[a[ok], b[ok]] = True
+        drawn[a[ok & solid[chunk]], b[ok & solid[chunk]]] = True
+    region &= g.inside
+    p_in = rng.uniform(0.85, 1.0) if mixed else rng.uniform(0.75, 1.0)
+    return np.where(drawn & region, p_in, 0.0), region
+
+
+_PATTERNS = {
+    "Center": _center, "Donut": _donut, "Edge-Loc": _edge_loc, "Edge-Ring": _edge_ring,
+    "Loc": _loc, "Scratch": _scratch,
+}
+
+
+def _background_rate(g: _Geometry, rng: np.random.Generator, mixed: bool) -> float:
+    """Per-map background failure rate: log-normal, higher on small (few-die) wafers as in WM-811K."""
+    if mixed:
+        return float(np.clip(np.exp(rng.normal(np.log(0.08), 0.5)), 0.005, 0.3))
+    # interior rate: median about 12% at radius 13 dies, 5% at 26, 2% at 50 (fitted to the real samples)
+    median = 0.12 * (13.0 / max(g.radius, 11.0)) ** 1.3
+    return float(np.clip(np.exp(rng.normal(np.log(median), 0.5)), 0.001, 0.3))
+
+
+def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one map with the pattern ``types`` (empty = none); returns (map uint8, mask uint8)."""
+    if mixed:
+        g = _geometry(MIXED_SIZE, MIXED_SIZE, 0)
+    else:
+        h, w = _draw_shape(rng)
+        g = _geometry(h, w, int(rng.integers(_N_VARIANTS)))
+    shape = g.r.shape
+    p_bg = _background_rate(g, rng, mixed)
+    coarse = rng.gamma(4.0, 0.25, (6, 6)).astype(np.float32)  # clustered background, mean 1
+    # dies at the rim fail more often: the outermost ring about 2-5x the interior rate, as in WM-811K
+    rim = 1.0 + np.exp(rng.normal(np.log(1.0 if mixed else 2.5), 0.5)) * np.exp((1.0 - g.edge) / 0.6)
+    keep = 1.0 - np.minimum(p_bg * coarse[g.coarse_i, g.coarse_j] * rim, 0.95)
+    region = np.zeros(shape, bool)
+    for t in types:
+        if t in _PATTERNS:
+            prob, reg = _PATTERNS[t](g, rng, mixed)
+        elif t == "Random":
+            lo, hi = (0.2, 0.5) if mixed else (0.15, 0.6)
+            prob = np.full(shape, rng.uniform(lo, hi), np.float32)
+            if rng.random() < 0.5:  # mild large-scale density variation
+                prob = prob * (0.7 + 0.6 * rng.random((6, 6)).astype(np.float32)[g.coarse_i, g.coarse_j])
+            reg = g.inside
+        elif t == "Near-full":
+            prob = rng.uniform(0.8, 1.0) - rng.uniform(0.0, 0.15) * g.r  # slightly worse at the centre
+            if rng.random() < 0.3:  # a thin band of surviving dies at the rim
+                prob = np.where(g.edge <= rng.uniform(1.0, 2.5), prob * rng.uniform(0.2, 0.7), prob)
+            reg = g.inside
+        else:  # pragma: no cover - names are validated before drawing
+            raise WaferlabError(f"unknown pattern type {t!r}")
+        keep = keep * (1.0 - prob)
+        region |= reg
+    failed = rng.random(shape, dtype=np.float32) >= keep
+    wafer = g.inside.astype(np.uint8)
+    wafer[failed & g.inside] = 2
+    return wafer, (region & g.inside).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- public
+
+
+def _resolve_classes(classes, mixed: bool) -> list[str]:
+    """Validate and canonicalise a class list (case-insensitive; mixtures in any order) or raise."""
+    allowed = mixed_class_names() if mixed else WM811K_CLASSES
+    if classes is None:
+        return list(allowed)
+    if isinstance(classes, str):
+        classes = [c for c in classes.split(",")]
+    lookup = {c.lower(): c for c in allowed}
+    out: list[str] = []
+    for raw in classes:
+        name = str(raw).strip()
+        key = name.lower()
+        if mixed and "+" in key:
+            parts = [lookup.get(p.strip().lower()) for p in key.split("+")]
+            key = _join(parts).lower() if None not in parts and len(set(parts)) == len(parts) else key
+        if key not in lookup:
+            kind = "MixedWM38" if mixed else "WM-811K"
+            raise WaferlabError(f"unknown {kind} class {name!r}; expected one of: {', '.join(allowed)}")
+        if lookup[key] not in out:
+            out.append(lookup[key])
+    if not out:
+        raise WaferlabError("no classes given")
+    return out
+
+
+def generate(n: int, seed: int = 0, classes=None, mixed: bool = False) -> WaferTable:
+    """Draw ``n`` labelled synthetic maps (equal counts per class, shuffled) with true pattern masks.
+
+    ``classes`` limits the classes (default all 9, or all 38 MixedWM38 classes when ``mixed``); the same
+    seed always yields identical maps. Mixed maps are 52x52 with ``multi_hot`` over ``MIXED38_TYPES``.
+    """
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise WaferlabError(f"number of maps must be a positive integer, got {n!r}")
+    names = _resolve_classes(classes, mixed)
+    rng = np.random.default_rng(seed)
+    k = len(names)
+    counts = np.full(k, n // k)
+    counts[rng.choice(k, n % k, replace=False)] += 1
+    labels = np.repeat(np.array(names, dtype=object), counts)
+    labels = labels[rng.permutation(n)]
+    n_train = int(round(TRAIN_FRACTION * n))
+    split = np.array(["Test"] * n, dtype=object)
+    split[rng.permutation(n)[:n_train]] = "Training"
+
+    type_index = {t: i for i, t in enumerate(MIXED38_TYPES)}
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+    multi_hot = np.zeros((n, len(MIXED38_TYPES)), np.uint8) if mixed else None
+    for i, label in enumerate(labels):
+        types = () if label == "none" else tuple(label.split("+")) if mixed else (label,)
+        wafer, mask = _one_map(types, rng, mixed)
+        maps.append(wafer)
+        masks.append(mask)
+        if multi_hot is not None:
+            for t in types:
+                multi_hot[i, type_index[t]] = 1
+    rows = np.arange(n)
+    return WaferTable(
+        maps=maps, labels=labels, split=split,
+        lot=np.array([f"synlot{i // LOT_SIZE + 1}" for i in rows], dtype=object),
+        wafer_index=rows % LOT_SIZE + 1,
+        source=f"synthetic(seed={seed}{', mixed' if mixed else ''})",
+        multi_hot=multi_hot, multi_label_names=MIXED38_TYPES if mixed else (), masks=masks,
+    )
+
+
+def write_synthetic(out: str | os.PathLike[str], n: int, seed: int = 0, mixed: bool = False,
+                    classes=None) -> dict:
+    """Generate maps and write them: ``.pkl`` LSWMD layout, ``.npz`` safe format (MixedWM38 layout if mixed).
+
+    Returns a summary with ``n_maps``, ``class_counts``, ``split_counts``, ``out`` and ``format``.
+    """
+    path = Path(out)
+    suffix = path.suffix.lower()
+    if suffix not in (".pkl", ".npz"):
+        raise WaferlabError(f"{path}: output must end in .pkl (LSWMD layout) or .npz, "
+                            f"got {suffix or 'no suffix'!r}")
+    if mixed and suffix != ".npz":
+        raise WaferlabError(f"{path}: mixed maps are written in the MixedWM38 layout, use a .npz output")
+    table = generate(n, seed=seed, classes=classes, mixed=mixed)
+    if mixed:
+        from waferlab.io import atomic_path
+
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez_compressed(fh, arr_0=np.stack(table.maps).astype(np.uint8),
+                                arr_1=table.multi_hot.astype(np.int32))
+        fmt = "mixedwm38"
+    elif suffix == ".pkl":
+        from waferlab.data.lswmd import write_lswmd
+
+        write_lswmd(table, path)
+        fmt = "lswmd"
+    else:
+        from waferlab.data.readers import write_safe
+
+        write_safe(table, path)
+        fmt = "safe"
+    return {
+        "out": str(path), "format": fmt, "n_maps": len(table), "seed": seed, "mixed": mixed,
+        "class_counts": dict(sorted(Counter(table.labels.tolist()).items())),
+        "split_counts": table.split_counts(),
+    }
