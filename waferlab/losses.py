@@ -1,0 +1,177 @@
+"""Classification losses for imbalanced wafer-map classes: Circle, focal, (weighted) cross-entropy.
+
+:func:`build_loss` is the factory the training engine calls. A loss whose ``expects`` attribute is
+``"cosine"`` needs the model's cosine head (``create_model(..., head="cosine")``); the others take
+plain logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from waferlab.errors import WaferlabError
+
+LOSS_NAMES = ("ce", "weighted_ce", "focal", "circle")
+WEIGHT_KINDS = ("inverse", "sqrt_inverse", "effective")
+
+
+class CircleLoss(nn.Module):
+    """Class-level Circle loss (Sun et al. 2020; SP&A-Net's ``CycleLoss.py``) for one positive per sample.
+
+    With scores s (N, K) and one-hot y: alpha_p = relu(1 + m - s_p), alpha_n = relu(s_n + m) (no
+    gradient through alpha), z = gamma * [y * alpha_p * (s - (1 - m)) + (1 - y) * alpha_n * (s - m)],
+    loss = cross-entropy(z, y). ``mode="cosine"`` takes cosine similarities from the cosine head, as
+    the Circle-loss paper intends; ``mode="softmax"`` applies softmax to logits first, reproducing the
+    official SP&A code, whose model fed softmax probabilities to this loss.
+    """
+
+    def __init__(self, gamma: float = 64.0, margin: float = 0.25, mode: str = "cosine") -> None:
+        super().__init__()
+        if mode not in ("cosine", "softmax"):
+            raise WaferlabError(f"circle loss: mode must be 'cosine' or 'softmax', got {mode!r}")
+        if not gamma > 0:
+            raise WaferlabError(f"circle loss: gamma (scale) must be > 0, got {gamma}")
+        if not 0 <= margin < 1:
+            raise WaferlabError(f"circle loss: margin must be in [0, 1), got {margin}")
+        self.gamma = float(gamma)
+        self.margin = float(margin)
+        self.mode = mode
+        self.expects = "cosine" if mode == "cosine" else "logits"
+
+    def circle_logits(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The margin-rescaled logits z that go into cross-entropy."""
+        s = torch.softmax(scores, dim=1) if self.mode == "softmax" else scores
+        if self.mode == "cosine" and scores.detach().abs().amax() > 1.0 + 1e-4:
+            raise WaferlabError("circle loss (mode cosine) needs cosine similarities in [-1, 1]: build the "
+                                "model with head='cosine', or use mode='softmax' on logits")
+        y = F.one_hot(target, s.shape[1]).to(s.dtype)
+        m = self.margin
+        alpha_p = torch.relu(1.0 + m - s).detach()
+        alpha_n = torch.relu(s + m).detach()
+        return self.gamma * (y * alpha_p * (s - (1.0 - m)) + (1.0 - y) * alpha_n * (s - m))
+
+    def forward(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.circle_logits(scores, target), target)
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017): mean of w_y (1 - p_y)^gamma (-log p_y) over the batch.
+
+    With class weights the mean is weighted (divided by the sum of the samples' weights), exactly as
+    ``nn.CrossEntropyLoss(weight=...)`` does, so gamma=0 gives weighted cross-entropy.
+    """
+
+    def __init__(self, gamma: float = 2.0, weight: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if not gamma >= 0:
+            raise WaferlabError(f"focal loss: gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        w = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+        self.register_buffer("weight", w)
+        self.expects = "logits"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
+        loss = -((1.0 - logp.exp()).clamp_min(0.0) ** self.gamma) * logp
+        if self.weight is None:
+            return loss.mean()
+        w = self.weight.to(loss.device)[target]
+        return (w * loss).sum() / w.sum()
+
+
+def _to_numpy(values: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+
+
+def class_weights(labels: Sequence[int] | np.ndarray | torch.Tensor, num_classes: int,
+                  kind: str = "inverse", beta: float = 0.999) -> torch.Tensor:
+    """Per-class weights (float32, length ``num_classes``, mean 1 over present classes) for weighted losses.
+
+    ``inverse``: 1/n_c; ``sqrt_inverse``: 1/sqrt(n_c); ``effective``: (1 - beta)/(1 - beta^n_c), the
+    "effective number of samples" of Cui et al. 2019. Negative labels (unlabeled) are ignored; a class
+    with no sample gets the largest weight, as it is at least as rare as the rarest present class.
+    """
+    arr = _to_numpy(labels).astype(np.int64).ravel()
+    arr = arr[arr >= 0]
+    if arr.size and arr.max() >= num_classes:
+        raise WaferlabError(f"class weights: label {int(arr.max())} out of range for {num_classes} classes")
+    return weights_from_counts(np.bincount(arr, minlength=num_classes), kind, beta)
+
+
+def weights_from_counts(counts: Sequence[int] | np.ndarray | torch.Tensor, kind: str = "inverse",
+                        beta: float = 0.999) -> torch.Tensor:
+    """Class weights from per-class counts; see :func:`class_weights` for the kinds."""
+    n = _to_numpy(counts).astype(float)
+    if n.ndim != 1 or n.size == 0 or (n < 0).any():
+        raise WaferlabError("class weights: counts must be a non-empty list of non-negative numbers")
+    present = n > 0
+    if not present.any():
+        raise WaferlabError("class weights: no labelled sample to weight (all class counts are 0)")
+    if kind == "inverse":
+        w = 1.0 / np.where(present, n, 1.0)
+    elif kind == "sqrt_inverse":
+        w = 1.0 / np.sqrt(np.where(present, n, 1.0))
+    elif kind == "effective":
+        if not 0 < beta < 1:
+            raise WaferlabError(f"class weights: beta must be in (0, 1), got {beta}")
+        w = (1.0 - beta) / (1.0 - np.power(beta, np.where(present, n, 1.0)))
+    else:
+        raise WaferlabError(f"class weights: unknown kind {kind!r}; use one of {', '.join(WEIGHT_KINDS)}")
+    w = w / w[present].mean()
+    w[~present] = w[present].max()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ce": ("label_smoothing",),
+    "weighted_ce": ("kind", "beta", "label_smoothing"),
+    "focal": ("gamma", "kind", "beta"),
+    "circle": ("gamma", "margin", "mode"),
+}
+
+
+def build_loss(name: str, num_classes: int,
+               class_counts: Sequence[int] | np.ndarray | torch.Tensor | None = None, **kw: Any) -> nn.Module:
+    """Build a loss by name: ``ce``, ``weighted_ce`` (needs ``class_counts``), ``focal``, ``circle``.
+
+    Options: ce ``label_smoothing``; weighted_ce ``kind`` (inverse|sqrt_inverse|effective), ``beta``,
+    ``label_smoothing``; focal ``gamma`` and, with ``class_counts``, ``kind``/``beta`` (class-weighted
+    focal when ``kind`` is given); circle ``gamma`` (scale), ``margin``, ``mode`` (cosine|softmax).
+    The returned module has ``expects`` = ``"cosine"`` (needs the cosine head) or ``"logits"``.
+    """
+    if name not in _OPTIONS:
+        raise WaferlabError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)}")
+    unknown = sorted(set(kw) - set(_OPTIONS[name]))
+    if unknown:
+        allowed = ", ".join(_OPTIONS[name])
+        raise WaferlabError(f"loss {name!r}: unknown option {unknown[0]!r} (allowed: {allowed})")
+    weight = None
+    if class_counts is not None:
+        counts = _to_numpy(class_counts)
+        if counts.shape != (num_classes,):
+            raise WaferlabError(f"loss {name!r}: class_counts has shape {counts.shape}, "
+                                f"expected ({num_classes},)")
+    if name == "weighted_ce" or (name == "focal" and "kind" in kw):
+        if class_counts is None:
+            raise WaferlabError(f"loss {name!r}: class weights need the training class counts")
+        weight = weights_from_counts(counts, kw.get("kind", "inverse"), float(kw.get("beta", 0.999)))
+    try:
+        if name == "ce" or name == "weighted_ce":
+            smoothing = float(kw.get("label_smoothing", 0.0))
+            if not 0 <= smoothing < 1:
+                raise WaferlabError(f"loss {name!r}: label_smoothing must be in [0, 1), got {smoothing}")
+            loss: nn.Module = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
+            loss.expects = "logits"  # type: ignore[assignment]
+            return loss
+        if name == "focal":
+            return FocalLoss(gamma=float(kw.get("gamma", 2.0)), weight=weight)
+        return CircleLoss(gamma=float(kw.get("gamma", 64.0)), margin=float(kw.get("margin", 0.25)),
+                          mode=str(kw.get("mode", "cosine")))
+    except (TypeError, ValueError) as exc:
+        raise WaferlabError(f"loss {name!r}: bad option value ({exc})") from None
