@@ -137,13 +137,11 @@ def plot_confusion(
         raise WaferlabError(f"confusion matrix has shape {m.shape} but there are {c} class names")
     side = min(max(4.5, 0.32 * c + 2.8), 16.0)
     fig, ax = plt.subplots(figsize=(side + 1.2, side), dpi=110)
-    cmap = plt.get_cmap("Blues").copy()
+    cmap = plt.get_cmap("Blues").with_extremes(bad="#d9d9d9" if normalized else "white")
     if normalized:
-        cmap.set_bad("#d9d9d9")
         shown = np.ma.masked_invalid(m)
         norm = Normalize(vmin=0.0, vmax=1.0)
     else:
-        cmap.set_bad("white")
         shown = np.ma.masked_where(~(m > 0), m)
         norm = LogNorm(vmin=1.0, vmax=max(2.0, float(np.nanmax(m)) if np.any(m > 0) else 2.0))
     im = ax.imshow(shown, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
