@@ -183,6 +183,13 @@ def _number(cfg: TrainConfig, name: str, kind: type, minimum: float | None = Non
     value = getattr(cfg, name)
     if value is None and allow_none:
         return
+    if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+        try:
+            value = kind(value) if kind is float else int(value)
+        except ValueError:
+            pass
+        else:
+            setattr(cfg, name, value)
     if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
         raise WaferlabError(f"config {name}: expected a{'n integer' if kind is int else ' number'}, "
                             f"got {value!r}")

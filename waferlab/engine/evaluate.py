@@ -36,14 +36,15 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     from waferlab.data.cache import load_prepared
     from waferlab.engine.metrics import compute_metrics
     from waferlab.engine.report import write_evaluation
-    from waferlab.engine.run import load_run, predict_probs
+    from waferlab.engine.run import load_run, predict_probs, read_run_info
 
+    info = read_run_info(run_dir)
     if not Path(data).exists():
         raise WaferlabError(f"data not found: {data}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, info = load_run(run_dir, device=device)
     p = load_prepared(data, info.image_size, progress=progress)
     keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    model, info = load_run(run_dir, device=device)
     dropped = len(p) - len(keep)
     if dropped:
         print(f"waferlab: note: {dropped} unlabeled map(s) in {data} dropped", file=sys.stderr)

@@ -36,6 +36,12 @@ class WaferClassifier(L.LightningModule):
         self.num_classes = int(len(class_counts))
         self.criterion = criterion if criterion is not None else build_loss(
             cfg.loss, self.num_classes, class_counts=np.asarray(class_counts), **cfg.loss_options)
+        expects = getattr(self.criterion, "expects", "logits")
+        if (expects == "cosine") != (cfg.head == "cosine"):
+            from waferlab.errors import WaferlabError
+
+            raise WaferlabError(f"loss {cfg.loss!r} expects {expects} outputs but head is {cfg.head!r}; "
+                                f"use {'--set head=cosine' if expects == 'cosine' else 'a linear head'}")
         self._maps_host = maps
         self._labels_host = labels
         self._maps: torch.Tensor = maps

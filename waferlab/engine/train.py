@@ -119,7 +119,8 @@ def _quiet_lightning() -> None:
 
     for pattern in (".*does not have many workers.*", ".*number of training batches.*",
                     ".*smaller than the logging interval.*", ".*LeafSpec.*", ".*is deprecated.*",
-                    ".*Checkpoint directory .* exists and is not empty.*", ".*isinstance.*treespec.*"):
+                    ".*Checkpoint directory .* exists and is not empty.*", ".*isinstance.*treespec.*",
+                    ".*have no `val_dataloader`.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -138,8 +139,9 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
     from waferlab.engine.run import save_weights
     from waferlab.engine.sampling import IndexBatchSampler, index_loader
     from waferlab.io import seed_everything, versions, write_json, write_text
-    from waferlab.models import create_model
+    from waferlab.models import create_model, model_spec
 
+    model_spec(cfg.model)  # an unknown model fails before any data is read
     if not cfg.out:
         raise WaferlabError("no output directory given (--out DIR)")
     out = Path(cfg.out)
