@@ -218,7 +218,7 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
         raise WaferlabError(f"{path}: the pickle needs {_one_line(exc)}; it was written by a library "
                             "version this reader does not know") from None
     except MemoryError:
-        raise WaferlabError(f"{path}: out of memory while unpickling") from None
+        raise WaferlabError(f"{path}: corrupt pickle, or out of memory while unpickling it") from None
     except (zipfile.BadZipFile, OSError, lzma.LZMAError, ValueError, TypeError, KeyError, IndexError,
             UnicodeDecodeError, NotImplementedError) as exc:
         raise WaferlabError(f"{path}: corrupt pickle ({type(exc).__name__}: {_one_line(exc)})") from None

@@ -1,0 +1,287 @@
+"""Bad input through the CLI: exit code 2, ONE stderr line naming file/row/field, and nothing written."""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from waferlab.cli import main
+from waferlab.data.lswmd import frame_from_table, write_lswmd
+from waferlab.data.readers import write_safe
+from waferlab.data.table import UNLABELED, WaferTable
+
+
+def _table(n: int = 4) -> WaferTable:
+    maps = [np.pad(np.ones((8 + i, 9), np.uint8), 2) for i in range(n)]
+    maps[0][5, 5] = 2
+    labels = np.array(["Center", "none", UNLABELED, "Loc"][:n] + ["Scratch"] * max(0, n - 4), dtype=object)
+    return WaferTable(maps=maps, labels=labels, split=np.array(["Training"] * n, dtype=object),
+                      lot=np.array(["lot1"] * n, dtype=object), wafer_index=np.arange(1, n + 1))
+
+
+def _frame() -> pd.DataFrame:
+    return frame_from_table(_table())
+
+
+def _pickle(df: object, path: Path) -> Path:
+    path.write_bytes(pickle.dumps(df, protocol=4))
+    return path
+
+
+def _with_map(row: int, value: object) -> Callable[[Path], Path]:
+    def make(d: Path) -> Path:
+        df = _frame()
+        df.at[row, "waferMap"] = value
+        return _pickle(df, d / "bad_map.pkl")
+    return make
+
+
+def _float_map_with_nan(d: Path) -> Path:
+    m = np.ones((10, 10))
+    m[3, 4] = np.nan
+    return _with_map(1, m)(d)
+
+
+def _missing_column(d: Path) -> Path:
+    return _pickle(_frame().drop(columns=["failureType"]), d / "no_label.pkl")
+
+
+def _unknown_label(d: Path) -> Path:
+    df = _frame()
+    df.at[3, "failureType"] = np.array([["Blob"]])
+    return _pickle(df, d / "unknown.pkl")
+
+
+def _truncated_pickle(d: Path) -> Path:
+    write_lswmd(_table(), d / "full.pkl")
+    data = (d / "full.pkl").read_bytes()
+    (d / "full.pkl").unlink()
+    (d / "truncated.pkl").write_bytes(data[: len(data) // 2])
+    return d / "truncated.pkl"
+
+
+def _corrupt_pickle(d: Path) -> Path:
+    (d / "corrupt.pkl").write_bytes(b"\x80\x04\x95" + bytes(range(256)) * 4)
+    return d / "corrupt.pkl"
+
+
+def _not_a_dataframe(d: Path) -> Path:
+    return _pickle([np.ones((3, 3), np.uint8)], d / "list.pkl")
+
+
+def _empty_file(d: Path) -> Path:
+    (d / "empty.pkl").write_bytes(b"")
+    return d / "empty.pkl"
+
+
+def _png_named_pkl(d: Path) -> Path:
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(d / "tmp.png")
+    (d / "tmp.png").rename(d / "image.pkl")
+    return d / "image.pkl"
+
+
+def _pickle_named_npz(d: Path) -> Path:
+    return _pickle(_frame(), d / "frame.npz")
+
+
+def _text_named_png(d: Path) -> Path:
+    folder = d / "imgs" / "Center"
+    folder.mkdir(parents=True)
+    (folder / "1.png").write_text("this is not a PNG\n")
+    return d / "imgs"
+
+
+def _truncated_png(d: Path) -> Path:
+    folder = d / "imgs" / "Loc"
+    folder.mkdir(parents=True)
+    buf = io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 3, (40, 40)) * 127
+    Image.fromarray(noise.astype(np.uint8)).save(buf, "PNG")
+    (folder / "7.png").write_bytes(buf.getvalue()[:-40])
+    return d / "imgs"
+
+
+def _gray_png_not_three_levels(d: Path) -> Path:
+    folder = d / "imgs"
+    folder.mkdir()
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8) * 4).save(folder / "3_Center.png")
+    return folder
+
+
+def _truncated_npz(d: Path) -> Path:
+    write_safe(_table(), d / "full.npz")
+    data = (d / "full.npz").read_bytes()
+    (d / "full.npz").unlink()
+    (d / "truncated.npz").write_bytes(data[: len(data) - 60])
+    return d / "truncated.npz"
+
+
+def _npz_wrong_keys(d: Path) -> Path:
+    np.savez(d / "keys.npz", maps=np.zeros((2, 5, 5), np.uint8), labels=np.zeros((2, 8)))
+    return d / "keys.npz"
+
+
+def _npz_count_mismatch(d: Path) -> Path:
+    np.savez(d / "mixed.npz", np.ones((5, 52, 52), np.uint8), np.zeros((4, 8), np.uint8))
+    return d / "mixed.npz"
+
+
+def _npz_bad_value(d: Path) -> Path:
+    maps = np.ones((5, 52, 52), np.int64)
+    maps[3, 10, 10] = 5
+    np.savez(d / "mixed_value.npz", maps, np.zeros((5, 8), np.uint8))
+    return d / "mixed_value.npz"
+
+
+def _npz_1d_maps(d: Path) -> Path:
+    np.savez(d / "flat.npz", np.ones((5, 52), np.uint8), np.zeros((5, 8), np.uint8))
+    return d / "flat.npz"
+
+
+def _safe_tampered(d: Path) -> Path:
+    write_safe(_table(), d / "safe.npz")
+    with np.load(d / "safe.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["offsets"] = arrays["offsets"] + 1
+    np.savez(d / "tampered.npz", **arrays)
+    return d / "tampered.npz"
+
+
+def _prepared_cache(d: Path) -> Path:
+    np.savez(d / "cache.npz", __waferlab_cache__=np.array("{}"), maps=np.zeros((1, 8, 8), np.uint8))
+    return d / "cache.npz"
+
+
+def _empty_folder(d: Path) -> Path:
+    (d / "nothing").mkdir()
+    (d / "nothing" / "README.txt").write_text("no images here")
+    return d / "nothing"
+
+
+def _folder_without_classes(d: Path) -> Path:
+    folder = d / "unsorted" / "batch1"
+    folder.mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "00017.png")
+    return d / "unsorted"
+
+
+def _csv_bad_json(d: Path) -> Path:
+    rows = ["\twaferMap\tdieSize\tlotName\twaferIndex\ttrianTestLabel\tfailureType",
+            f"0\t{json.dumps([[0, 1], [1, 2]])}\t3.0\tlot1\t1.0\t[[Training]]\t[[none]]",
+            "1\t[[0, 1], [1, 2\t3.0\tlot1\t2.0\t[[Training]]\t[[none]]"]
+    (d / "export.csv").write_text("\n".join(rows) + "\n")
+    return d / "export.csv"
+
+
+def _csv_missing_column(d: Path) -> Path:
+    (d / "export.csv").write_text("\twaferMap\tlotName\n0\t[[0, 1]]\tlot1\n")
+    return d / "export.csv"
+
+
+def _csv_bad_value(d: Path) -> Path:
+    rows = ["\twaferMap\tdieSize\tlotName\twaferIndex\ttrianTestLabel\tfailureType",
+            f"0\t{json.dumps([[0, 1], [1, 2]])}\t3.0\tlot1\t1.0\t[[Training]]\t[[none]]",
+            f"1\t{json.dumps([[0, 1], [7, 2]])}\t3.0\tlot1\t2.0\t[[Training]]\t[[none]]"]
+    (d / "export.csv").write_text("\n".join(rows) + "\n")
+    return d / "export.csv"
+
+
+def _foreign_code(d: Path) -> Path:
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {d / 'pwned'}",)
+
+    return _pickle(Evil(), d / "evil.pkl")
+
+
+def _nonexistent(d: Path) -> Path:
+    return d / "does_not_exist.pkl"
+
+
+def _zip_named_pkl_zip_without_pickle(d: Path) -> Path:
+    with zipfile.ZipFile(d / "LSWMD.pkl.zip", "w") as zf:
+        zf.writestr("a.txt", "x")
+        zf.writestr("b.txt", "y")
+    return d / "LSWMD.pkl.zip"
+
+
+# (builder, substrings the one error line must contain, also bad for `data inspect`)
+CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], bool]] = {
+    "missing_column": (_missing_column, ("missing column 'failureType'",), True),
+    "value_3": (_with_map(2, np.full((5, 5), 3, np.uint8)), ("row 2", "'waferMap'", "value 3"), True),
+    "negative_value": (_with_map(1, np.full((5, 5), -1, np.int64)), ("row 1", "'waferMap'", "value -1"),
+                       True),
+    "empty_map": (_with_map(1, np.zeros((0, 0), np.uint8)), ("row 1", "'waferMap'", "empty"), True),
+    "1d_map": (_with_map(3, np.ones(12, np.uint8)), ("row 3", "'waferMap'", "1 dimension"), True),
+    "ragged_map": (_with_map(0, [[0, 1, 2], [1, 1]]), ("row 0", "'waferMap'"), True),
+    "nan_in_map": (_float_map_with_nan, ("row 1", "'waferMap'", "NaN"), True),
+    "missing_map": (_with_map(2, None), ("row 2", "'waferMap'", "missing"), True),
+    "unknown_label": (_unknown_label, ("row 3", "'failureType'", "unknown label 'Blob'"), True),
+    "truncated_pickle": (_truncated_pickle, ("truncated or corrupt",), True),
+    "corrupt_pickle": (_corrupt_pickle, ("pickle",), True),
+    "not_a_dataframe": (_not_a_dataframe, ("not a pandas DataFrame",), True),
+    "empty_file": (_empty_file, ("empty",), True),
+    "png_named_pkl": (_png_named_pkl, ("a PNG image", "not a pickle", "'.pkl'"), True),
+    "pickle_named_npz": (_pickle_named_npz, ("a pickle", "not a zip/npz", "'.npz'"), True),
+    "text_named_png": (_text_named_png, ("1.png", "not a PNG image"), True),
+    "truncated_png": (_truncated_png, ("7.png", "truncated"), True),
+    "gray_png_levels": (_gray_png_not_three_levels, ("3_Center.png", "3 levels"), True),
+    "truncated_npz": (_truncated_npz, ("truncated",), True),
+    "npz_wrong_keys": (_npz_wrong_keys, ("'arr_0'", "'labels'"), True),
+    "npz_count_mismatch": (_npz_count_mismatch, ("'arr_1'", "4 label rows for 5 maps"), True),
+    "npz_bad_value": (_npz_bad_value, ("row 3", "'arr_0'", "value 5"), True),
+    "npz_1d_maps": (_npz_1d_maps, ("'arr_0'", "shape (5, 52)"), True),
+    "safe_tampered": (_safe_tampered, ("disagree",), True),
+    "prepared_cache": (_prepared_cache, ("prepared cache",), False),  # a cache is valid for inspect
+    "empty_folder": (_empty_folder, ("no images",), True),
+    "folder_without_classes": (_folder_without_classes, ("00017.png", "no class"), True),
+    "csv_bad_json": (_csv_bad_json, ("row 1", "'waferMap'", "JSON"), True),
+    "csv_missing_column": (_csv_missing_column, ("missing column 'failureType'",), True),
+    "csv_bad_value": (_csv_bad_value, ("row 1", "'waferMap'", "value 7"), True),
+    "foreign_code": (_foreign_code, ("posix.system", "refusing"), True),
+    "nonexistent": (_nonexistent, ("no such file",), True),
+    "zip_without_pickle": (_zip_named_pkl_zip_without_pickle, ("expected one pickle",), True),
+}
+
+
+def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
+    rc = main(argv)
+    err = capsys.readouterr().err
+    return rc, err.strip().splitlines()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("command", ["inspect", "convert"])
+def test_bad_input_is_one_line_exit_2_nothing_written(name: str, command: str, tmp_path: Path, capsys):
+    build, needles, bad_for_inspect = CASES[name]
+    if command == "inspect" and not bad_for_inspect:
+        pytest.skip("a prepared cache is a valid input for inspect")
+    src_dir = tmp_path / "src"
+    src_dir.mkdir()
+    src = build(src_dir)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "converted.npz"
+    argv = ["data", "inspect", str(src)] if command == "inspect" else ["data", "convert", str(src), "--out",
+                                                                       str(out)]
+    rc, lines = _run(argv, capsys)
+    assert rc == 2, lines
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert line.startswith("waferlab: error: ")
+    assert str(src) in line or any(str(p) in line for p in src.rglob("*")), line
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert list(out_dir.iterdir()) == []  # nothing written, not even a temporary file
+    assert not (src_dir / "pwned").exists()
