@@ -1,0 +1,347 @@
+"""The attention-ResNet34 study's models (seeds.md A.3-A.4), registered in family "attention-study".
+
+``resnet34``, ``danet``, ``cbam``, ``cbam_da`` use torchvision's standard ResNet34; ``pan``, ``pan_da``,
+``pan_inverse``, ``pan_dualinverse`` the dilated one (output stride 16). Pretrained weights
+(``"imagenet"`` or a local torchvision-layout file) load into the backbone only; the rest is new.
+``cam_target_layer`` is a property (not a second registration of the module, which would duplicate
+its weights in ``state_dict``) pointing at the module whose output is the map fed to the final
+pooling/flatten; ``classifier`` is the final Linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from waferlab.models.attention import (
+    FPA,
+    GAD,
+    GADS,
+    GAU,
+    CBAMBasicBlock,
+    DABasicBlock,
+    DANetHead,
+    FeatureSum,
+    attention_stage,
+)
+from waferlab.models.backbones import resnet34_backbone
+from waferlab.models.registry import register
+
+FAMILY = "attention-study"
+
+
+class _GapClassifier(nn.Module):
+    """Shared tail: global average pooling, optional dropout, then ``self.classifier`` (a Linear)."""
+
+    def _init_head(self, features: int, num_classes: int, dropout: float) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.classifier = nn.Linear(features, num_classes)
+
+    def _classify(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.drop(self.pool(fmap).flatten(1)))
+
+
+class StudyResNet34(_GapClassifier):
+    """Plain torchvision ResNet34 with a new classifier; the study's attention-free reference."""
+
+    def __init__(
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
+        self._init_head(512, num_classes, dropout)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.backbone.layer4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._classify(self.backbone(x)[-1])
+
+
+class DANet(nn.Module):
+    """DANet (A.4.1): ResNet34 -> DANetHead(512->128) -> flatten -> MLP 2048 (BN, LeakyReLU, Dropout), Linear.
+
+    Changed from the study: the 128-channel map is adaptive-average-pooled to ``grid`` x ``grid``
+    (7, the map size at 224 px, where the pooling is the identity) before the flatten, so the MLP's
+    input size (128·7·7 = 6272) no longer depends on the input size. CAM layer: the head's final 1x1 conv.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 3,
+        pretrained: str | None = None,
+        dropout: float = 0.3,
+        attn_dropout: float = 0.1,
+        hidden: int = 2048,
+        grid: int = 7,
+    ):
+        super().__init__()
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
+        self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
+        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.mlp = nn.Sequential(
+            nn.Linear(128 * grid * grid, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.LeakyReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        self.classifier = nn.Linear(hidden, num_classes)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.head.conv8[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fmap = self.head(self.backbone(x)[-1])
+        return self.classifier(self.mlp(self.pool(fmap).flatten(1)))
+
+
+class ExtraStageNet(_GapClassifier):
+    """CBAM (A.4.2) / CBAM_DA (A.4.4): ResNet34 through layer4, then an extra stage of 2 attention
+    BasicBlocks (512, first stride 2) -> GAP -> Linear. CAM layer: the extra stage (``layer5``).
+
+    Fixed from the study: the Linear's size comes from ``num_classes`` (the study read a global ``out_dim``).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 3,
+        pretrained: str | None = None,
+        block: str = "cbam",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        block_cls = {"cbam": CBAMBasicBlock, "da": DABasicBlock}[block]
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
+        self.layer5 = attention_stage(block_cls, 512, 512, blocks=2, stride=2)
+        self._init_head(512, num_classes, dropout)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.layer5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._classify(self.layer5(self.backbone(x)[-1]))
+
+
+class PANDecoder(nn.Module):
+    """PAN's top-down path on [l1, l2, l3, l4] of the dilated ResNet34: FPA(l4), then GAU with l3
+    (1x1, same stride), l2 and l1 (ConvT, doubling). Returns the 64-channel map at l1's size."""
+
+    def __init__(self, channels: tuple[int, int, int, int] = (64, 128, 256, 512)) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = channels
+        self.fpa = FPA(c4)
+        self.gau3 = GAU(c4, c3, upsample=False)  # l4 and l3 share stride 16 in the dilated backbone
+        self.gau2 = GAU(c3, c2, upsample=True)
+        self.gau1 = GAU(c2, c1, upsample=True)
+
+    def forward(self, l1: torch.Tensor, l2: torch.Tensor, l3: torch.Tensor, l4: torch.Tensor) -> torch.Tensor:
+        x = self.fpa(l4)
+        x = self.gau3(x, l3)
+        x = self.gau2(x, l2)
+        return self.gau1(x, l1)
+
+
+class PAN(_GapClassifier):
+    """PAN (A.4.3, ``PAN_final``): dilated ResNet34 -> FPA + 3 GAUs -> 64 x H/4 x W/4 -> GAP -> Linear.
+
+    CAM layer: the last GAU (56x56 at 224 px). Size handling: see ``FPA`` and ``GAU``.
+    """
+
+    def __init__(
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
+        self.decoder = PANDecoder()
+        self._init_head(64, num_classes, dropout)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.decoder.gau1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, l1, l2, l3, l4 = self.backbone(x)
+        return self._classify(self.decoder(l1, l2, l3, l4))
+
+
+class PANDA(nn.Module):
+    """PAN_DA (A.4.5): PAN branch (GAP -> Linear 64->K) and a DANet head on l4 (512 -> 128, GAP ->
+    Linear 128->K); the concatenated 2K logits go through ``classifier`` (Linear 2K->K).
+
+    CAM layer: the PAN branch's last GAU.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int = 3,
+        pretrained: str | None = None,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
+        self.decoder = PANDecoder()
+        self.danet = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.fc_pan = nn.Linear(64, num_classes)
+        self.fc_da = nn.Linear(128, num_classes)
+        self.classifier = nn.Linear(2 * num_classes, num_classes)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.decoder.gau1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, l1, l2, l3, l4 = self.backbone(x)
+        logits_pan = self.fc_pan(self.drop(self.pool(self.decoder(l1, l2, l3, l4)).flatten(1)))
+        logits_da = self.fc_da(self.drop(self.pool(self.danet(l4)).flatten(1)))
+        return self.classifier(torch.cat([logits_pan, logits_da], dim=1))
+
+
+class InverseChain(nn.Module):
+    """Bottom-up fusion l1 -> l2 -> l3 -> l4 with GAD (or GADS) blocks, then an FPA on the 512 map."""
+
+    def __init__(
+        self, block: type[nn.Module], channels: tuple[int, int, int, int] = (64, 128, 256, 512)
+    ) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = channels
+        self.fuse2 = block(c1, c2, downsample=True)
+        self.fuse3 = block(c2, c3, downsample=True)
+        self.fuse4 = block(c3, c4, downsample=False)  # l3 and l4 share stride 16 in the dilated backbone
+        self.fpa = FPA(c4)
+
+    def forward(self, l1: torch.Tensor, l2: torch.Tensor, l3: torch.Tensor, l4: torch.Tensor) -> torch.Tensor:
+        x = self.fuse2(l1, l2)
+        x = self.fuse3(x, l3)
+        return self.fpa(self.fuse4(x, l4))
+
+
+class PANInverse(_GapClassifier):
+    """PAN_Inverse (A.4.6): dilated ResNet34, GAD chain l1->l4, FPA(512) -> GAP -> Linear.
+
+    CAM layer: the FPA (512 x H/16 x W/16, 14x14 at 224 px).
+    """
+
+    def __init__(
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
+        self.chain = InverseChain(GAD)
+        self._init_head(512, num_classes, dropout)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.chain.fpa
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, l1, l2, l3, l4 = self.backbone(x)
+        return self._classify(self.chain(l1, l2, l3, l4))
+
+
+class PANDualInverse(_GapClassifier):
+    """PAN_DualInverse (A.4.7): the PAN_Inverse chain (GAD + FPA) and a parallel GADS chain with its
+    own FPA; ``fuse`` = ReLU(fm1 + fm2) -> GAP -> Linear. CAM layer: ``fuse`` (14x14 at 224 px)."""
+
+    def __init__(
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+    ):
+        super().__init__()
+        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
+        self.chain = InverseChain(GAD)
+        self.spatial_chain = InverseChain(GADS)
+        self.fuse = FeatureSum()
+        self._init_head(512, num_classes, dropout)
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.fuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, l1, l2, l3, l4 = self.backbone(x)
+        return self._classify(self.fuse(self.chain(l1, l2, l3, l4), self.spatial_chain(l1, l2, l3, l4)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration: builder(num_classes, in_chans, pretrained, **options)
+
+
+@register("resnet34", family=FAMILY, description="torchvision ResNet34 + new Linear head (study reference)")
+def build_resnet34(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
+    """torchvision ResNet34; options: dropout before the classifier."""
+    return StudyResNet34(num_classes, in_chans, pretrained, dropout=dropout)
+
+
+@register(
+    "danet", family=FAMILY, description="ResNet34 + DANet position/channel attention head, MLP classifier"
+)
+def build_danet(
+    num_classes: int,
+    in_chans: int = 3,
+    pretrained: str | None = None,
+    dropout: float = 0.3,
+    attn_dropout: float = 0.1,
+):
+    """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1)."""
+    return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
+
+
+@register("cbam", family=FAMILY, description="ResNet34 + an extra stage of 2 CBAM BasicBlocks")
+def build_cbam(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
+    """CBAM; options: dropout before the classifier."""
+    return ExtraStageNet(num_classes, in_chans, pretrained, block="cbam", dropout=dropout)
+
+
+@register(
+    "pan", family=FAMILY, description="dilated ResNet34 + Pyramid Attention Network (FPA + GAU decoder)"
+)
+def build_pan(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
+    """PAN; options: dropout before the classifier."""
+    return PAN(num_classes, in_chans, pretrained, dropout=dropout)
+
+
+@register(
+    "cbam_da", family=FAMILY, description="ResNet34 + an extra stage of 2 BasicBlocks with DANet PAM+CAM"
+)
+def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
+    """CBAM_DA; options: dropout before the classifier."""
+    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout)
+
+
+@register("pan_da", family=FAMILY, description="PAN and a DANet head on layer4, logits fused by a Linear")
+def build_pan_da(
+    num_classes: int,
+    in_chans: int = 3,
+    pretrained: str | None = None,
+    dropout: float = 0.0,
+    attn_dropout: float = 0.1,
+):
+    """PAN_DA; options: dropout before both branch Linears, attn_dropout in the DANet head."""
+    return PANDA(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
+
+
+@register("pan_inverse", family=FAMILY, description="dilated ResNet34, bottom-up GAD fusion + FPA")
+def build_pan_inverse(
+    num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+):
+    """PAN_Inverse; options: dropout before the classifier."""
+    return PANInverse(num_classes, in_chans, pretrained, dropout=dropout)
+
+
+@register(
+    "pan_dualinverse", family=FAMILY, description="PAN_Inverse plus a parallel spatial GADS chain + FPA"
+)
+def build_pan_dualinverse(
+    num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+):
+    """PAN_DualInverse; options: dropout before the classifier."""
+    return PANDualInverse(num_classes, in_chans, pretrained, dropout=dropout)
