@@ -68,6 +68,7 @@ class _Geometry:
     r: np.ndarray  # float32 (H,W): normalised radius
     theta: np.ndarray  # float32 (H,W): polar angle in radians (-pi..pi)
     edge: np.ndarray  # float32 (H,W): distance in dies to the nearest no-die cell (1 for the outermost dies)
+    rim: np.ndarray  # float32 (H,W): exp((1 - edge) / 0.6), the shape of the background's rise at the rim
     radius: float  # wafer radius in dies (mean of the two half-axes)
     coarse_i: np.ndarray  # int (H,1): row index into a 6x6 coarse noise grid
     coarse_j: np.ndarray  # int (1,W)
@@ -102,6 +103,7 @@ def _geometry(h: int, w: int, variant: int) -> _Geometry:
         inside &= ~((r > 0.9) & (d_ang < 1.6 / max(h, w) * 2))
     edge = distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1].astype(np.float32)
     geom = _Geometry(inside=inside, u=u, v=v, r=r, theta=np.arctan2(v, u).astype(np.float32), edge=edge,
+                     rim=np.exp((1.0 - edge) / 0.6).astype(np.float32),
                      radius=(h + w) / 4.0, coarse_i=(np.arange(h) * 6 // h)[:, None],
                      coarse_j=(np.arange(w) * 6 // w)[None, :])
     if len(_GEOM_CACHE) > 4096:  # bound memory for very many distinct shapes
@@ -129,7 +131,7 @@ def _draw_shape(rng: np.random.Generator) -> tuple[int, int]:
 
 
 def _logistic(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -30, 30)))
+    return 0.5 + 0.5 * np.tanh(0.5 * x)  # the logistic function, without overflow
 
 
 def _ang_dist(theta: np.ndarray, centre: float) -> np.ndarray:
@@ -168,13 +170,13 @@ def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndar
 
 
 def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
-    width = 1.0 + min(rng.exponential(0.6), 3.0) + 0.015 * g.radius * rng.random()
+    width = 1.2 + min(rng.exponential(0.5), 3.0) + 0.015 * g.radius * rng.random()
     p_in = rng.uniform(0.85, 1.0)
     region = g.inside & (g.edge <= width)
     modulation = rng.uniform(0.0, 0.2)  # failure density varying slowly around the ring
     phase = rng.uniform(-np.pi, np.pi)
     prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase)))
-    if rng.random() < 0.15:  # partial coverage: 240-340 degrees
+    if rng.random() < 0.12:  # partial coverage: 240-340 degrees
         gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(10.0, 60.0))
         region &= ~gap
     prob = np.where(region, prob, 0.0)
@@ -192,9 +194,11 @@ def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.n
         prob = p_in * _logistic((half - dang) / 0.06) * _logistic((depth + 0.5 - g.edge) / 0.5)
     else:  # a blob centred on the rim
         rad = rng.uniform(0.1, 0.25)
-        rc = rng.uniform(0.92, 1.08)
+        rc = rng.uniform(0.9, 1.0 + 0.4 * rad)
         d = np.sqrt((g.u - rc * np.cos(centre)) ** 2 + (g.v - rc * np.sin(centre)) ** 2)
         region = g.inside & (d <= rad)
+        if not region.any():  # a tiny blob that missed the rim dies: take the dies nearest to its centre
+            region = g.inside & (d <= d[g.inside].min() + 0.05)
         prob = p_in * _logistic((rad - d) / rng.uniform(0.015, 0.05))
     return np.where(g.inside, prob, 0.0), region
 
@@ -282,7 +286,7 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
     p_bg = _background_rate(g, rng, mixed)
     coarse = rng.gamma(4.0, 0.25, (6, 6)).astype(np.float32)  # clustered background, mean 1
     # dies at the rim fail more often: the outermost ring about 2-5x the interior rate, as in WM-811K
-    rim = 1.0 + np.exp(rng.normal(np.log(1.0 if mixed else 2.5), 0.5)) * np.exp((1.0 - g.edge) / 0.6)
+    rim = 1.0 + np.float32(np.exp(rng.normal(np.log(1.0 if mixed else 2.5), 0.5))) * g.rim
     keep = 1.0 - np.minimum(p_bg * coarse[g.coarse_i, g.coarse_j] * rim, 0.95)
     region = np.zeros(shape, bool)
     for t in types:
