@@ -1,0 +1,122 @@
+"""Losses: Circle loss against a hand computation, focal vs CE, class weights, the factory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from waferlab.errors import WaferlabError
+from waferlab.losses import CircleLoss, FocalLoss, build_loss, class_weights
+from waferlab.models.heads import CosineClassifier
+
+
+def test_circle_loss_matches_hand_computation() -> None:
+    s = torch.tensor([[0.8, 0.1, -0.3], [0.2, 0.6, 0.5]])
+    y = torch.tensor([0, 2])
+    gamma, m = 8.0, 0.25
+    # sample 1, positive class 0: alpha_p = 1.25 - 0.8 = 0.45, z0 = 8 * 0.45 * (0.8 - 0.75) = 0.18
+    #   negatives: s=0.1 -> alpha_n = 0.35, z1 = 8*0.35*(0.1 - 0.25) = -0.42; s=-0.3 -> alpha_n = 0, z2 = 0
+    z0, z1, z2 = 0.18, -0.42, 0.0
+    loss1 = -z0 + math.log(math.exp(z0) + math.exp(z1) + math.exp(z2))
+    # sample 2, positive class 2: alpha_p = 1.25 - 0.5 = 0.75, z2 = 8 * 0.75 * (0.5 - 0.75) = -1.5
+    #   negatives: s=0.2 -> alpha_n=0.45, z0 = 8*0.45*(-0.05) = -0.18; s=0.6 -> 0.85, z1 = 8*0.85*0.35 =2.38
+    z0, z1, z2 = -0.18, 2.38, -1.5
+    loss2 = -z2 + math.log(math.exp(z0) + math.exp(z1) + math.exp(z2))
+    expected = (loss1 + loss2) / 2
+    got = CircleLoss(gamma=gamma, margin=m)(s, y)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_circle_loss_default_scale_and_gradients_through_cosine_head() -> None:
+    torch.manual_seed(0)
+    head = CosineClassifier(16, 4)
+    feats = torch.randn(6, 16, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    loss = CircleLoss()(head(feats), y)
+    assert loss.item() > 0 and math.isfinite(loss.item())
+    loss.backward()
+    assert torch.isfinite(feats.grad).all() and feats.grad.abs().sum() > 0
+    assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0
+
+
+def test_circle_loss_decreases_as_positive_similarity_grows() -> None:
+    loss = CircleLoss(gamma=16)
+    y = torch.tensor([1])
+    low = loss(torch.tensor([[0.3, 0.2, 0.1]]), y)
+    high = loss(torch.tensor([[0.3, 0.9, 0.1]]), y)
+    assert high < low
+
+
+def test_circle_softmax_mode_reproduces_official_variant_and_differs() -> None:
+    logits = torch.tensor([[0.5, -0.2, 0.1], [0.0, 0.3, -0.4]])
+    y = torch.tensor([0, 1])
+    soft = CircleLoss(gamma=8, mode="softmax")
+    assert soft.expects == "logits"
+    official = CircleLoss(gamma=8, mode="cosine")(torch.softmax(logits, 1), y)  # softmax scores fed directly
+    assert soft(logits, y).item() == pytest.approx(official.item(), rel=1e-6)
+    assert abs(soft(logits, y).item() - CircleLoss(gamma=8)(logits, y).item()) > 1e-3
+
+
+def test_circle_cosine_mode_rejects_logits() -> None:
+    with pytest.raises(WaferlabError, match="cosine"):
+        CircleLoss()(torch.tensor([[3.0, -1.0]]), torch.tensor([0]))
+    with pytest.raises(WaferlabError):
+        CircleLoss(mode="arc")
+    with pytest.raises(WaferlabError):
+        CircleLoss(margin=1.5)
+
+
+def test_focal_with_gamma_zero_is_cross_entropy() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(8, 4)
+    y = torch.randint(0, 4, (8,))
+    assert FocalLoss(gamma=0)(logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    w = torch.tensor([0.5, 2.0, 1.0, 3.0])
+    assert FocalLoss(gamma=0, weight=w)(logits, y).item() == pytest.approx(
+        F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
+    # gamma > 0 down-weights easy examples: a confident correct prediction costs far less than under CE
+    easy = torch.tensor([[6.0, 0.0, 0.0, 0.0]])
+    assert FocalLoss(gamma=2)(easy, torch.tensor([0])) < 0.01 * F.cross_entropy(easy, torch.tensor([0]))
+
+
+def test_class_weights_kinds() -> None:
+    labels = [0, 0, 0, 1, -1]  # -1 (unlabeled) ignored; class 2 absent
+    w = class_weights(labels, 3, "inverse")
+    # 1/3 and 1/1, normalised to mean 1 over present classes -> 0.5, 1.5; absent class gets the largest
+    assert torch.allclose(w, torch.tensor([0.5, 1.5, 1.5]))
+    sq = class_weights(torch.tensor(labels), 3, "sqrt_inverse")
+    r = 1 / math.sqrt(3)
+    assert torch.allclose(sq[:2], torch.tensor([r, 1.0]) / ((r + 1) / 2))
+    eff = class_weights(labels, 3, "effective", beta=0.9)
+    e0, e1 = 0.1 / (1 - 0.9**3), 0.1 / (1 - 0.9)
+    assert torch.allclose(eff[:2], torch.tensor([e0, e1]) / ((e0 + e1) / 2))
+    assert w.dtype == torch.float32
+    with pytest.raises(WaferlabError, match="kind"):
+        class_weights(labels, 3, "log")
+    with pytest.raises(WaferlabError, match="out of range"):
+        class_weights([0, 5], 3)
+
+
+def test_build_loss_factory() -> None:
+    counts = [30, 10, 5]
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.2, 0.1, 0.9]])
+    y = torch.tensor([1, 2])
+    assert build_loss("ce", 3).expects == "logits"
+    wce = build_loss("weighted_ce", 3, counts)
+    ref = F.cross_entropy(logits, y, weight=torch.tensor([1 / 30, 1 / 10, 1 / 5]))
+    assert wce(logits, y).item() == pytest.approx(ref.item(), rel=1e-5)
+    focal = build_loss("focal", 3, counts, gamma=0.0, kind="inverse")
+    assert focal(logits, y).item() == pytest.approx(ref.item(), rel=1e-5)
+    circle = build_loss("circle", 3, gamma=32, margin=0.1)
+    assert isinstance(circle, CircleLoss) and circle.expects == "cosine" and circle.gamma == 32
+    with pytest.raises(WaferlabError, match="unknown loss"):
+        build_loss("hinge", 3)
+    with pytest.raises(WaferlabError, match="unknown option"):
+        build_loss("focal", 3, alpha=0.25)
+    with pytest.raises(WaferlabError, match="class counts"):
+        build_loss("weighted_ce", 3)
+    with pytest.raises(WaferlabError, match="shape"):
+        build_loss("weighted_ce", 3, [1, 2])
