@@ -90,6 +90,12 @@ def test_three_class_by_hand() -> None:
     as_names = np.array(["abc"[i] for i in y], dtype=object)
     m_names = compute_metrics(as_names, probs_for(preds, 3), ["a", "b", "c"])
     assert m_names["macro_f1"] == pytest.approx(m["macro_f1"])
+    # Torch tensors (as a model returns them) are accepted as well.
+    import torch
+
+    m_torch = compute_metrics(torch.tensor(y), torch.from_numpy(probs_for(preds, 3)).float(), ["a", "b", "c"])
+    assert m_torch["macro_f1"] == pytest.approx(m["macro_f1"])
+    assert m_torch["nll"] == pytest.approx(m["nll"], rel=1e-6)
 
 
 def test_absent_class_is_null_and_out_of_macro() -> None:
@@ -235,7 +241,7 @@ def test_write_evaluation_files(tmp_path: Path) -> None:
     preds = np.where(rng.random(300) < 0.8, y, rng.integers(0, 9, 300))
     m = compute_metrics(y, probs_for(list(preds), 9, conf=0.8), names)
     protocol = {"model": "resnet34", "split": "stratified", "class_set": "all9", "image_size": 64,
-                "encoding": "onehot", "seed": 7, "data": "synthetic.npz"}
+                "encoding": "onehot", "seed": 7, "data": "synthetic.npz", "lr": 1e-5}
     out = tmp_path / "eval"
     write_evaluation(m, out, "ResNet-34 test", protocol)
     for png in ("confusion_matrix.png", "confusion_matrix_normalized.png", "reliability.png"):
@@ -252,6 +258,7 @@ def test_write_evaluation_files(tmp_path: Path) -> None:
         support = m["per_class"][name]["support"]
         assert f"| {name} |" in report and f" {support} |" in report
     assert "| encoding | onehot |" in report and "| seed | 7 |" in report
+    assert "| lr | 1e-05 |" in report  # protocol floats keep their significant digits
     assert f"| Macro F1 | {m['macro_f1']:.4f} |" in report
     assert f"| Defect-vs-none recall | {m['defect_vs_none_recall']:.4f} |" in report
     assert "Donut." in report  # listed as absent

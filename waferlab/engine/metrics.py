@@ -33,9 +33,16 @@ HEADLINE_KEYS = (
 )
 
 
+def _to_numpy(x: Any) -> Any:
+    """Torch tensors (on any device) become numpy arrays; anything else is left to ``np.asarray``."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        return x.detach().cpu().numpy()
+    return x
+
+
 def _as_labels(y_true: Any, class_names: Sequence[str]) -> np.ndarray:
     """Turn integer indices or class-name strings into an int64 index array, validating the range."""
-    y = np.asarray(y_true)
+    y = np.asarray(_to_numpy(y_true))
     if y.ndim != 1:
         raise WaferlabError(f"y_true must be 1-D (one label per map), got shape {tuple(y.shape)}")
     if y.size and (y.dtype.kind in "OUS"):
@@ -70,7 +77,7 @@ def _as_probs(probs: Any, n: int, num_classes: int) -> tuple[np.ndarray, int]:
     Returns the float64 probabilities and how many rows were renormalised. Negative, non-finite
     or all-zero rows are an error: they mean logits or garbage were passed, not probabilities.
     """
-    p = np.asarray(probs, dtype=np.float64)
+    p = np.asarray(_to_numpy(probs), dtype=np.float64)
     if p.ndim != 2:
         raise WaferlabError(f"probs must be 2-D (maps x classes), got shape {tuple(p.shape)}")
     if p.shape[0] != n:

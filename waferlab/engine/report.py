@@ -319,7 +319,7 @@ def render_report(metrics: dict[str, Any], title: str, protocol: dict[str, Any] 
     card = _ordered_protocol(protocol or {})
     card.append(("maps evaluated", metrics["n"]))
     card.append(("classes", f"{len(names)}: {', '.join(names)}"))
-    lines += [markdown_table(card, ["", "value"], align=["l", "l"])]
+    lines += [markdown_table(card, ["", "value"], floatfmt=".6g", align=["l", "l"])]
 
     lines += ["## Headline metrics", ""]
     rows = [(label, metrics.get(key)) for key, label in HEADLINE_ROWS if key in metrics]
