@@ -280,65 +280,75 @@ def parse_label(text: str) -> tuple[str, tuple[str, ...] | None]:
     return name, None
 
 
-def _labels_from_cells(cells: Sequence[Any], path: Path, field: str, index: Sequence[Any]
-                       ) -> tuple[np.ndarray, list[tuple[str, ...] | None]]:
-    cache: dict[str, tuple[str, tuple[str, ...] | None]] = {}
-    labels = np.empty(len(cells), dtype=object)
-    parts: list[tuple[str, ...] | None] = [None] * len(cells)
+def _cell_texts(cells: Sequence[Any], path: Path, field: str, index: Sequence[Any]) -> list[str]:
+    """The text inside each label cell (nested array, plain string, NaN/None -> ``""``), fast path first."""
+    out: list[str] = []
+    append = out.append
+    ndarray = np.ndarray
     for i, cell in enumerate(cells):
-        try:
-            if type(cell) is np.ndarray and cell.size == 1:
+        kind = type(cell)
+        if kind is ndarray:
+            size = cell.size
+            if size == 0:
+                append("")
+                continue
+            if size == 1:
                 value = cell.item(0)
-                if type(value) is not str:
-                    value = _scalar_of(value)
-            elif type(cell) is str:
-                value = cell
-            else:
-                value = _scalar_of(cell)
-            hit = cache.get(value)
-            if hit is None:
-                hit = cache[value] = parse_label(value)
+                if type(value) is str:
+                    append(value)
+                    continue
+        elif kind is str:
+            append(cell)
+            continue
+        try:
+            append(_scalar_of(cell))
         except ValueError as exc:
             raise _bad(path, str(exc), i, field, index[i]) from None
-        labels[i], parts[i] = hit
-    return labels, parts
+    return out
+
+
+def _labels_from_cells(cells: Sequence[Any], path: Path, field: str, index: Sequence[Any]
+                       ) -> tuple[np.ndarray, list[tuple[str, ...] | None]]:
+    texts = _cell_texts(cells, path, field, index)
+    lookup: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+    for value in set(texts):
+        try:
+            lookup[value] = parse_label(value)
+        except ValueError as exc:
+            row = texts.index(value)
+            raise _bad(path, str(exc), row, field, index[row]) from None
+    labels = np.array([lookup[v][0] for v in texts] if texts else [], dtype=object)
+    if any(p is not None for _, p in lookup.values()):
+        return labels, [lookup[v][1] for v in texts]
+    return labels, [None] * len(texts)
 
 
 _SPLITS = {"training": "Training", "train": "Training", "test": "Test"}
 
 
 def _splits_from_cells(cells: Sequence[Any], path: Path, field: str, index: Sequence[Any]) -> np.ndarray:
-    cache: dict[str, str] = {}
-    out = np.empty(len(cells), dtype=object)
-    for i, cell in enumerate(cells):
-        try:
-            value = cell.item(0) if type(cell) is np.ndarray and cell.size == 1 else _scalar_of(cell)
-            if type(value) is not str:
-                value = _scalar_of(value)
-        except ValueError as exc:
-            raise _bad(path, str(exc), i, field, index[i]) from None
-        hit = cache.get(value)
-        if hit is None:
-            text = _text_label(value)
-            hit = cache[value] = _SPLITS.get(text.lower(), text)
-        out[i] = hit
-    return out
+    texts = _cell_texts(cells, path, field, index)
+    lookup = {}
+    for value in set(texts):
+        text = _text_label(value)
+        lookup[value] = _SPLITS.get(text.lower(), text)
+    return np.array([lookup[v] for v in texts] if texts else [], dtype=object)
 
 
 def _validate_maps(cells: Sequence[Any], path: Path, index: Sequence[Any], field: str = "waferMap",
                    allowed_max: int = 2) -> list[np.ndarray]:
-    """Return C-contiguous uint8 2-D maps; one vectorised range check per chunk of uint8 maps."""
-    maps: list[np.ndarray] = [None] * len(cells)  # type: ignore[list-item]
-    for start in range(0, len(cells), _CHUNK):
-        stop = min(start + _CHUNK, len(cells))
+    """Return 2-D uint8 maps (uint8 cells are kept as they are, never copied); the value range is checked
+    once per chunk on a concatenation, and only a failing chunk is searched for the bad row."""
+    maps: list[np.ndarray] = list(cells)
+    ndarray = np.ndarray
+    for start in range(0, len(maps), _CHUNK):
+        stop = min(start + _CHUNK, len(maps))
         for i in range(start, stop):
-            m = cells[i]
-            if type(m) is np.ndarray and m.dtype == np.uint8 and m.ndim == 2 and m.size:
-                maps[i] = m if m.flags.c_contiguous else np.ascontiguousarray(m)
-            else:
+            m = maps[i]
+            if not (type(m) is ndarray and m.dtype.char == "B" and m.ndim == 2 and m.size):
                 maps[i] = _convert_map(m, path, i, index[i], field, allowed_max)
         chunk = maps[start:stop]
-        if chunk and int(np.concatenate([m.ravel() for m in chunk]).max()) > allowed_max:
+        if chunk and int(np.concatenate([m.ravel(order="K") for m in chunk]).max()) > allowed_max:
             for i in range(start, stop):
                 high = int(maps[i].max())
                 if high > allowed_max:
@@ -384,7 +394,7 @@ def _convert_map(m: Any, path: Path, row: int, index: Any, field: str, allowed_m
         bad = lo if lo < 0 else hi
         raise _bad(path, f"value {bad:g} outside {_levels(allowed_max)}",
                    row, field, index)
-    return np.ascontiguousarray(arr, dtype=np.uint8)
+    return arr.astype(np.uint8)
 
 
 def _multi_hot_from_parts(labels: np.ndarray, parts: list[tuple[str, ...] | None]) -> np.ndarray | None:
@@ -527,16 +537,18 @@ def frame_from_table(table: WaferTable):  # -> pandas.DataFrame
     return frame
 
 
-def write_lswmd(table: WaferTable, path: str | os.PathLike[str]) -> None:
+def write_lswmd(table: WaferTable, path: str | os.PathLike[str], protocol: int = 4) -> None:
     """Write ``table`` atomically as an LSWMD-layout pandas pickle (masks in a ``patternMask`` column).
 
     ``dieSize`` is the number of dies (non-zero cells); the misspelt ``trianTestLabel`` is kept on purpose.
+    Protocol 4 loads fastest (numpy's protocol-5 buffers are slower for many small arrays); ``protocol=2``
+    gives the opcode mix of the original Python-2 file.
     """
     from waferlab.io import atomic_open
 
     frame = frame_from_table(table)
     with atomic_open(path, "wb") as fh:
-        pickle.dump(frame, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.dump(frame, fh, protocol=protocol)
 
 
 # ----------------------------------------------------------------------------------------------------
