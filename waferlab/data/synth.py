@@ -152,7 +152,7 @@ def _center(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nda
 
 
 def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
-    cu, cv = rng.normal(0.0, 0.03, 2)
+    cu, cv = np.clip(rng.normal(0.0, 0.025, 2), -0.05, 0.05)
     r_in = rng.uniform(0.12, 0.3) if mixed else rng.uniform(0.15, 0.5)
     r_out = min(r_in + (rng.uniform(0.12, 0.3) if mixed else rng.uniform(0.12, 0.4)), 0.9)
     ell = np.exp(rng.normal(0.0, 0.08))
@@ -310,7 +310,15 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
     failed = rng.random(shape, dtype=np.float32) >= keep
     wafer = g.inside.astype(np.uint8)
     wafer[failed & g.inside] = 2
-    return wafer, (region & g.inside).astype(np.uint8)
+    mask = (region & g.inside).astype(np.uint8)
+    if not mixed and rng.random() < 0.03:  # a few dies missing inside the wafer (about 2% of real maps)
+        rows, cols = np.nonzero(g.edge > 2)
+        if len(rows):
+            k = int(rng.integers(len(rows)))
+            dash = int(rng.integers(1, 5))
+            wafer[rows[k], cols[k]:cols[k] + dash] = 0
+            mask[rows[k], cols[k]:cols[k] + dash] = 0
+    return wafer, mask
 
 
 # --------------------------------------------------------------------------------------------- public
