@@ -512,3 +512,10 @@ def test_pickle_with_foreign_code_is_refused(tmp_path: Path):
     (tmp_path / "evil2.pkl").write_bytes(gzip.compress(pickle.dumps(Evil())))
     with pytest.raises(WaferlabError, match="extension"):
         load_table(tmp_path / "evil2.pkl")
+
+
+def test_single_image_file(shared_data: Path, tmp_path: Path):
+    one = load_table(shared_data / DM3 / "154_Near-full.png")
+    assert len(one) == 1 and one.labels.tolist() == ["Near-full"]
+    Image.fromarray(np.full((6, 6), 127, np.uint8)).save(tmp_path / "wafer.png")
+    assert load_table(tmp_path / "wafer.png").labels.tolist() == [UNLABELED]

@@ -527,15 +527,20 @@ def _image_files(folder: Path) -> list[tuple[Path, str | None, tuple[str, ...] |
     return found
 
 
-def read_image_folder(path: str | os.PathLike[str], progress: bool = False) -> WaferTable:
+def read_image_folder(path: str | os.PathLike[str], progress: bool | None = None) -> WaferTable:
     """Read a folder of wafer-map images: one sub-folder per class, or the class in each file name.
 
-    Class aliases are normalised to WM-811K spelling; mixture names give a multi-hot table.
+    Class aliases are normalised to WM-811K spelling; mixture names give a multi-hot table. ``progress``
+    None shows a bar for large folders when stderr is a terminal.
     """
+    import sys
+
     from tqdm import tqdm
 
     path = Path(path)
     files = _image_files(path)
+    if progress is None:
+        progress = len(files) > 2000 and sys.stderr.isatty()
     if not files:
         raise WaferlabError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its "
                             "sub-folders")
