@@ -26,26 +26,28 @@ def _check_batch(maps: torch.Tensor) -> None:
 
 
 def dihedral(maps: torch.Tensor, k: torch.Tensor, flip_v: torch.Tensor, flip_h: torch.Tensor) -> torch.Tensor:
-    """Per-sample exact rot90 by ``k`` (0..3, counter-clockwise like ``torch.rot90``) then flips, one gather.
+    """Per-sample exact rot90 by ``k`` (0..3, counter-clockwise like ``torch.rot90``), then flips.
 
     ``k``, ``flip_v`` (up-down), ``flip_h`` (left-right) are (N,) tensors on the maps' device. Odd ``k``
     needs square maps.
     """
     n, h, w = maps.shape
-    if h != w and bool((k % 2 == 1).any()):
+    # one of 16 (k, flip_v, flip_h) combinations per sample; transform each group with rot90/flip views
+    combo = ((k.long() % 4) * 4 + flip_v.long() * 2 + flip_h.long()).cpu()
+    if h != w and bool(((combo // 4) % 2 == 1).any()):
         raise WaferlabError(f"a 90-degree rotation needs square maps, got {h}x{w}")
-    dev = maps.device
-    i = torch.arange(h, device=dev).view(1, h, 1).expand(n, h, w)
-    j = torch.arange(w, device=dev).view(1, 1, w).expand(n, h, w)
-    # flips act on the output grid first (out = flip(rot(x)))
-    i = torch.where(flip_v.view(n, 1, 1), h - 1 - i, i)
-    j = torch.where(flip_h.view(n, 1, 1), w - 1 - j, j)
-    kk = (k % 4).view(n, 1, 1)
-    # rot90 by k: out[i, j] = x[src_i, src_j]
-    src_i = torch.where(kk == 0, i, torch.where(kk == 1, j, torch.where(kk == 2, h - 1 - i, w - 1 - j)))
-    src_j = torch.where(kk == 0, j, torch.where(kk == 1, w - 1 - i, torch.where(kk == 2, w - 1 - j, i)))
-    flat = maps.reshape(n, h * w)
-    return torch.gather(flat, 1, (src_i * w + src_j).reshape(n, h * w)).reshape(n, h, w)
+    out = maps.clone()
+    for c in torch.unique(combo).tolist():
+        if c == 0:
+            continue
+        idx = torch.nonzero(combo == c).flatten().to(maps.device)
+        part = torch.rot90(maps.index_select(0, idx), c // 4, dims=(1, 2))
+        if c & 2:
+            part = part.flip(1)
+        if c & 1:
+            part = part.flip(2)
+        out.index_copy_(0, idx, part)
+    return out
 
 
 def rotate_nearest(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:

@@ -114,13 +114,14 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
 
 
 def resize_stack(stack: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-resize a (N,H,W) stack to (N,size,size) with one index gather (values are kept exactly)."""
+    """Nearest-resize a (N,H,W) stack to (N,size,size) by index gathers (values are kept exactly)."""
     _, h, w = stack.shape
     if (h, w) == (size, size):
         return np.ascontiguousarray(stack)
     rows = nearest_indices(h, size)
     cols = nearest_indices(w, size)
-    return stack[:, rows[:, None], cols[None, :]]
+    # two axis-wise takes are several times faster than one 2-D fancy index
+    return np.take(np.take(stack, rows, axis=1), cols, axis=2)
 
 
 def _class_vocabulary(labels: np.ndarray) -> tuple[str, ...]:
@@ -143,19 +144,15 @@ def prepare(table: WaferTable, size: int, progress: bool = False) -> PreparedDat
     where = table.source or "table"
     maps_out = np.empty((n, size, size), dtype=np.uint8)
     masks_out = np.empty((n, size, size), dtype=np.uint8) if table.masks is not None else None
-    shapes = np.zeros((n, 2), dtype=np.int64)
-    for i, m in enumerate(table.maps):
-        if np.ndim(m) != 2 or 0 in np.shape(m):
-            raise WaferlabError(f"{where}: row {i}: field 'waferMap' must be a non-empty 2-D grid, "
-                                f"got shape {np.shape(m)}")
-        shapes[i] = np.shape(m)
+    shapes = _map_shapes(table.maps, where)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc=f"resize to {size}x{size}", unit="map")
     if n:
-        uniq, inverse = np.unique(shapes, axis=0, return_inverse=True)
+        key = shapes[:, 0] * (int(shapes[:, 1].max()) + 1) + shapes[:, 1]  # 1-D unique is much faster
+        uniq, inverse = np.unique(key, return_inverse=True)
         inverse = inverse.reshape(-1)
         order = np.argsort(inverse, kind="stable")
         bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
@@ -180,13 +177,27 @@ def prepare(table: WaferTable, size: int, progress: bool = False) -> PreparedDat
     class_names = _class_vocabulary(table.labels)
     lookup = {name: i for i, name in enumerate(class_names)}
     labels = np.array([lookup.get(str(x), -1) for x in table.labels.tolist()], dtype=np.int64)
+    # a reader may record a shape from before its own decoding (e.g. an image's); otherwise the map's shape
+    orig = table.orig_shape if len(table.orig_shape) == n else shapes
     return PreparedData(
         maps=maps_out, labels=labels, class_names=class_names, split=table.split.copy(),
-        lot=table.lot.copy(), wafer_index=table.wafer_index.copy(), orig_shape=shapes.astype(np.int32),
+        lot=table.lot.copy(), wafer_index=table.wafer_index.copy(), orig_shape=orig,
         size=size, source=table.source,
         multi_hot=None if table.multi_hot is None else np.asarray(table.multi_hot, dtype=np.uint8),
         multi_label_names=table.multi_label_names, masks=masks_out,
     )
+
+
+def _map_shapes(maps: list[np.ndarray], where: str) -> np.ndarray:
+    """(N,2) shapes of the maps; a map that is not a non-empty 2-D grid is an error naming its row."""
+    shapes = [np.shape(m) for m in maps]
+    arr = np.array([s if len(s) == 2 else (0, 0) for s in shapes], dtype=np.int64).reshape(-1, 2)
+    bad = np.flatnonzero((arr == 0).any(1))
+    if len(bad):
+        i = int(bad[0])
+        raise WaferlabError(f"{where}: row {i}: field 'waferMap' must be a non-empty 2-D grid, "
+                            f"got shape {shapes[i]}")
+    return arr
 
 
 def _check_values(stack: np.ndarray, rows: np.ndarray, where: str) -> None:

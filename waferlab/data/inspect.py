@@ -119,13 +119,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     if "cache_size" in summary:
         lines.append(f"cache size  {summary['cache_size']}x{summary['cache_size']}")
     lines.append(f"lots        {summary['n_lots']}")
-    lines.append("classes     count      %   mean fail fraction")
+    width = max([10, *(len(str(k)) for k in [*summary["class_counts"], *summary["split_counts"]])]) + 2
+    lines.append(f"{'classes':<{width + 2}}{'count':>8} {'%':>6}   mean fail fraction")
     for name, count in summary["class_counts"].items():
         ff = summary["mean_fail_fraction"].get(name)
-        lines.append(f"  {name:<12}{count:>8} {100 * count / n:>6.1f}   {'-' if ff is None else f'{ff:.3f}'}")
+        lines.append(f"  {name:<{width}}{count:>8} {100 * count / n:>6.1f}   "
+                     f"{'-' if ff is None else f'{ff:.3f}'}")
     lines.append("splits (source tags)")
     for name, count in summary["split_counts"].items():
-        lines.append(f"  {name:<12}{count:>8} {100 * count / n:>6.1f}")
+        lines.append(f"  {name:<{width}}{count:>8} {100 * count / n:>6.1f}")
     ms = summary["map_sizes"]
     lines.append(f"map sizes   {ms['n_distinct']} distinct shapes")
     if ms["height"]:
