@@ -120,6 +120,16 @@ def test_prepare_rejects_bad_values_naming_the_row():
     table.maps[5] = np.zeros((0, 4), np.uint8)
     with pytest.raises(WaferlabError, match="row 5"):
         prepare(table, 16)
+    table.maps[5] = np.zeros((3, 4, 2), np.uint8)
+    with pytest.raises(WaferlabError, match="row 5.*2-D"):
+        prepare(table, 16)
+    floats = make_table(8)
+    floats.maps = [m.astype(np.float32) for m in floats.maps]
+    assert prepare(floats, 16).maps.dtype == np.uint8  # whole-number floats are fine
+    floats.maps[6] = floats.maps[6].copy()
+    floats.maps[6][0, 0] = 0.5
+    with pytest.raises(WaferlabError, match="row 6"):
+        prepare(floats, 16)
 
 
 def test_prepare_empty_table_and_bad_size():

@@ -201,16 +201,18 @@ def _map_shapes(maps: list[np.ndarray], where: str) -> np.ndarray:
 
 
 def _check_values(stack: np.ndarray, rows: np.ndarray, where: str) -> None:
-    if stack.dtype.kind not in "biu":
-        if not np.all(np.isin(stack, (0, 1, 2))):
-            bad = int(rows[np.flatnonzero(~np.isin(stack, (0, 1, 2)).reshape(len(stack), -1).any(1))[0]])
-            raise WaferlabError(f"{where}: row {bad}: field 'waferMap' holds values other than 0/1/2")
-        return
-    if stack.size and (stack.min() < 0 or stack.max() > 2):
-        bad_rows = ((stack < 0) | (stack > 2)).reshape(len(stack), -1).any(1)
-        bad = int(rows[np.flatnonzero(bad_rows)[0]])
-        raise WaferlabError(f"{where}: row {bad}: field 'waferMap' holds values other than 0/1/2 "
-                            f"(0 no die, 1 good, 2 failed)")
+    """Every die must be 0, 1 or 2; otherwise name the first offending row."""
+    if stack.dtype.kind in "biu":
+        if not stack.size or (stack.min() >= 0 and stack.max() <= 2):
+            return
+        bad = (stack < 0) | (stack > 2)
+    else:
+        bad = ~np.isin(stack, (0, 1, 2))
+        if not bad.any():
+            return
+    row = int(rows[np.flatnonzero(bad.reshape(len(stack), -1).any(1))[0]])
+    raise WaferlabError(f"{where}: row {row}: field 'waferMap' holds values other than 0/1/2 "
+                        f"(0 no die, 1 good, 2 failed)")
 
 
 def resize_prepared(p: PreparedData, size: int) -> PreparedData:
