@@ -55,6 +55,7 @@ def test_summary_of_a_cache_and_mixed_labels(tmp_path):
     s, data = inspect_source(path)
     assert s["kind"] == "cache" and s["cache_size"] == 16 and len(data) == 10
     assert s["class_counts"]["Center"] == 4 and s["class_counts"]["Donut"] == 0  # vocabulary listed
+    assert list(s["class_counts"])[:2] == ["Center", "Donut"] and list(s["class_counts"])[-1] == UNLABELED
     assert s["map_sizes"]["top"][0]["shape"] == [25, 27]  # original shapes, not 16x16
     assert s["multi_label_counts"]["Center"] == 4 and s["multi_label_counts"]["Loc"] == 2
     assert s["n_types_per_map"] == {"0": 6, "1": 2, "2": 2}

@@ -51,11 +51,11 @@ def summarize(data: Data, source: str = "") -> dict[str, Any]:
     """Counts of maps, classes, source splits, lots and original map sizes, as a JSON-ready dict."""
     names = _label_names(data)
     order = _class_order(data, names)
-    counts = Counter(names.tolist())
-    class_counts = {c: int(counts[c]) for c in order}
-    if isinstance(data, PreparedData):
-        for c in data.class_names:  # classes of the vocabulary with no map are listed as 0
-            class_counts.setdefault(c, 0)
+    if isinstance(data, PreparedData):  # vocabulary order; classes without a map are listed as 0
+        class_counts = data.class_counts()
+    else:
+        counts = Counter(names.tolist())
+        class_counts = {c: int(counts[c]) for c in order}
     split_counts = dict(Counter((str(s) or "unassigned") for s in data.split.tolist()).most_common())
     shapes = np.asarray(data.orig_shape, dtype=np.int64).reshape(-1, 2)
     if len(shapes):
