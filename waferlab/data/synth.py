@@ -170,7 +170,7 @@ def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndar
 
 
 def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
-    width = 1.2 + min(rng.exponential(0.5), 3.0) + 0.015 * g.radius * rng.random()
+    width = 1.2 + min(rng.exponential(0.5), 2.0) + 0.015 * g.radius * rng.random()
     p_in = rng.uniform(0.85, 1.0)
     region = g.inside & (g.edge <= width)
     modulation = rng.uniform(0.0, 0.2)  # failure density varying slowly around the ring
@@ -299,7 +299,7 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
                 prob = prob * (0.7 + 0.6 * rng.random((6, 6)).astype(np.float32)[g.coarse_i, g.coarse_j])
             reg = g.inside
         elif t == "Near-full":
-            prob = rng.uniform(0.8, 1.0) - rng.uniform(0.0, 0.15) * g.r  # slightly worse at the centre
+            prob = rng.uniform(0.84, 1.0) - rng.uniform(0.0, 0.12) * g.r  # slightly worse at the centre
             if rng.random() < 0.3:  # a thin band of surviving dies at the rim
                 prob = np.where(g.edge <= rng.uniform(1.0, 2.5), prob * rng.uniform(0.2, 0.7), prob)
             reg = g.inside
