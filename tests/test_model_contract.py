@@ -112,3 +112,33 @@ def test_models_command_prints_params_and_macs(capsys: pytest.CaptureFixture[str
     assert "MACs@128" in table and "spanet" in table
     assert main(["models", "--sizes", "16"]) == 2
     assert "waferlab: error:" in capsys.readouterr().err
+
+
+def test_imagenet_without_network_is_one_line_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    import socket
+
+    import huggingface_hub.constants as hub
+
+    def no_dns(*_a: object, **_k: object) -> None:
+        raise OSError("no network")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: nothing to fall back on
+    offline_before = hub.HF_HUB_OFFLINE
+    with pytest.raises(WaferlabError, match="cannot download ImageNet weights") as info:
+        create_model("mobilenetv2_100", num_classes=3, pretrained="imagenet")
+    assert "\n" not in str(info.value)
+    assert hub.HF_HUB_OFFLINE == offline_before  # the temporary offline switch is undone
+
+
+def test_local_timm_weights_load_into_attention_resnet(tmp_path) -> None:
+    import timm
+
+    state = timm.create_model("resnet34", num_classes=1000).state_dict()  # plain ResNet34, timm layout
+    torch.save(state, tmp_path / "resnet34.pth")
+    model = create_model("eca_resnet34", num_classes=4, in_chans=1, pretrained=str(tmp_path / "resnet34.pth"))
+    assert torch.equal(model.net.layer3[2].conv2.weight, state["layer3.2.conv2.weight"])
+    # the RGB stem is adapted to 1 channel (timm's adapt_input_conv sums over the input channels)
+    assert torch.allclose(model.net.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
+    with pytest.raises(WaferlabError, match="unexpected key"):
+        create_model("ghostnet_100", num_classes=4, pretrained=str(tmp_path / "resnet34.pth"))

@@ -46,6 +46,7 @@ class CircleLoss(nn.Module):
 
     def circle_logits(self, scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The margin-rescaled logits z that go into cross-entropy."""
+        scores = scores.float()  # the margins and scale need float32 under mixed precision
         s = torch.softmax(scores, dim=1) if self.mode == "softmax" else scores
         if self.mode == "cosine" and scores.detach().abs().amax() > 1.0 + 1e-4:
             raise WaferlabError("circle loss (mode cosine) needs cosine similarities in [-1, 1]: build the "

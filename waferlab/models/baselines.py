@@ -9,6 +9,8 @@ state dict, strict on the backbone, classifier skipped, first conv adapted to ``
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,28 @@ def _adapt_first_conv(state: dict[str, torch.Tensor], net: nn.Module, first_conv
         state[key] = adapt_input_conv(own.shape[1], state[key])
 
 
+@contextmanager
+def _hub_offline_if_unreachable() -> Iterator[None]:
+    """Put huggingface_hub in offline mode when its host does not resolve: cached weights still load
+    and missing ones fail at once, instead of after a minute of retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    try:
+        socket.getaddrinfo(urlparse(hub.ENDPOINT).hostname or "huggingface.co", 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    old = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = old or not reachable
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = old
+
+
 def build_timm(name: str, num_classes: int, in_chans: int = 3,
                pretrained: str | None = None) -> TimmClassifier:
     """Build baseline ``name`` from its :data:`RECIPES` entry, optionally with pretrained weights."""
@@ -116,7 +140,8 @@ def build_timm(name: str, num_classes: int, in_chans: int = 3,
     if pretrained == "imagenet":
         source = recipe.imagenet_from or recipe.timm_name
         try:
-            ref = timm.create_model(source, pretrained=True, num_classes=num_classes, in_chans=in_chans)
+            with _hub_offline_if_unreachable():
+                ref = timm.create_model(source, pretrained=True, num_classes=num_classes, in_chans=in_chans)
         except Exception as exc:  # no network, no cache, hub error: one line for the user
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise WaferlabError(f"{name}: cannot download ImageNet weights for timm {source!r} (network "
