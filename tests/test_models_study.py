@@ -185,6 +185,14 @@ def test_corrupt_weight_files(tmp_path) -> None:
     not_state = tmp_path / "list.pth"
     torch.save([1, 2, 3], not_state)
     _one_line_error(lambda: create_model("cbam", 8, pretrained=str(not_state)), "list.pth")
+    whole = tmp_path / "whole_module.pth"  # a pickled module, not a state dict: weights_only refuses it
+    torch.save(torch.nn.Linear(2, 2), whole)
+    _one_line_error(lambda: load_torchvision_state(whole), "whole_module.pth", "state dict")
+    truncated = tmp_path / "truncated.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    _one_line_error(lambda: load_torchvision_state(truncated), "truncated.pth")
+    _one_line_error(lambda: load_torchvision_state(tmp_path), "folder")
 
 
 def test_wrong_layout_files(tv_state, tmp_path) -> None:

@@ -9,6 +9,7 @@ output stride 16). Both keep torchvision's module names, so ``resnet34-b627a593.
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -106,6 +107,8 @@ def load_torchvision_state(path: str | os.PathLike[str]) -> dict[str, torch.Tens
     prefix. Any unreadable file raises a one-line :class:`WaferlabError` naming it.
     """
     p = Path(path)
+    if p.is_dir():
+        raise WaferlabError(f"pretrained weights path {p} is a folder; give the .pth/.safetensors file in it")
     if not p.is_file():
         raise WaferlabError(
             f"pretrained weights file not found: {p} (use 'imagenet' or a path to a .pth/.safetensors file)"
@@ -117,8 +120,17 @@ def load_torchvision_state(path: str | os.PathLike[str]) -> dict[str, torch.Tens
             obj: object = load_file(str(p), device="cpu")
         else:
             obj = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch.load(weights_only=True) refuses anything but tensors
+        raise WaferlabError(
+            f"cannot read weights file {p}: corrupt, or not a plain state dict of tensors "
+            f"({_unpickler_reason(exc)}); "
+            "save model.state_dict() in torchvision's resnet34 layout"
+        ) from None
     except Exception as exc:
-        raise WaferlabError(f"cannot read weights file {p}: {_one_line(exc)}") from None
+        raise WaferlabError(
+            f"cannot read weights file {p} (corrupt, truncated or not a .pth/.safetensors file): "
+            f"{_one_line(exc)}"
+        ) from None
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), dict):
@@ -180,6 +192,18 @@ def load_backbone_state(backbone: ResNet34Backbone, state: dict[str, torch.Tenso
             )
         loaded[key] = value.to(target.dtype)
     backbone.load_state_dict(loaded, strict=True)
+
+
+def _unpickler_reason(exc: BaseException) -> str:
+    """The informative part of torch's long weights-only refusal (e.g. ``Unsupported global: ...``)."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        rest = " ".join(text.split(marker, 1)[1].split("\n\n")[:2]).strip()
+        reason = " ".join(rest.split())
+        reason = reason.split(". ")[0]
+        return reason[:200]
+    return _one_line(exc)
 
 
 def _one_line(exc: BaseException) -> str:
