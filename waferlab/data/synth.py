@@ -171,9 +171,9 @@ def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndar
 
 def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
     width = 1.2 + min(rng.exponential(0.5), 2.0) + 0.015 * g.radius * rng.random()
-    p_in = rng.uniform(0.85, 1.0)
+    p_in = rng.uniform(0.9, 1.0)
     region = g.inside & (g.edge <= width)
-    modulation = rng.uniform(0.0, 0.2)  # failure density varying slowly around the ring
+    modulation = rng.uniform(0.0, 0.15)  # failure density varying slowly around the ring
     phase = rng.uniform(-np.pi, np.pi)
     prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase)))
     if rng.random() < 0.12:  # partial coverage: 240-340 degrees
@@ -185,10 +185,10 @@ def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.
 
 def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
     centre = rng.uniform(-np.pi, np.pi)
-    p_in = rng.uniform(0.6, 0.98)
+    p_in = rng.uniform(0.75, 1.0)
     if rng.random() < 0.7:  # an arc along the rim, a few dies deep
-        depth = 1.0 + rng.exponential(0.8) + rng.uniform(0.0, 0.08) * g.radius
-        half = np.deg2rad(rng.uniform(12.0, 50.0))
+        depth = 1.0 + rng.exponential(1.0) + rng.uniform(0.0, 0.1) * g.radius
+        half = np.deg2rad(rng.uniform(18.0, 60.0))
         dang = _ang_dist(g.theta, centre)
         region = g.inside & (g.edge <= depth) & (dang <= half)
         prob = p_in * _logistic((half - dang) / 0.06) * _logistic((depth + 0.5 - g.edge) / 0.5)
@@ -231,7 +231,10 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     t = np.arange(0.0, length, step)
     # start anywhere well inside, heading roughly across the wafer
     r0, a0 = 0.75 * np.sqrt(rng.random()), rng.uniform(-np.pi, np.pi)
-    heading0 = rng.uniform(-np.pi, np.pi)
+    # head towards a point in the middle part so the line crosses the wafer instead of hugging its rim
+    r1, a1 = 0.5 * np.sqrt(rng.random()), rng.uniform(-np.pi, np.pi)
+    heading0 = np.arctan2((r1 * np.sin(a1) - r0 * np.sin(a0)) * h, (r1 * np.cos(a1) - r0 * np.cos(a0)) * w)
+    heading0 += rng.normal(0.0, 0.35)
     curv = rng.normal(0.0, 0.6) / rad  # gentle curvature (radius of curvature mostly > 1.5 R)
     heading = heading0 + curv * t
     if rng.random() < 0.45:  # a polyline: 1-3 kinks of 10-40 degrees
@@ -248,7 +251,7 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     solid = rng.random(chunk.max() + 1) > rng.uniform(0.0, 0.1 if mixed else 0.25)
     region = np.zeros((h, w), bool)
     drawn = np.zeros((h, w), bool)
-    thick = rng.random() < 0.3
+    thick = rng.random() < (0.3 if rad > 18 else 0.1)
     offsets = [(0, 0)] + ([(1, 0), (0, 1)] if thick else [])
     for di, dj in offsets:
         a, b = ii + di, jj + dj
@@ -287,7 +290,7 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
     coarse = rng.gamma(4.0, 0.25, (6, 6)).astype(np.float32)  # clustered background, mean 1
     # dies at the rim fail more often: the outermost ring about 2-5x the interior rate, as in WM-811K
     rim = 1.0 + np.float32(np.exp(rng.normal(np.log(1.0 if mixed else 2.5), 0.5))) * g.rim
-    keep = 1.0 - np.minimum(p_bg * coarse[g.coarse_i, g.coarse_j] * rim, 0.95)
+    keep = 1.0 - np.minimum(p_bg * coarse[g.coarse_i, g.coarse_j] * rim, 0.3)  # background never a pattern
     region = np.zeros(shape, bool)
     for t in types:
         if t in _PATTERNS:
