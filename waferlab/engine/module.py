@@ -104,13 +104,18 @@ class WaferClassifier(L.LightningModule):
     def train(self, mode: bool = True) -> WaferClassifier:
         """Standard ``train()``, except that ``freeze_bn`` keeps BatchNorm layers on their running stats."""
         super().train(mode)
-        if mode and self.cfg.freeze_bn:
+        if mode:
+            self._freeze_bn()
+        return self
+
+    def _freeze_bn(self) -> None:
+        if self.cfg.freeze_bn:
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
-        return self
 
     def on_train_epoch_start(self) -> None:
+        self._freeze_bn()  # Lightning does not call train() at fit start; validation restores these modes
         # Dropout & co. draw from the global RNG: reseed it per (seed, epoch, rank) so a resumed run
         # replays an epoch exactly as the uninterrupted run did.
         torch.manual_seed(derive_seed(self.cfg.seed, self.current_epoch, _rank(), 15485863))

@@ -6,7 +6,7 @@ run and across DDP ranks (each rank takes its slice of every global batch).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
 
     Training: shuffled with a generator seeded from (seed, epoch); a last global batch smaller than the
     number of ranks is dropped so every rank runs the same number of steps. Evaluation: no shuffle, rows
-    ``rank::world`` in order (every row seen exactly once over all ranks).
+    ``rank::world`` in order (every row seen exactly once over all ranks). ``epoch_fn`` (e.g. the
+    trainer's current epoch) overrides ``set_epoch``: Lightning does not call it on a restarted epoch.
     """
 
     def __init__(self, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
@@ -36,6 +37,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         self.rank = int(rank)
         self.world = max(1, int(world))
         self.epoch = 0
+        self.epoch_fn: Callable[[], int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch (restarted epochs included)."""
@@ -46,7 +48,8 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         if not self.shuffle:
             mine = idx[self.rank::self.world]
             return list(mine.split(self.batch_size)) if len(mine) else []
-        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 7919))
+        epoch = self.epoch_fn() if self.epoch_fn is not None else self.epoch
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, 7919))
         idx = idx[torch.randperm(len(idx), generator=g)]
         out = []
         global_bs = self.batch_size * self.world
@@ -61,7 +64,8 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         return out
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self._batches())
+        # a generator: the order is drawn at the first next(), after Lightning has restored the epoch
+        yield from self._batches()
 
     def __len__(self) -> int:
         n = len(self.indices)

@@ -190,6 +190,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
                                       rank=rank, world=world)
     if len(train_sampler) == 0:
         raise WaferlabError(f"{cfg.data}: too few training maps ({len(split.train)}) for {world} processes")
+    train_sampler.epoch_fn = lambda: trainer.current_epoch
     module.steps_per_epoch = len(train_sampler)
     val_loader = None
     if has_val:
