@@ -352,11 +352,12 @@ def _resolve_classes(classes, mixed: bool) -> list[str]:
     return out
 
 
-def generate(n: int, seed: int = 0, classes=None, mixed: bool = False) -> WaferTable:
+def generate(n: int, seed: int = 0, classes=None, mixed: bool = False, progress: bool = False) -> WaferTable:
     """Draw ``n`` labelled synthetic maps (equal counts per class, shuffled) with true pattern masks.
 
     ``classes`` limits the classes (default all 9, or all 38 MixedWM38 classes when ``mixed``); the same
     seed always yields identical maps. Mixed maps are 52x52 with ``multi_hot`` over ``MIXED38_TYPES``.
+    ``progress`` shows a progress bar on stderr.
     """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise WaferlabError(f"number of maps must be a positive integer, got {n!r}")
@@ -375,7 +376,12 @@ def generate(n: int, seed: int = 0, classes=None, mixed: bool = False) -> WaferT
     maps: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     multi_hot = np.zeros((n, len(MIXED38_TYPES)), np.uint8) if mixed else None
-    for i, label in enumerate(labels):
+    rows = labels
+    if progress:
+        from tqdm import tqdm
+
+        rows = tqdm(labels, desc="synthesising", unit="map", leave=False)
+    for i, label in enumerate(rows):
         types = () if label == "none" else tuple(label.split("+")) if mixed else (label,)
         wafer, mask = _one_map(types, rng, mixed)
         maps.append(wafer)
@@ -406,7 +412,7 @@ def write_synthetic(out: str | os.PathLike[str], n: int, seed: int = 0, mixed: b
                             f"got {suffix or 'no suffix'!r}")
     if mixed and suffix != ".npz":
         raise WaferlabError(f"{path}: mixed maps are written in the MixedWM38 layout, use a .npz output")
-    table = generate(n, seed=seed, classes=classes, mixed=mixed)
+    table = generate(n, seed=seed, classes=classes, mixed=mixed, progress=n >= 5000)
     if mixed:
         from waferlab.io import atomic_path
 
