@@ -7,7 +7,9 @@ A :class:`~waferlab.errors.WaferlabError` becomes one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("waferlab: interrupted\n")
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early: not an error
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
+        return 0
     return int(result or 0)
 
 
