@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+import warnings
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from waferlab.errors import WaferlabError
 from waferlab.models import create_model, list_models, model_spec
 from waferlab.models.attention import FPA, GAD, GADS, GAU, PAM, ChannelAttentionDA, ChannelGate, SpatialGate
 from waferlab.models.backbones import load_torchvision_state, resnet34_backbone
+from waferlab.models.study import GridPool
 
 torch.set_num_threads(1)
 
@@ -285,3 +287,24 @@ def test_fusion_blocks_follow_the_skip_size() -> None:
     same = torch.randn(2, 16, 25, 25)
     assert GAD(8, 16, downsample=False)(acc, same).shape == (2, 16, 25, 25)
     assert GADS(8, 16, downsample=False)(acc, same).shape == (2, 16, 25, 25)
+
+
+def test_grid_pool_matches_adaptive_pooling_and_exports(tmp_path) -> None:
+    """DANet's 7x7 grid pooling equals adaptive average pooling and, unlike it, exports to ONNX at
+    sizes that are not multiples of 7 (a 64 px input gives a 2x2 map)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    for h, w in [(1, 1), (2, 3), (7, 7), (9, 4), (16, 23)]:
+        x = torch.randn(2, 3, h, w)
+        torch.testing.assert_close(GridPool(7)(x), torch.nn.functional.adaptive_avg_pool2d(x, 7))
+    model = create_model("danet", num_classes=4).eval()
+    x = torch.rand(1, 3, 64, 64)
+    path = tmp_path / "danet.onnx"
+    with warnings.catch_warnings():  # shape-dependent Python branches are constants at a fixed export size
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)

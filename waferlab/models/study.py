@@ -60,12 +60,41 @@ class StudyResNet34(_GapClassifier):
         return self._classify(self.backbone(x)[-1])
 
 
+def _pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in) averaging matrix with adaptive pooling's bins [floor(i*n/m), ceil((i+1)*n/m))."""
+    rows = []
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -((-(i + 1) * n_in) // n_out)
+        rows.append([1.0 / (hi - lo) if lo <= j < hi else 0.0 for j in range(n_in)])
+    return torch.tensor(rows, dtype=like.dtype, device=like.device)  # a constant when traced for export
+
+
+class GridPool(nn.Module):
+    """Adaptive average pooling to ``grid`` x ``grid``, written as two small matrix products.
+
+    Same values as ``F.adaptive_avg_pool2d``, but it also exports to ONNX when the map size is not a
+    multiple of ``grid`` (a 64 px input gives DANet a 2x2 map, which must be spread over 7x7).
+    """
+
+    def __init__(self, grid: int) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h == self.grid and w == self.grid:
+            return x
+        ph, pw = _pool_matrix(h, self.grid, x), _pool_matrix(w, self.grid, x)
+        return torch.matmul(torch.matmul(ph, x), pw.t())
+
+
 class DANet(nn.Module):
     """DANet (A.4.1): ResNet34 -> DANetHead(512->128) -> flatten -> MLP 2048 (BN, LeakyReLU, Dropout), Linear.
 
     Changed from the study: the 128-channel map is adaptive-average-pooled to ``grid`` x ``grid``
-    (7, the map size at 224 px, where the pooling is the identity) before the flatten, so the MLP's
-    input size (128·7·7 = 6272) no longer depends on the input size. CAM layer: the head's final 1x1 conv.
+    (7, the map size at 224 px, where the pooling is the identity; ``GridPool``) before the flatten,
+    so the MLP's input size (128·7·7 = 6272) no longer depends on the input size.
+    CAM layer: the head's final 1x1 conv.
     """
 
     def __init__(
@@ -81,7 +110,7 @@ class DANet(nn.Module):
         super().__init__()
         self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
         self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
-        self.pool = nn.AdaptiveAvgPool2d(grid)
+        self.pool = GridPool(grid)
         self.mlp = nn.Sequential(
             nn.Linear(128 * grid * grid, hidden),
             nn.BatchNorm1d(hidden),
