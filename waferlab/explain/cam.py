@@ -9,7 +9,6 @@ no die explains nothing an engineer can act on.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -257,7 +256,6 @@ def compute_cams(
         note = (f"{type(model).__name__}: the CAM layer is 1x1 at {tuple(t.shape[-2:])} input, so every CAM "
                 "is flat (all zero); use a larger image size")
         result.notes.append(note)
-        warnings.warn(note, stacklevel=2)
     return result
 
 

@@ -14,7 +14,7 @@ from waferlab.explain.faithfulness import DEFAULT_STEPS, faithfulness, road_scor
 from waferlab.explain.localization import DEFAULT_THRESHOLD, DEFAULT_TOP_FRACTION, localisation
 
 #: ROAD solves a sparse system per map and percentile; it is scored on at most this many maps.
-DEFAULT_ROAD_MAPS = 64
+DEFAULT_ROAD_MAPS = 32
 
 
 def _mean(values: np.ndarray) -> float | None:
