@@ -422,3 +422,19 @@ def test_cli_errors_are_one_line(trained_run, tmp_path, capsys):
         code = main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+
+
+def test_test_part_explains_only_the_runs_held_out_maps(trained_run, tmp_path):
+    from waferlab.engine.config import config_from_dict
+    from waferlab.engine.run import read_run_info
+    from waferlab.engine.train import load_split_data
+    from waferlab.explain.runner import explain_runs
+
+    run, data = trained_run
+    info = read_run_info(run)
+    split = load_split_data(config_from_dict({**info.config, "progress": False}))
+    summary = explain_runs([str(run)], str(data), str(tmp_path / "tp"), methods="gradcam", per_class=0,
+                           test_part=True, progress=False)
+    entry = summary["runs"]["run"]
+    assert entry["n_maps"] == len(split.test) < 270 and entry["selected_maps"] == []
+    _assert_png(tmp_path / "tp" / "run" / "study_grid.png")

@@ -86,7 +86,12 @@ def _load_data(src: str, info: Any, test_part: bool, progress: bool):
     split = load_split_data(cfg)
     if not len(split.test):
         raise WaferlabError(f"{src}: the run's {cfg.split} split has no test part")
-    return split.data.subset(split.test)
+    test = split.data.subset(split.test)
+    if test.size != info.image_size:  # a cache keeps its own size in training; CAMs need the run's size
+        from waferlab.data.cache import resize_prepared
+
+        test = resize_prepared(test, info.image_size)
+    return test
 
 
 def _run_labels(data: Any, class_names: Sequence[str]) -> np.ndarray:
