@@ -80,6 +80,14 @@ def test_forward_backward_224_and_any_size(name: str) -> None:
     handle.remove()
 
 
+def test_bad_options_are_user_errors() -> None:
+    _one_line_error(lambda: create_model("danet", 8, dropout=1.5), "dropout")
+    _one_line_error(lambda: create_model("pan_da", 8, attn_dropout="x"), "attn_dropout")
+    _one_line_error(lambda: create_model("pan", 8, heads=4), "heads")
+    model = create_model("cbam", 8, dropout=0.2)
+    assert model.drop.p == 0.2
+
+
 def test_cosine_head_on_study_model() -> None:
     model = create_model("pan_da", num_classes=4, head="cosine").eval()
     with torch.no_grad():

@@ -37,7 +37,10 @@ class ResNet34Backbone(nn.Module):
         tv = torchvision.models.resnet34(weights=None)
         self.in_chans = in_chans
         self.dilated = dilated
-        self.conv1 = tv.conv1 if in_chans == 3 else nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+        self.conv1 = tv.conv1
+        if in_chans != 3:  # same init as torchvision's stem
+            self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
+            nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.bn1, self.relu, self.maxpool = tv.bn1, tv.relu, tv.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
         self.channels = STAGE_CHANNELS

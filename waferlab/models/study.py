@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from waferlab.errors import WaferlabError
 from waferlab.models.attention import (
     FPA,
     GAD,
@@ -304,9 +305,17 @@ class PANDualInverse(_GapClassifier):
 # Registration: builder(num_classes, in_chans, pretrained, **options)
 
 
+def _check_rates(model: str, **rates: float) -> None:
+    """Dropout options are probabilities; a bad value is a user error, not a traceback."""
+    for key, value in rates.items():
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+            raise WaferlabError(f"model {model!r}: option {key} must be a number in [0, 1), got {value!r}")
+
+
 @register("resnet34", family=FAMILY, description="torchvision ResNet34 + new Linear head (study reference)")
 def build_resnet34(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
     """torchvision ResNet34; options: dropout before the classifier."""
+    _check_rates("resnet34", dropout=dropout)
     return StudyResNet34(num_classes, in_chans, pretrained, dropout=dropout)
 
 
@@ -321,12 +330,14 @@ def build_danet(
     attn_dropout: float = 0.1,
 ):
     """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1)."""
+    _check_rates("danet", dropout=dropout, attn_dropout=attn_dropout)
     return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
 
 
 @register("cbam", family=FAMILY, description="ResNet34 + an extra stage of 2 CBAM BasicBlocks")
 def build_cbam(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
     """CBAM; options: dropout before the classifier."""
+    _check_rates("cbam", dropout=dropout)
     return ExtraStageNet(num_classes, in_chans, pretrained, block="cbam", dropout=dropout)
 
 
@@ -335,6 +346,7 @@ def build_cbam(num_classes: int, in_chans: int = 3, pretrained: str | None = Non
 )
 def build_pan(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
     """PAN; options: dropout before the classifier."""
+    _check_rates("pan", dropout=dropout)
     return PAN(num_classes, in_chans, pretrained, dropout=dropout)
 
 
@@ -343,6 +355,7 @@ def build_pan(num_classes: int, in_chans: int = 3, pretrained: str | None = None
 )
 def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
     """CBAM_DA; options: dropout before the classifier."""
+    _check_rates("cbam_da", dropout=dropout)
     return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout)
 
 
@@ -355,6 +368,7 @@ def build_pan_da(
     attn_dropout: float = 0.1,
 ):
     """PAN_DA; options: dropout before both branch Linears, attn_dropout in the DANet head."""
+    _check_rates("pan_da", dropout=dropout, attn_dropout=attn_dropout)
     return PANDA(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
 
 
@@ -363,6 +377,7 @@ def build_pan_inverse(
     num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
 ):
     """PAN_Inverse; options: dropout before the classifier."""
+    _check_rates("pan_inverse", dropout=dropout)
     return PANInverse(num_classes, in_chans, pretrained, dropout=dropout)
 
 
@@ -373,4 +388,5 @@ def build_pan_dualinverse(
     num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
 ):
     """PAN_DualInverse; options: dropout before the classifier."""
+    _check_rates("pan_dualinverse", dropout=dropout)
     return PANDualInverse(num_classes, in_chans, pretrained, dropout=dropout)
