@@ -14,6 +14,9 @@ from waferlab.plotting import draw_wafer, save_figure, use_agg
 #: Colormap and opacity of the heat drawn over the wafer.
 HEAT_CMAP = "jet"
 HEAT_ALPHA = 0.55
+#: Opacity of the dark mark that keeps failed dies visible under the heat.
+FAILED_ALPHA = 0.35
+_FAILED_CMAP = "Greys"
 
 
 def draw_overlay(ax, wafer: np.ndarray, cam: np.ndarray, title: str | None = None, fontsize: int = 8):
@@ -21,7 +24,11 @@ def draw_overlay(ax, wafer: np.ndarray, cam: np.ndarray, title: str | None = Non
     wafer = np.asarray(wafer)
     draw_wafer(ax, wafer, title, fontsize=fontsize)
     heat = np.ma.masked_where(wafer == 0, np.asarray(cam, dtype=np.float32))
-    return ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA, interpolation="nearest")
+    image = ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA, interpolation="nearest")
+    # keep the failed dies visible through the heat: darken them slightly
+    failed = np.ma.masked_where(wafer != 2, np.ones(wafer.shape, np.float32))
+    ax.imshow(failed, cmap=_FAILED_CMAP, vmin=0.0, vmax=1.0, alpha=FAILED_ALPHA, interpolation="nearest")
+    return image
 
 
 def _colorbar(fig, image, axes) -> None:
@@ -58,6 +65,7 @@ def plot_study_grid(rows: Sequence[GridRow], methods: Sequence[str], path: str |
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 0.8, 1.9 * n_rows), dpi=110,
                              squeeze=False)
     image = None
+    titled = False
     for r, row in enumerate(rows):
         if row.wafer is None:
             _blank(axes[r, 0], f"{row.label}\n(no correctly classified map)")
@@ -67,7 +75,8 @@ def plot_study_grid(rows: Sequence[GridRow], methods: Sequence[str], path: str |
         draw_wafer(axes[r, 0], row.wafer, f"{row.label}" + (f"\n{row.note}" if row.note else ""), fontsize=7)
         for c, method in enumerate(methods, start=1):
             image = draw_overlay(axes[r, c], row.wafer, row.cams[method],
-                                 METHOD_TITLES.get(method, method) if r == 0 else None, fontsize=8)
+                                 None if titled else METHOD_TITLES.get(method, method), fontsize=8)
+        titled = True
     if image is not None:
         _colorbar(fig, image, axes)
     if title:
