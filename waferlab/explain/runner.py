@@ -137,10 +137,13 @@ def explain_runs(
     files: list[str] = []
     runs: list[_Run] = []
     used: set[str] = set()
+    loaded: dict[int, Any] = {}  # the data per image size (shared by runs of the same size)
     for run_dir in run_dirs:
         model, info = load_run(run_dir, device=dev)
         set_logit_scale(model, info.logit_scale)
-        prepared = _load_data(data, info, test_part, progress)
+        if test_part or info.image_size not in loaded:
+            loaded[info.image_size] = _load_data(data, info, test_part, progress)
+        prepared = loaded[info.image_size]
         if len(prepared) == 0:
             raise WaferlabError(f"{data}: no maps to explain")
         labels = _run_labels(prepared, info.class_names)
@@ -156,8 +159,8 @@ def explain_runs(
     n_maps = min(len(r.data) for r in runs)
     if len({len(r.data) for r in runs}) > 1:
         raise WaferlabError(f"{data}: the runs see different numbers of maps "
-                            f"({', '.join(f'{r.name}: {len(r.data)}' for r in runs)}); compare runs with the "
-                            "same class set")
+                            f"({', '.join(f'{r.name}: {len(r.data)}' for r in runs)}); with --test-part, "
+                            "compare runs trained with the same data and split")
     if map_indexes is not None:
         bad = [i for i in map_indexes if not 0 <= i < n_maps]
         if bad:
