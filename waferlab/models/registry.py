@@ -8,14 +8,20 @@ module producing the class scores (swapped for a cosine head by ``head="cosine"`
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from waferlab.errors import WaferlabError
 
-Builder = Callable[..., nn.Module]
+if TYPE_CHECKING:  # torch is imported only when a model is built, so `waferlab --help` stays instant
+    from torch import nn
+
+Builder = Callable[..., "nn.Module"]
+
+#: Modules whose import registers models; loaded on first use of the registry.
+MODEL_MODULES = ("waferlab.models.study", "waferlab.models.spanet", "waferlab.models.baselines")
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,8 @@ def register(name: str, *, family: str, description: str) -> Callable[[Builder],
 
 
 def _ensure_loaded() -> None:
-    # Importing the package registers every model module.
-    import waferlab.models  # noqa: F401
+    for module in MODEL_MODULES:
+        importlib.import_module(module)
 
 
 def list_models() -> list[str]:
@@ -78,6 +84,8 @@ def create_model(
     machine with network) or a path to a local ``.pth``/``.safetensors`` state dict.
     ``head``: ``"linear"`` or ``"cosine"`` (L2-normalised cosine classifier, for Circle loss).
     """
+    from torch import nn
+
     spec = model_spec(name)
     if num_classes < 1:
         raise WaferlabError(f"num_classes must be >= 1, got {num_classes}")
