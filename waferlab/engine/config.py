@@ -39,7 +39,7 @@ class TrainConfig:
     balance_targets: dict[str, int] = field(default_factory=dict)
     epochs: int = 20
     batch_size: int = 128
-    eval_batch_size: int = 512
+    eval_batch_size: int = 256
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -158,6 +158,8 @@ def build_config(config: str | None = None, overrides: dict[str, Any] | None = N
     for key, value in (overrides or {}).items():
         _check_key(key, "override")
         if value is not None:
+            if key == "loss" and value != values.get("loss"):
+                values.pop("loss_options", None)  # the preset's options belong to the preset's loss
             values[key] = value
     for key, value in parse_set(sets).items():
         if isinstance(value, dict) and isinstance(values.get(key), dict):

@@ -50,7 +50,13 @@ class WaferClassifier(L.LightningModule):
         if cfg.augment:
             from waferlab.data.augment import Augmenter
 
-            self.augmenter = Augmenter(**cfg.augment_options)
+            try:
+                self.augmenter = Augmenter(**cfg.augment_options)
+            except TypeError as exc:
+                from waferlab.errors import WaferlabError
+
+                raise WaferlabError(f"config augment_options: {exc} (allowed: rot90, flips, max_rotation, "
+                                    "die_flip)") from None
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.val_f1 = MulticlassF1Score(self.num_classes, average="macro")
