@@ -13,7 +13,7 @@ from waferlab.cli import main
 def test_demo_trains_three_models_and_writes_summary(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--n", "135", "--epochs", "1", "--image-size", "32"]) == 0
+    assert main(["demo", "--out", str(out), "--n", "90", "--epochs", "1", "--image-size", "32"]) == 0
     printed = capsys.readouterr().out
     summary = (out / "summary.md").read_text()
     assert summary.strip() in printed
