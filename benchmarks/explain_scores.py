@@ -31,6 +31,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--score-per-class", type=int, default=20)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--road-maps", type=int, default=16, help="maps per model scored with ROAD (slow)")
     ap.add_argument("--grid-model", default="pan", help="model whose study grid goes to --grid")
     ap.add_argument("--grid", default=str(REPO / "docs" / "explain_grid.png"))
     ap.add_argument("--work", default="/tmp/waferlab_explain_bench")
@@ -66,7 +67,8 @@ def main() -> int:
     t0 = time.perf_counter()
     summary = explain_runs(runs, str(test_data), str(work / "explain"), methods=args.methods, per_class=1,
                            scores=True, batch_size=args.batch_size, device=args.device,
-                           score_per_class=args.score_per_class, steps=args.steps, progress=False)
+                           score_per_class=args.score_per_class, steps=args.steps,
+                           road=args.road_maps > 0, road_maps=args.road_maps, progress=False)
     explain_s = time.perf_counter() - t0
     doc = summary["scores"]
 

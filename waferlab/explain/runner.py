@@ -118,6 +118,7 @@ def explain_runs(
     score_per_class: int = DEFAULT_SCORE_PER_CLASS,
     steps: int = DEFAULT_STEPS,
     road: bool = True,
+    road_maps: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Explain every run on ``data``: study grid, per-map overlays, comparison grids, optional scores."""
@@ -220,7 +221,8 @@ def explain_runs(
                 masks = None if run.data.masks is None else run.data.masks[idx]
                 entry["scores"] = score_model(run.model, run.data.maps[idx], run.labels[idx], cls,
                                               info.encoding, names, masks=masks, steps=steps,
-                                              batch_size=batch_size, device=dev, road=road, progress=progress)
+                                              batch_size=batch_size, device=dev, road=road,
+                                              road_maps=road_maps, progress=progress)
             else:
                 entry["scores"] = None
         summary["runs"][run.name] = entry
@@ -250,7 +252,8 @@ def explain_runs(
             "test_part_only": test_part,
             "methods": names,
             "settings": {"steps": steps, "score_per_class": score_per_class if map_indexes is None else None,
-                         "road": road, "localisation": "correctly classified maps with a pattern mask",
+                         "road_maps": road_maps if road else 0,
+                         "localisation": "correctly classified maps with a pattern mask",
                          "cam_target": "predicted class"},
             "models": {name: e.get("scores") for name, e in summary["runs"].items()},
             "versions": versions(),
