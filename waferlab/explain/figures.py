@@ -62,8 +62,9 @@ def plot_study_grid(rows: Sequence[GridRow], methods: Sequence[str], path: str |
     import matplotlib.pyplot as plt
 
     n_rows, n_cols = max(1, len(rows)), 1 + len(methods)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 0.8, 1.9 * n_rows), dpi=110,
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols + 0.8, 2.15 * n_rows), dpi=110,
                              squeeze=False)
+    fig.subplots_adjust(hspace=0.45)
     image = None
     titled = False
     for r, row in enumerate(rows):
