@@ -34,7 +34,8 @@ def test_help_at_every_level(path, capsys):
 
 
 def test_unknown_subcommand_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "waferlab.cli", "frobnicate"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "waferlab.cli", "frobnicate"],
+                          capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "invalid choice" in proc.stderr

@@ -15,10 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     dsub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", parser_class=type(data))
 
     p = dsub.add_parser("synth", help="generate synthetic wafer maps in the LSWMD layout",
-                        description="Generate labelled synthetic wafer maps (all 9 WM-811K classes) and write "
-                                    "them in the LSWMD.pkl layout, with each map's true pattern mask.")
+                        description="Generate labelled synthetic wafer maps (all 9 WM-811K classes) and "
+                                    "write them in the LSWMD.pkl layout, with each map's true pattern mask.")
     p.add_argument("--n", type=int, required=True, help="number of maps")
-    p.add_argument("--out", required=True, help="output file (.pkl: LSWMD layout; .npz: safe waferlab format)")
+    p.add_argument("--out", required=True,
+                   help="output file (.pkl: LSWMD layout; .npz: safe waferlab format)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--mixed", action="store_true", help="MixedWM38-style mixtures (52x52, multi-hot labels)")
     p.add_argument("--classes", default=None,
