@@ -116,3 +116,14 @@ def test_ddp_two_processes_match_one_process(small_cache: Path, tmp_path: Path) 
     assert moved > 1e-3  # training really changed the weights ...
     assert diff < 1e-4  # ... and the 2-process run changed them the same way
     assert "2 process(es)" in proc.stderr
+
+
+def test_last_checkpoint_is_written_every_epoch_even_without_improvement(small_cache: Path,
+                                                                          tmp_path: Path) -> None:
+    """--resume continues from the LAST epoch, not the best one (Lightning's save_last=True alone writes
+    last.ckpt only when the monitored metric improves). A negligible lr keeps val macro-F1 flat."""
+    run = train(_cfg(small_cache, tmp_path / "flat", lr=1e-12, min_lr=0.0, augment=False))
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    best = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 1 and best["epoch"] == 0
+    assert last["global_step"] == 2 * best["global_step"]

@@ -164,12 +164,14 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
                              torch.from_numpy(split.data.labels.astype(np.int64)), counts)
 
     has_val = cfg.has_val and len(split.val) > 0
+    # last.ckpt after EVERY epoch (what --resume continues from). Lightning's save_last=True writes it only
+    # when the monitored checkpoint improves, which would make a resumed run redo epochs.
+    last_cb = ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", monitor=None, save_top_k=1,
+                              enable_version_counter=False)
+    ckpt_cb = last_cb
     if cfg.checkpoint == "best" and has_val:
         ckpt_cb = ModelCheckpoint(dirpath=str(ckpt_dir), filename="best", monitor="val_macro_f1", mode="max",
-                                  save_top_k=1, save_last=True, enable_version_counter=False)
-    else:
-        ckpt_cb = ModelCheckpoint(dirpath=str(ckpt_dir), save_top_k=0, save_last=True,
-                                  enable_version_counter=False)
+                                  save_top_k=1, enable_version_counter=False)
     strategy: Any = cfg.strategy
     if strategy == "ddp" and accel == "cpu":
         from lightning.pytorch.strategies import DDPStrategy
@@ -180,7 +182,8 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
         precision=precision, max_epochs=cfg.epochs, deterministic=True if accel == "cpu" else (
             "warn" if cfg.deterministic else False),
         benchmark=False if cfg.deterministic else None,
-        callbacks=[ckpt_cb, *(callbacks or [])], logger=_loggers(out), default_root_dir=str(out),
+        callbacks=[*dict.fromkeys([ckpt_cb, last_cb]), *(callbacks or [])], logger=_loggers(out),
+        default_root_dir=str(out),
         enable_progress_bar=cfg.progress, enable_model_summary=False, num_sanity_val_steps=0,
         use_distributed_sampler=False, log_every_n_steps=10,
         limit_val_batches=None if has_val else 0,
@@ -214,7 +217,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
         return None
 
     chosen = "last epoch"
-    if cfg.checkpoint == "best" and has_val and ckpt_cb.best_model_path:
+    if ckpt_cb is not last_cb and ckpt_cb.best_model_path:
         state = torch.load(ckpt_cb.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         chosen = f"best validation macro-F1 ({float(ckpt_cb.best_model_score):.4f})"
