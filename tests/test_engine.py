@@ -245,3 +245,33 @@ def test_evaluate_maps_labels_by_name_and_drops_unlabeled() -> None:
     assert keep.tolist() == [0, 2, 3, 4] and y.tolist() == [3, 0, 2, 3]
     with pytest.raises(WaferlabError, match="labels the run does not know: Loc"):
         map_labels(("Center", "Loc"), np.array([0, 1]), ("Center", "Donut"), "d")
+
+
+def test_precise_bn_recomputes_running_stats_from_training_rows() -> None:
+    """recalibrate_bn replaces stale running statistics by the batch statistics of the training rows
+    (with the current weights), so an evaluated model sees what it was trained on."""
+    import torch
+    from torch import nn
+
+    from waferlab.engine.config import build_config
+    from waferlab.engine.module import WaferClassifier
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=0.01), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    cfg = build_config("default", {"model": "resnet34", "image_size": 32, "batch_size": 64,
+                                   "precise_bn_batches": 4, "augment": False})
+    maps = torch.randint(0, 3, (40, 32, 32), dtype=torch.uint8)
+    module = WaferClassifier(net, cfg, maps, torch.zeros(40, dtype=torch.int64), np.array([40, 0, 0]))
+    module.train_indices = torch.arange(0, 30)
+    bn = net[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(9.0)
+    module.train()
+    module.recalibrate_bn()
+    x, _ = module.gather(torch.arange(0, 30), train=False)
+    with torch.no_grad():
+        feats = net[0](x)
+    assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, feats.var((0, 2, 3)), rtol=1e-4)
+    assert bn.momentum == 0.01  # restored

@@ -154,3 +154,17 @@ def test_pretrained_local_file_skips_classifier(tmp_path) -> None:
         create_model("spanet", num_classes=4, pretrained="imagenet")
     with pytest.raises(WaferlabError, match="missing key|unexpected key"):
         create_model("spanet", num_classes=4, attention="none", pretrained=str(path))
+
+
+def test_bn_momentum_option_defaults_to_keras_and_is_validated() -> None:
+    import torch.nn as nn
+
+    from waferlab.errors import WaferlabError
+
+    moms = {m.momentum for m in create_model("spanet", 9).modules() if isinstance(m, nn.BatchNorm2d)}
+    assert moms == {0.01}
+    moms = {m.momentum for m in create_model("spanet", 9, bn_momentum=0.1).modules()
+            if isinstance(m, nn.BatchNorm2d)}
+    assert moms == {0.1}
+    with pytest.raises(WaferlabError, match="bn_momentum"):
+        create_model("spanet", 9, bn_momentum=0)

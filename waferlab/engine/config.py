@@ -54,6 +54,7 @@ class TrainConfig:
     augment: bool = True
     augment_options: dict[str, Any] = field(default_factory=dict)
     freeze_bn: bool = False
+    precise_bn_batches: int = 0
     checkpoint: str = "best"
     seed: int = 0
     deterministic: bool = True
@@ -259,6 +260,10 @@ def validate(cfg: TrainConfig) -> None:
                             "16-mixed")
     if cfg.precision is not None:
         cfg.precision = str(cfg.precision)
+    if isinstance(cfg.precise_bn_batches, bool) or not isinstance(cfg.precise_bn_batches, int) \
+            or cfg.precise_bn_batches < 0:
+        raise WaferlabError(f"config precise_bn_batches: expected an integer >= 0, got "
+                            f"{cfg.precise_bn_batches!r}")
     for name in ("nesterov", "augment", "freeze_bn", "deterministic", "compile", "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise WaferlabError(f"config {name}: expected true or false, got {getattr(cfg, name)!r}")

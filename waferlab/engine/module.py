@@ -64,6 +64,8 @@ class WaferClassifier(L.LightningModule):
         self.history: list[dict[str, float]] = []
         self.steps_per_epoch = 1
         self._row_done_epoch = -1
+        #: training rows (indices into ``maps``), used by precise-BN recalibration
+        self.train_indices: torch.Tensor | None = None
 
     # ---- data on the device -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -125,6 +127,37 @@ class WaferClassifier(L.LightningModule):
         # Dropout & co. draw from the global RNG: reseed it per (seed, epoch, rank) so a resumed run
         # replays an epoch exactly as the uninterrupted run did.
         torch.manual_seed(derive_seed(self.cfg.seed, self.current_epoch, _rank(), 15485863))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.cfg.precise_bn_batches > 0 and batch_idx == self.trainer.num_training_batches - 1:
+            self.recalibrate_bn()
+
+    @torch.no_grad()
+    def recalibrate_bn(self) -> None:
+        """Precise BN: recompute BatchNorm running statistics with the epoch's final weights.
+
+        Running averages lag behind fast-changing weights; on small maps (a 1x1 grid in the last stages)
+        an evaluated model then squashes every input to nearly the same output. This averages the batch
+        statistics of ``precise_bn_batches`` training batches (no augmentation) with the current weights,
+        before validation and checkpointing (Wu & Johnson, "Rethinking BatchNorm", 2021).
+        """
+        bns = [m for m in self.model.modules()
+               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats]
+        if not bns or self.train_indices is None or len(self.train_indices) < 2:
+            return
+        momenta = [m.momentum for m in bns]
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the recalibration batches
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.current_epoch, _rank(), 7727))
+        rows = self.train_indices[torch.randperm(len(self.train_indices), generator=gen)]
+        rows = rows[: self.cfg.precise_bn_batches * self.cfg.batch_size]
+        for chunk in rows.split(self.cfg.batch_size):
+            if len(chunk) > 1:
+                x, _ = self.gather(chunk, train=False)
+                self(x)
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch

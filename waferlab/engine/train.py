@@ -163,6 +163,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
     module = WaferClassifier(model, cfg, torch.from_numpy(np.ascontiguousarray(split.data.maps)),
                              torch.from_numpy(split.data.labels.astype(np.int64)), counts)
 
+    module.train_indices = torch.as_tensor(np.asarray(split.train, dtype=np.int64))
     has_val = cfg.has_val and len(split.val) > 0
     # last.ckpt after EVERY epoch (what --resume continues from). Lightning's save_last=True writes it only
     # when the monitored checkpoint improves, which would make a resumed run redo epochs.

@@ -332,9 +332,15 @@ def _check_int(name: str, value: object, low: int) -> int:
 @register("spanet", family="spanet",
           description="SP&A-Net (Yang & Sun 2022): 16 self-proliferation-and-attention blocks, logits out")
 def build_spanet(num_classes: int, in_chans: int = 3, pretrained: str | None = None, attention: str = "gate",
-                 sa_pattern: str = "all", ratio: int = 2, width: float = 1.0) -> SPANet:
+                 sa_pattern: str = "all", ratio: int = 2, width: float = 1.0,
+                 bn_momentum: float = BN_MOMENTUM) -> SPANet:
     """Build SP&A-Net; options ``attention`` (none|gate|gc), ``sa_pattern`` (all|ghostnet), ``ratio``,
-    ``width`` (channel multiplier, channels rounded to multiples of 4)."""
+    ``width`` (channel multiplier, channels rounded to multiples of 4), ``bn_momentum``.
+
+    ``bn_momentum`` defaults to Keras' 0.99 (0.01 in PyTorch terms), as in the official code. Its running
+    statistics need thousands of steps to settle, so a short run (a few hundred steps) evaluates with
+    stale statistics and predicts one class; use PyTorch's 0.1 for short runs (the demo does).
+    """
     if attention not in ATTENTION_MODES:
         raise WaferlabError(f"spanet: option attention must be one of {', '.join(ATTENTION_MODES)}, "
                             f"got {attention!r}")
@@ -344,7 +350,12 @@ def build_spanet(num_classes: int, in_chans: int = 3, pretrained: str | None = N
     ratio = _check_int("ratio", ratio, 1)
     if isinstance(width, bool) or not isinstance(width, int | float) or not 0.05 <= width <= 8:
         raise WaferlabError(f"spanet: option width must be a number in [0.05, 8], got {width!r}")
+    if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, int | float) or not 0 < bn_momentum <= 1:
+        raise WaferlabError(f"spanet: option bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
     model = SPANet(num_classes, in_chans, attention, sa_pattern, ratio, float(width))
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = float(bn_momentum)
     if pretrained is not None:
         if pretrained == "imagenet":
             raise WaferlabError("spanet: no ImageNet weights exist for SP&A-Net; pass a local weights file "
