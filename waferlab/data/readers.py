@@ -97,12 +97,7 @@ def load_table(path: str | os.PathLike[str]) -> WaferTable:
         raise WaferlabError(f"{p}: no such file or directory")
     if p.is_dir():
         return read_image_folder(p)
-    try:
-        kind = sniff(p)
-    except OSError as exc:
-        raise WaferlabError(f"{p}: cannot read ({exc.strerror or exc})") from None
-    if kind == "empty":
-        raise WaferlabError(f"{p}: file is empty")
+    kind = _sniff_nonempty(p)
     suffixes = [s.lower() for s in p.suffixes[-2:]]
     ext = suffixes[-1] if suffixes else ""
     if ext in _COMPRESSED and len(suffixes) == 2 and suffixes[0] in (".pkl", ".pickle"):
@@ -474,14 +469,20 @@ def _decode_colour(rgb: np.ndarray, lossy: bool, path: Path) -> np.ndarray:
     return level[inverse].reshape(packed.shape).astype(np.uint8)
 
 
-def _check_image_magic(path: Path) -> None:
-    ext = path.suffix.lower()
+def _sniff_nonempty(path: Path) -> str:
+    """The file's kind by its first bytes; an unreadable or empty file is a one-line user error."""
     try:
         kind = sniff(path)
     except OSError as exc:
         raise WaferlabError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if kind == "empty":
         raise WaferlabError(f"{path}: file is empty")
+    return kind
+
+
+def _check_image_magic(path: Path) -> None:
+    ext = path.suffix.lower()
+    kind = _sniff_nonempty(path)
     _expect(path, kind, _EXPECTED.get(ext, _IMAGE_KINDS), ext)
 
 
