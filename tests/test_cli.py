@@ -39,3 +39,11 @@ def test_unknown_subcommand_is_one_line_exit_2():
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert "invalid choice" in proc.stderr
+
+
+def test_building_the_cli_does_not_import_torch():
+    """`waferlab --help` must be instant: command modules import torch only inside their handlers."""
+    code = ("import sys, waferlab.cli as c; c.build_parser(); "
+            "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"

@@ -1,11 +1,30 @@
-"""Explanations of wafer-map classifiers: CAMs (pytorch-grad-cam), faithfulness and localisation scores."""
+"""Explanations of wafer-map classifiers: CAMs (pytorch-grad-cam), faithfulness and localisation scores.
 
-from waferlab.explain.cam import METHODS, compute_cams, parse_methods, postprocess, predict
-from waferlab.explain.faithfulness import faithfulness, perturbation_curves, relevance_ranks, road_scores
-from waferlab.explain.localization import localisation
-from waferlab.explain.scores import score_model
+Names are imported on first use (PEP 562), so that the CLI can register ``explain`` without importing torch.
+"""
 
-__all__ = [
-    "METHODS", "compute_cams", "faithfulness", "localisation", "parse_methods", "perturbation_curves",
-    "postprocess", "predict", "relevance_ranks", "road_scores", "score_model",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "METHODS": "waferlab.explain.methods",
+    "compute_cams": "waferlab.explain.cam",
+    "parse_methods": "waferlab.explain.cam",
+    "postprocess": "waferlab.explain.cam",
+    "predict": "waferlab.explain.cam",
+    "faithfulness": "waferlab.explain.faithfulness",
+    "perturbation_curves": "waferlab.explain.faithfulness",
+    "relevance_ranks": "waferlab.explain.faithfulness",
+    "road_scores": "waferlab.explain.faithfulness",
+    "localisation": "waferlab.explain.localization",
+    "score_model": "waferlab.explain.scores",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'waferlab.explain' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -17,22 +17,8 @@ import torch
 from torch import nn
 
 from waferlab.errors import WaferlabError
+from waferlab.explain.methods import METHOD_TITLES, METHODS  # noqa: F401  (re-exported)
 
-#: CLI method name -> pytorch-grad-cam class name.
-METHODS: dict[str, str] = {
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "scorecam": "ScoreCAM",
-    "eigencam": "EigenCAM",
-    "layercam": "LayerCAM",
-    "xgradcam": "XGradCAM",
-    "hirescam": "HiResCAM",
-}
-#: Display names for figure titles.
-METHOD_TITLES: dict[str, str] = {
-    "gradcam": "GradCAM", "gradcam++": "GradCAM++", "scorecam": "ScoreCAM", "eigencam": "EigenCAM",
-    "layercam": "LayerCAM", "xgradcam": "XGradCAM", "hirescam": "HiResCAM",
-}
 #: Scale applied to cosine-head outputs (cosine similarities in [-1, 1]) before the softmax, so that
 #: their "probabilities" are not squashed towards uniform; Circle loss uses the same scale (gamma).
 COSINE_SCALE = 64.0

@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``explain`` command to the top-level parser."""
-    from waferlab.explain.cam import METHODS
+    from waferlab.explain.methods import METHODS
 
     p = sub.add_parser(
         "explain", help="CAM figures and faithfulness/localisation scores of trained runs",
