@@ -106,7 +106,8 @@ def _download_imagenet_state() -> dict[str, torch.Tensor]:
 def load_torchvision_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a state dict (``.pth``/``.pt`` via ``torch.load(weights_only=True)`` or ``.safetensors``).
 
-    Also unwraps ``{"state_dict": ...}``/``{"model": ...}`` checkpoints and a DataParallel ``module.``
+    Every model's local-weights option reads files through this one function. Also unwraps
+    ``{"state_dict"|"model"|"model_state_dict": ...}`` checkpoints and a DataParallel ``module.``
     prefix. Any unreadable file raises a one-line :class:`WaferlabError` naming it.
     """
     p = Path(path)
@@ -127,7 +128,7 @@ def load_torchvision_state(path: str | os.PathLike[str]) -> dict[str, torch.Tens
         raise WaferlabError(
             f"cannot read weights file {p}: corrupt, or not a plain state dict of tensors "
             f"({_unpickler_reason(exc)}); "
-            "save model.state_dict() in torchvision's resnet34 layout"
+            "save model.state_dict(), not the model"
         ) from None
     except Exception as exc:
         raise WaferlabError(
@@ -135,7 +136,7 @@ def load_torchvision_state(path: str | os.PathLike[str]) -> dict[str, torch.Tens
             f"{_one_line(exc)}"
         ) from None
     if isinstance(obj, dict):
-        for wrapper in ("state_dict", "model"):
+        for wrapper in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
                 break

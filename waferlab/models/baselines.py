@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from waferlab.errors import WaferlabError
+from waferlab.models.backbones import load_torchvision_state
 from waferlab.models.registry import register
-from waferlab.models.spanet import load_backbone_weights, load_state_file
+from waferlab.models.spanet import load_backbone_weights
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def build_timm(name: str, num_classes: int, in_chans: int = 3,
         load_backbone_weights(net, ref.state_dict(), f"timm {source} ImageNet weights",
                               skip_prefixes=skip, allow_missing=recipe.attention_keys)
     elif pretrained is not None:
-        state = load_state_file(pretrained)
+        state = load_torchvision_state(pretrained)
         if all(k.startswith("net.") for k in state):  # a waferlab checkpoint of this wrapper
             state = {k[4:]: v for k, v in state.items()}
         _adapt_first_conv(state, net, first_conv)

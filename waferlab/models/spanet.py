@@ -22,13 +22,13 @@ bottom/right), done by :class:`SamePad` in front of an unpadded convolution.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from waferlab.errors import WaferlabError
+from waferlab.models.backbones import load_torchvision_state
 from waferlab.models.registry import register
 
 BN_EPS = 1e-3  # Keras BatchNormalization default epsilon
@@ -275,28 +275,6 @@ class SPANet(nn.Module):
         return self.classifier(x).flatten(1)
 
 
-def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from a .safetensors or a torch (.pth/.pt/.bin) file, unwrapping checkpoints."""
-    p = Path(path)
-    if not p.is_file():
-        raise WaferlabError(f"{p}: pretrained weights file not found (use 'imagenet' or a local file)")
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as exc:  # a corrupt or foreign file is a user error
-        raise WaferlabError(f"{p}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WaferlabError(f"{p}: not a state dict of tensors")
-    return state
-
-
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str,
                           skip_prefixes: tuple[str, ...], allow_missing: tuple[str, ...] = ()) -> None:
     """Load ``state`` into ``model``: strict on every key except ``skip_prefixes`` (the classifier).
@@ -360,6 +338,6 @@ def build_spanet(num_classes: int, in_chans: int = 3, pretrained: str | None = N
         if pretrained == "imagenet":
             raise WaferlabError("spanet: no ImageNet weights exist for SP&A-Net; pass a local weights file "
                                 "or train from scratch")
-        state = load_state_file(pretrained)
+        state = load_torchvision_state(pretrained)
         load_backbone_weights(model, state, str(pretrained), skip_prefixes=("classifier.",))
     return model
