@@ -37,7 +37,9 @@ def logit_scale_of(cfg: Any) -> float:
     if getattr(cfg, "logit_scale", None):
         return float(cfg.logit_scale)
     if getattr(cfg, "head", "linear") == "cosine":
-        return float(getattr(cfg, "loss_options", {}).get("gamma", 64.0))
+        from waferlab.models.heads import DEFAULT_COSINE_SCALE
+
+        return float(getattr(cfg, "loss_options", {}).get("gamma", DEFAULT_COSINE_SCALE))
     return 1.0
 
 

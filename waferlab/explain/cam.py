@@ -19,10 +19,6 @@ from torch import nn
 from waferlab.errors import WaferlabError
 from waferlab.explain.methods import METHOD_TITLES, METHODS  # noqa: F401  (re-exported)
 
-#: Scale applied to cosine-head outputs (cosine similarities in [-1, 1]) before the softmax, so that
-#: their "probabilities" are not squashed towards uniform; Circle loss uses the same scale (gamma).
-COSINE_SCALE = 64.0
-
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
     """Validate CAM method names (comma-separated string or list); unknown names are a user error."""
@@ -89,13 +85,13 @@ def set_logit_scale(model: nn.Module, scale: float | None) -> nn.Module:
 def outputs_to_probs(outputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """Class probabilities from model outputs: softmax of outputs x the run's logit scale.
 
-    Without a recorded scale: 1 for logits, :data:`COSINE_SCALE` for a cosine head's similarities.
+    Without a recorded scale: 1 for logits, ``DEFAULT_COSINE_SCALE`` for a cosine head's similarities.
     """
-    from waferlab.models.heads import is_cosine
+    from waferlab.models.heads import DEFAULT_COSINE_SCALE, is_cosine
 
     scale = getattr(model, "waferlab_logit_scale", None)
     if scale is None:
-        scale = COSINE_SCALE if is_cosine(model) else 1.0
+        scale = DEFAULT_COSINE_SCALE if is_cosine(model) else 1.0
     return torch.softmax(outputs.float().reshape(len(outputs), -1) * scale, dim=-1)
 
 

@@ -6,6 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+#: Softmax scale for a cosine head's similarities when a run records none (Circle loss's default gamma).
+DEFAULT_COSINE_SCALE = 64.0
+
 
 class CosineClassifier(nn.Module):
     """Cosine similarities between L2-normalised features and L2-normalised class weights.
