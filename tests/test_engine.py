@@ -176,7 +176,8 @@ def test_train_writes_a_complete_run_dir(model: str, trained_runs: dict[str, Pat
 
     from waferlab.data.cache import load_cache
     from waferlab.data.splits import assign_splits, select_classes
-    from waferlab.engine.run import load_run, predict_probs
+    from waferlab.engine.predict import PredictOptions, predict_probs
+    from waferlab.engine.run import Run, load_run
 
     run = trained_runs[model]
     for name in ("model.safetensors", "config.yaml", "classes.json", "versions.json", "seed", "curves.csv",
@@ -196,7 +197,7 @@ def test_train_writes_a_complete_run_dir(model: str, trained_runs: dict[str, Pat
     cfg = info.config
     p = select_classes(load_cache(cfg["data"]), cfg["class_set"])
     test = np.flatnonzero(assign_splits(p, cfg["split"], cfg["fractions"], seed=cfg["seed"]) == "test")
-    probs = predict_probs(model_, p.maps[test], info, batch_size=64)
+    probs = predict_probs(model_, p.maps[test], Run(run).spec(), PredictOptions(batch_size=64))
     assert probs.shape == (len(test), len(info.class_names))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert metrics["n"] == len(test)

@@ -31,26 +31,26 @@ def map_labels(data_classes: tuple[str, ...], labels: np.ndarray, run_classes: t
 def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_size: int = 256,
                  device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` on every labelled map of ``data``; metrics/report go to ``out``."""
-    import torch
-
     from waferlab.data.cache import load_prepared
     from waferlab.engine.metrics import compute_metrics
+    from waferlab.engine.predict import PredictOptions, predict_probs
     from waferlab.engine.report import write_evaluation
-    from waferlab.engine.run import load_run, predict_probs, read_run_info
+    from waferlab.engine.run import Run
 
-    info = read_run_info(run_dir)
+    run = Run.open(run_dir)
+    info = run.info
     if not Path(data).exists():
         raise WaferlabError(f"data not found: {data}")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     p = load_prepared(data, info.image_size, progress=progress)
     keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
-    model, info = load_run(run_dir, device=device)
+    opts = PredictOptions(device=device, batch_size=batch_size, progress=progress)
+    model = run.load_model()
     dropped = len(p) - len(keep)
     if dropped:
         print(f"waferlab: note: {dropped} unlabeled map(s) in {data} dropped", file=sys.stderr)
     if len(keep) == 0:
         raise WaferlabError(f"{data}: no labelled maps to evaluate")
-    probs = predict_probs(model, p.maps[keep], info, batch_size=batch_size, device=device, progress=progress)
+    probs = predict_probs(model, p.maps[keep], run.spec(), opts)
     metrics = compute_metrics(y, probs, info.class_names)
     metrics["run_dir"] = str(run_dir)
     metrics["data"] = str(data)

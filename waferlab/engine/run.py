@@ -1,4 +1,4 @@
-"""A run directory: loading a trained model back (``load_run``) and batch prediction (``predict_probs``)."""
+"""The run directory: :class:`Run` alone writes and reads its files (layout: :data:`RUN_LAYOUT`)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from waferlab.engine.predict import InputSpec
 from waferlab.errors import WaferlabError
-
-RUN_FILES = ("model.safetensors", "config.yaml", "classes.json")
 
 
 @dataclass
@@ -43,6 +41,211 @@ def logit_scale_of(cfg: Any) -> float:
     return 1.0
 
 
+RUN_FORMAT = 1  # bumped when the layout below changes incompatibly; written to ``run.json``
+
+# The run-directory layout: every file a run may hold, written and read only through :class:`Run`.
+RUN_LAYOUT: dict[str, str] = {
+    "run.json": "format version, status (running/finished), start and end times",
+    "model.safetensors": "the kept weights (best validation macro-F1 or the last epoch)",
+    "config.yaml": "the fully resolved training config",
+    "classes.json": "class names, in output order",
+    "versions.json": "python, torch, lightning and waferlab versions, host",
+    "seed": "the seed, one line",
+    "curves.csv": "per-epoch train/val loss, val macro-F1 and accuracy, learning rate",
+    "curves.png": "the same as a figure",
+    "metrics.json": "metrics on the test part (or val/train when there is none), with the protocol card",
+    "report.md": "the per-run Markdown report",
+    "confusion_matrix.png": "counts",
+    "confusion_matrix_normalized.png": "row-normalised",
+    "reliability.png": "reliability diagram",
+    "calibration.json": "temperature and ECE before/after, fitted on the validation part",
+    "thresholds.json": "operating point (P(none) threshold) and unknown-pattern threshold",
+    "ood.json": "statistics of the unknown-pattern score (e.g. class means / covariance summary)",
+    "timing.json": "training wall time and inference maps/s",
+    "checkpoints/": "Lightning checkpoints: best.ckpt and last.ckpt (what --resume continues from)",
+    "logs/": "Lightning CSV logs (and tb/ when tensorboard is installed)",
+    "exports/": "exported models (model.onnx)",
+}
+REQUIRED = ("model.safetensors", "config.yaml", "classes.json")
+
+
+class Run:
+    """A run directory: the only code that writes or reads its files (layout in :data:`RUN_LAYOUT`)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    def file(self, name: str) -> Path:
+        """Path of a layout entry; an unknown name is a bug (add it to ``RUN_LAYOUT`` first)."""
+        if name not in RUN_LAYOUT:
+            raise KeyError(f"{name!r} is not part of the run-directory layout")
+        return self.path / name.rstrip("/")
+
+    # --- opening and creating -------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """An existing, finished run; one-line errors for a missing directory or missing files."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise WaferlabError(f"run directory not found: {run.path}")
+        for name in REQUIRED:
+            if not (run.path / name).is_file():
+                raise WaferlabError(f"{run.path}: not a finished waferlab run ({name} missing)")
+        status = run.read_json("run.json") if (run.path / "run.json").is_file() else {}
+        fmt = status.get("format", RUN_FORMAT)
+        if not isinstance(fmt, int) or fmt > RUN_FORMAT:
+            raise WaferlabError(f"{run.file('run.json')}: field 'format': run format {fmt!r} is newer than "
+                                f"this waferlab understands ({RUN_FORMAT}); upgrade waferlab")
+        return run
+
+    @classmethod
+    def create(cls, path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Run:
+        """A run directory to train into. A finished run is data: refused unless ``overwrite``/``resume``."""
+        import shutil
+
+        run = cls(path)
+        if run.path.exists() and not run.path.is_dir():
+            raise WaferlabError(f"{run.path}: exists and is not a directory")
+        if resume:
+            if not run.last_checkpoint.is_file():
+                raise WaferlabError(f"--resume: no checkpoint to resume from at {run.last_checkpoint}")
+            return run
+        if run.path.is_dir() and any(run.path.iterdir()):
+            if not overwrite:
+                what = "a finished run" if run.is_finished() else "an unfinished run or other files"
+                raise WaferlabError(f"{run.path}: already holds {what}; pass --overwrite to replace it "
+                                    f"or --resume to continue it")
+            for name in RUN_LAYOUT:  # remove only what a run writes, never a user's other files
+                target = run.path / name.rstrip("/")
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    def is_finished(self) -> bool:
+        """All required files present (and ``run.json`` says finished when it exists)."""
+        if not all((self.path / n).is_file() for n in REQUIRED):
+            return False
+        if (self.path / "run.json").is_file():
+            return self.read_json("run.json").get("status") == "finished"
+        return True
+
+    # --- generic JSON / text --------------------------------------------------------------------
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the layout; a corrupt file is a one-line error naming it."""
+        path = self.file(name)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise WaferlabError(f"{path}: missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise WaferlabError(f"{path}: unreadable JSON ({exc})") from None
+
+    def write_json(self, name: str, obj: Any) -> None:
+        """Write a JSON file of the layout atomically."""
+        from waferlab.io import write_json
+
+        write_json(self.file(name), obj)
+
+    def has(self, name: str) -> bool:
+        return self.file(name).exists()
+
+    # --- status ---------------------------------------------------------------------------------
+    def mark(self, status: str) -> None:
+        """Record ``running`` at start and ``finished`` at the end, with the format version and times."""
+        import time
+
+        record = self.read_json("run.json") if self.has("run.json") else {}
+        record.update({"format": RUN_FORMAT, "status": status})
+        record.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if status == "finished":
+            record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.write_json("run.json", record)
+
+    # --- what training writes -------------------------------------------------------------------
+    def write_start(self, cfg: Any, class_names: tuple[str, ...] | list[str]) -> None:
+        """config.yaml, classes.json, seed and run.json (running), before the first epoch."""
+        from waferlab.engine.config import dump_yaml
+        from waferlab.io import write_text
+
+        write_text(self.file("config.yaml"), dump_yaml(cfg))
+        self.write_json("classes.json", list(class_names))
+        write_text(self.file("seed"), f"{cfg.seed}\n")
+        self.mark("running")
+
+    def write_weights(self, model: nn.Module) -> None:
+        save_weights(model, self.file("model.safetensors"))
+
+    def write_versions(self) -> None:
+        from waferlab.io import versions
+
+        self.write_json("versions.json", versions())
+
+    def write_curves(self, history: list[dict[str, float]]) -> None:
+        """curves.csv (epoch, train_loss, val_loss, val_macro_f1, val_accuracy, lr) and curves.png."""
+        from waferlab.engine.report import plot_curves
+        from waferlab.io import write_text
+
+        lines = [",".join(CURVE_COLUMNS)]
+        for row in history:
+            lines.append(",".join(str(int(row[c])) if c == "epoch" else f"{row.get(c, float('nan')):.6g}"
+                                  for c in CURVE_COLUMNS))
+        write_text(self.file("curves.csv"), "\n".join(lines) + "\n")
+        plot_curves(self.file("curves.csv"), self.file("curves.png"))
+
+    def read_curves(self) -> list[dict[str, float]]:
+        """The rows of curves.csv as dicts (empty when the run has none)."""
+        import csv
+
+        if not self.has("curves.csv"):
+            return []
+        with self.file("curves.csv").open(encoding="utf-8") as fh:
+            return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+    def read_metrics(self) -> dict[str, Any]:
+        return self.read_json("metrics.json")
+
+    # --- what consumers read --------------------------------------------------------------------
+    @property
+    def checkpoints(self) -> Path:
+        return self.file("checkpoints/")
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def info(self) -> RunInfo:
+        return read_run_info(self.path)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    def spec(self) -> InputSpec:
+        """The input contract of the run's model (size, encoding, classes, logit scale)."""
+        i = self.info
+        return InputSpec(image_size=i.image_size, encoding=i.encoding, class_names=i.class_names,
+                         logit_scale=i.logit_scale)
+
+    def temperature(self) -> float:
+        """The fitted temperature from calibration.json, 1 when the run has not been calibrated."""
+        return float(self.read_json("calibration.json").get("temperature", 1.0)) if self.has(
+            "calibration.json") else 1.0
+
+    def load_model(self, device: str | torch.device = "cpu") -> nn.Module:
+        """The run's model with its trained weights, in eval mode on ``device``."""
+        return load_run(self.path, device=device)[0]
+
+
+CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_macro_f1", "val_accuracy", "lr")
+
+
 def read_run_info(run_dir: str | Path) -> RunInfo:
     """Read ``config.yaml`` and ``classes.json`` of a run dir (no model weights)."""
     import yaml
@@ -50,12 +253,7 @@ def read_run_info(run_dir: str | Path) -> RunInfo:
     from waferlab.data.encode import num_channels
     from waferlab.engine.config import TrainConfig
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise WaferlabError(f"run directory not found: {run}")
-    for name in RUN_FILES:
-        if not (run / name).is_file():
-            raise WaferlabError(f"{run}: not a finished waferlab run ({name} missing)")
+    run = Run.open(run_dir).path
     try:
         values = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
         classes = json.loads((run / "classes.json").read_text(encoding="utf-8"))
@@ -104,44 +302,3 @@ def save_weights(model: nn.Module, path: str | Path) -> None:
 
     with atomic_path(path) as tmp:
         save_model(model, str(tmp))
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, maps_uint8: np.ndarray | torch.Tensor, info: RunInfo,
-                  batch_size: int = 256, device: str | torch.device | None = None,
-                  progress: bool = False) -> np.ndarray:
-    """Class probabilities (N, K) float32 for uint8 maps (N, H, W) in {0,1,2}, resized to the run's size."""
-    from waferlab.data.encode import encode, resize_maps
-
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    maps = torch.as_tensor(np.asarray(maps_uint8) if not isinstance(maps_uint8, torch.Tensor) else maps_uint8)
-    if maps.dim() != 3:
-        raise WaferlabError(f"predict: expected maps of shape (N, H, W), got {tuple(maps.shape)}")
-    maps = maps.to(torch.uint8)
-    was_training = model.training
-    model.eval().to(device)
-    cuda = device.type == "cuda"
-    out = np.zeros((len(maps), len(info.class_names)), dtype=np.float32)
-    starts = range(0, len(maps), batch_size)
-    if progress:
-        from tqdm import tqdm
-
-        starts = tqdm(starts, desc="predict", unit="batch")
-    for start in starts:
-        batch = maps[start:start + batch_size].to(device, non_blocking=True)
-        if batch.shape[-1] != info.image_size or batch.shape[-2] != info.image_size:
-            batch = resize_maps(batch, info.image_size)
-        x = encode(batch, info.encoding)
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
-            logits = model(x)
-        logits = logits.float().reshape(len(x), -1) * info.logit_scale
-        out[start:start + len(x)] = torch.softmax(logits, dim=1).cpu().numpy()
-    model.train(was_training)
-    return out

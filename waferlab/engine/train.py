@@ -262,27 +262,21 @@ def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any
 def _evaluate_after_training(model: Any, cfg: TrainConfig, split: SplitData, out: Path, chosen: str) -> None:
     """Metrics of the kept weights on the test part (the val part if there is no test part)."""
     from waferlab.engine.metrics import compute_metrics
+    from waferlab.engine.predict import PredictOptions, predict_probs
     from waferlab.engine.report import write_evaluation
-    from waferlab.engine.run import read_run_info
+    from waferlab.engine.run import Run
 
     part_name, rows = "test", split.test
     if len(rows) == 0:
         part_name, rows = ("val", split.val) if len(split.val) else ("train", split.train)
         _note(f"no test part: metrics.json is computed on the {part_name} part")
-    info = read_run_info(out)
-    probs = predict_with_defaults(model, split.data.maps[rows], info, cfg)
+    run = Run.open(out)
+    info = run.info
+    device = "cpu" if cfg.accelerator == "cpu" else None
+    probs = predict_probs(model, split.data.maps[rows], run.spec(),
+                          PredictOptions(device=device, batch_size=cfg.eval_batch_size))
     metrics = compute_metrics(split.data.labels[rows], probs, info.class_names)
     metrics["evaluated_on"] = part_name
     card = protocol_card(cfg, split, evaluated_on=part_name, weights=chosen)
     write_evaluation(metrics, out, f"{cfg.model} on {Path(cfg.data).name} ({part_name} part)", card)
     _note(f"{part_name} accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} -> {out}")
-
-
-def predict_with_defaults(model: Any, maps: np.ndarray, info: Any, cfg: TrainConfig) -> np.ndarray:
-    """``predict_probs`` on the best available device with the config's evaluation batch size."""
-    import torch
-
-    from waferlab.engine.run import predict_probs
-
-    device = "cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu"
-    return predict_probs(model, maps, info, batch_size=cfg.eval_batch_size, device=device)

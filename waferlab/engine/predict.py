@@ -1,0 +1,162 @@
+"""The one prediction path: maps in, scaled logits / calibrated probabilities / pooled features out.
+
+Every consumer (training's final evaluation, ``evaluate``, ``explain``, the faithfulness scores, ``predict``,
+calibration) goes through :func:`predict` (or :func:`predict_probs`), so device choice, the autocast policy,
+batching, resizing, encoding and the logit scale / temperature are decided in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from waferlab.errors import WaferlabError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+AUTOCAST_POLICIES = ("auto", "off", "bf16")  # auto: bf16 on CUDA, full precision elsewhere
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a trained model expects and how to read its outputs (built from a run by ``Run.spec``)."""
+
+    image_size: int
+    encoding: str
+    class_names: tuple[str, ...]
+    logit_scale: float = 1.0  # cosine heads output similarities; softmax(scale * cos) is the distribution
+
+
+@dataclass
+class PredictOptions:
+    """How to predict: device (None = CUDA when available), batch size, autocast, temperature, extras."""
+
+    device: str | None = None
+    batch_size: int = 256
+    autocast: str = "auto"
+    temperature: float = 1.0  # from calibration; divides the scaled logits before the softmax
+    progress: bool = False
+    features: bool = False  # also return the pooled output of the model's ``cam_target_layer``
+
+    def __post_init__(self) -> None:
+        if self.autocast not in AUTOCAST_POLICIES:
+            raise WaferlabError(f"autocast: {self.autocast!r} is not one of {', '.join(AUTOCAST_POLICIES)}")
+        if self.batch_size < 1:
+            raise WaferlabError(f"batch size must be >= 1, got {self.batch_size}")
+        if not self.temperature > 0:
+            raise WaferlabError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class Prediction:
+    """``logits`` (N, K) already multiplied by the logit scale, ``probs`` = softmax(logits / T)."""
+
+    logits: np.ndarray
+    probs: np.ndarray
+    features: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The one place that decides the device: the given one, else CUDA when available, else CPU."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise WaferlabError(f"device {device!r} requested but no CUDA device is available")
+    return dev
+
+
+def _use_bf16(policy: str, dev: torch.device) -> bool:
+    return policy == "bf16" or (policy == "auto" and dev.type == "cuda")
+
+
+def prepare_batch(maps: torch.Tensor, spec: InputSpec, dev: torch.device) -> torch.Tensor:
+    """uint8 maps (B, H, W) -> the encoded float input at the run's size on ``dev``."""
+    import torch
+
+    from waferlab.data.encode import encode, resize_maps
+
+    batch = maps.to(dev, non_blocking=True).to(torch.uint8)
+    if batch.shape[-1] != spec.image_size or batch.shape[-2] != spec.image_size:
+        batch = resize_maps(batch, spec.image_size)
+    x = encode(batch, spec.encoding)
+    return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
+
+
+def _as_maps(maps: Any) -> torch.Tensor:
+    import torch
+
+    t = maps if isinstance(maps, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(maps))
+    if t.dim() != 3:
+        raise WaferlabError(f"predict: expected maps of shape (N, H, W), got {tuple(t.shape)}")
+    return t
+
+
+def _feature_hook(model: nn.Module, store: list[torch.Tensor]):
+    """Register a hook that keeps the global-average-pooled output of ``model.cam_target_layer``."""
+    layer = getattr(model, "cam_target_layer", None)
+    if layer is None:
+        raise WaferlabError(f"model {type(model).__name__} has no cam_target_layer to take features from")
+
+    def hook(_module, _inp, out):
+        store.append(out.float().mean(dim=(2, 3)) if out.dim() == 4 else out.float().flatten(1))
+
+    return layer.register_forward_hook(hook)
+
+
+def predict(model: nn.Module, maps: Any, spec: InputSpec,
+            options: PredictOptions | None = None) -> Prediction:
+    """Run ``model`` (eval mode, no grad) over uint8 maps (N, H, W) in {0,1,2}, batch by batch."""
+    import torch
+
+    opts = options or PredictOptions()
+    dev = resolve_device(opts.device)
+    t = _as_maps(maps)
+    was_training = model.training
+    model.eval().to(dev)
+    k = len(spec.class_names)
+    logits = np.zeros((len(t), k), dtype=np.float32)
+    feats: list[torch.Tensor] = []
+    handle = _feature_hook(model, feats) if opts.features else None
+    starts = range(0, len(t), opts.batch_size)
+    if opts.progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="predict", unit="batch")
+    try:
+        with torch.no_grad():
+            for start in starts:
+                x = prepare_batch(t[start:start + opts.batch_size], spec, dev)
+                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
+                                    enabled=_use_bf16(opts.autocast, dev)):
+                    out = model(x)
+                scaled = out.float().reshape(len(x), -1) * spec.logit_scale
+                logits[start:start + len(x)] = scaled.cpu().numpy()
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.train(was_training)
+    probs = softmax(logits / opts.temperature)
+    features = torch.cat(feats).cpu().numpy() if feats else (np.zeros((0, 0), np.float32) if opts.features
+                                                                      else None)
+    return Prediction(logits=logits, probs=probs, features=features)
+
+
+def predict_probs(model: nn.Module, maps: Any, spec: InputSpec, options: PredictOptions | None = None
+                  ) -> np.ndarray:
+    """Class probabilities (N, K) float32: :func:`predict`'s ``probs``."""
+    return predict(model, maps, spec, options).probs
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float32, numerically stable."""
+    z = logits - logits.max(axis=1, keepdims=True) if logits.size else logits
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32) if logits.size else logits.astype(np.float32)
