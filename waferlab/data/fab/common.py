@@ -65,8 +65,9 @@ def parse_pass_bins(text: str) -> tuple[int, ...]:
 def _pass_bins_arg(text: str) -> tuple[int, ...]:
     try:
         return parse_pass_bins(text)
-    except WaferlabError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    except WaferlabError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated bins 0..65535 such as 1,2, "
+                                         f"got {text!r}") from None
 
 
 def add_fab_arguments(parser: argparse.ArgumentParser) -> None:

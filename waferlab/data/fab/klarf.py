@@ -17,6 +17,7 @@ Units: 1.1/1.2 positions in micrometres and SampleSize in millimetres; 1.8 all i
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ _BLOCK_END = re.compile(r'"[^"]*"|\}')
 _VALUE_TOKEN = re.compile(r'"[^"]*"|[^\s,"]+')
 _KEYWORD = re.compile(r"\s*(\S+)\s*")
 _VALUE = re.compile(r'"([^"]*)"|([^\s"]+)')
+_KEY, _OFFSET = 1 << 32, 1 << 30
 _SIDES = {"DOWN": "down", "UP": "up", "LEFT": "left", "RIGHT": "right", "BOTTOM": "down", "TOP": "up"}
 
 
@@ -220,7 +222,7 @@ class _Record:
     name: str
     line: int
     fields: dict[str, list[str]] = field(default_factory=dict)
-    lists: dict[str, tuple[list[str], list[list[str]], int]] = field(default_factory=dict)
+    lists: dict[str, tuple[list[str], np.ndarray, int]] = field(default_factory=dict)
     children: list[_Record] = field(default_factory=list)
 
 
@@ -261,8 +263,8 @@ class _Tokens:
         body = self.text[self.pos:end.start()]
         self.pos, self._next = end.end(), None
         if '"' not in body:
-            rows = body.replace(",", " ").split(";")
-            return [r.split() for r in rows[:-1]] + ([rows[-1].split()] if rows[-1].strip() else [])
+            rows = [r.split() for r in body.replace(",", " ").split(";")]
+            return rows if rows[-1] else rows[:-1]
         out, start = [], 0
         for m in _STATEMENT_END.finditer(body):
             if m.group() == ";":
@@ -308,7 +310,7 @@ def _record(tok: _Tokens) -> _Record:
     return rec
 
 
-def _list(tok: _Tokens) -> tuple[list[str], list[list[str]], int]:
+def _list(tok: _Tokens) -> tuple[list[str], np.ndarray, int]:
     tok.take("{")
     tok.take("Columns")
     tok.take()
@@ -332,7 +334,12 @@ def _list(tok: _Tokens) -> tuple[list[str], list[list[str]], int]:
     tok.take("}")
     if not declared.isdigit() or int(declared) != len(rows):
         raise fab_error(tok.path, f"line {line}", f"Data says {declared} rows but holds {len(rows)}")
-    return columns, rows, line
+    bad = next((k for k, r in enumerate(rows) if len(r) != len(columns)), None)
+    if bad is not None:
+        raise fab_error(tok.path, f"line {line}", f"Data row {bad} has {len(rows[bad])} values for "
+                                                  f"{len(columns)} columns")
+    table = np.array(list(itertools.chain.from_iterable(rows)), dtype=str).reshape(len(rows), len(columns))
+    return columns, table, line
 
 
 def _wafers_18(path: Path, text: str, lines: _Lines) -> list[_Wafer]:
@@ -357,18 +364,17 @@ def _finish_18(path: Path, root: _Record, lot: _Record, rec: _Record) -> _Wafer:
     wafer.slot = int(slot[0]) if slot and slot[0].lstrip("-").isdigit() else None
     plans = [t.lists["SampleTestPlanList"] for t in rec.children if "SampleTestPlanList" in t.lists]
     if plans:
-        pairs = [np.array([[r[c.index("XINDEX")], r[c.index("YINDEX")]] for r in rows], dtype=np.int64)
-                 .reshape(-1, 2) for c, rows, _ in plans]
-        wafer.plan = np.unique(np.concatenate(pairs), axis=0)
+        try:
+            pairs = [table[:, [c.index("XINDEX"), c.index("YINDEX")]].astype(np.int64)
+                     for c, table, _ in plans]
+        except ValueError:
+            raise fab_error(path, f"line {plans[0][2]}", "SampleTestPlanList needs integer XINDEX and YINDEX "
+                                                         "columns") from None
+        wafer.plan = np.concatenate(pairs)
     if "DefectList" not in rec.lists:
         raise fab_error(path, f"line {rec.line}", f"WaferRecord {rec.name!r} has no DefectList")
-    columns, rows, line = rec.lists["DefectList"]
+    columns, table, line = rec.lists["DefectList"]
     wanted = [n for n in ("XINDEX", "YINDEX", "XREL", "YREL") if n in columns]
-    for k, row in enumerate(rows):
-        if len(row) != len(columns):
-            raise fab_error(path, f"line {line}", f"DefectList row {k}: {len(row)} values for "
-                                                  f"{len(columns)} columns")
-    table = np.array(rows, dtype=object).reshape(len(rows), len(columns))
     wafer.defects = _numeric(path, line, {n: table[:, columns.index(n)] for n in wanted})
     return wafer
 
@@ -428,6 +434,11 @@ def _wafer_dies(path: Path, wafer: _Wafer) -> np.ndarray:
     return np.stack([i[inside], j[inside]], axis=1)
 
 
+def _keys(xy: np.ndarray) -> np.ndarray:
+    """One int64 per (x, y) die index, so sets of dies are 1-D (fast unique/isin)."""
+    return (xy[:, 0].astype(np.int64) + _OFFSET) * _KEY + (xy[:, 1].astype(np.int64) + _OFFSET)
+
+
 def _mark(wafer: _Wafer) -> str | None:
     value = (wafer.values.get("OrientationMarkLocation") or [""])[0].strip().upper()
     if value in _SIDES:
@@ -439,17 +450,14 @@ def _mark(wafer: _Wafer) -> str | None:
 
 
 def _wafer_map(path: Path, wafer: _Wafer) -> FabWafer:
-    defect_dies = _defect_dies(path, wafer)
-    dies = _wafer_dies(path, wafer)
-    every = np.unique(np.concatenate([dies, defect_dies]), axis=0)
-    outside = len(every) - len(np.unique(dies, axis=0))
+    defect_keys = _keys(_defect_dies(path, wafer))
+    die_keys = np.unique(_keys(_wafer_dies(path, wafer)))
+    every = np.union1d(die_keys, defect_keys)
+    outside = len(every) - len(die_keys)
     if outside and wafer.plan is not None:
         note(f"{path}: wafer {wafer.wafer_id!r}: {outside} defect die(s) outside the SampleTestPlan added")
-    failed = np.zeros(len(every), dtype=bool)
-    if len(defect_dies):
-        keys = every[:, 0] * (1 << 32) + every[:, 1]
-        failed = np.isin(keys, defect_dies[:, 0] * (1 << 32) + defect_dies[:, 1])
-    status = np.where(failed, FAILED, GOOD).astype(np.uint8)
-    (grid,) = grid_from_xy(every[:, 0], every[:, 1], [status], [NO_DIE], x_right=True, y_up=True)
+    status = np.where(np.isin(every, defect_keys), FAILED, GOOD).astype(np.uint8)
+    x, y = every // _KEY - _OFFSET, every % _KEY - _OFFSET
+    (grid,) = grid_from_xy(x, y, [status], [NO_DIE], x_right=True, y_up=True)
     return FabWafer(map=turn_mark_down(grid, _mark(wafer)), lot=wafer.lot, wafer_id=wafer.wafer_id,
                     slot=wafer.slot)
