@@ -14,6 +14,7 @@ from waferlab.cli import main
 from waferlab.data.fab import FabOptions, detect
 from waferlab.data.fab import samples as S
 from waferlab.data.fab.common import parse_pass_bins
+from waferlab.data.fab.stdf import _scan
 from waferlab.data.readers import load_table, read_safe, sniff, write_safe
 from waferlab.errors import WaferlabError
 
@@ -49,16 +50,16 @@ def test_stdf_lot2_one_wafer_last_retest_kept(shared_data):
     assert _counts(m) == (1456, 1389, 67)  # 1,569 PRRs, 113 retests: the last test of each die counts
     assert round(100 * 1389 / 1456, 1) == 95.4
     assert ((bins == 1) == (m == 1)).all() and ((bins == -1) == (m == 0)).all()
-    # the first test of each die (not the last) would give another map: the retests matter
-    import stdf_convert
-
-    prr = stdf_convert.tables(str(shared_data / LOT2), ["PRR"])["PRR"]
-    x, y, hard = (prr.column(c).to_numpy() for c in ("X_COORD", "Y_COORD", "HARD_BIN"))
-    last = {}
-    for xi, yi, b in zip(x.tolist(), y.tolist(), hard.tolist()):
-        last[(xi, yi)] = b
-    assert sorted(np.unique(bins[bins >= 0], return_counts=True)[1].tolist()) == sorted(
-        np.unique(list(last.values()), return_counts=True)[1].tolist())
+    # every die shows the bin of its LAST PRR (WCR: POS_X R, POS_Y U, flat D: row = Ymax - Y, col = X - Xmin)
+    cols = _scan(shared_data / LOT2).prr_columns()
+    x, y, hard = cols["X_COORD"], cols["Y_COORD"], cols["HARD_BIN"]
+    last = {(int(a), int(b)): int(h) for a, b, h in zip(x, y, hard)}
+    first = {}
+    for a, b, h in zip(x.tolist(), y.tolist(), hard.tolist()):
+        first.setdefault((a, b), h)
+    assert len(last) == 1456 and len(x) == 1569
+    assert all(bins[y.max() - b, a - x.min()] == h for (a, b), h in last.items())
+    assert any(first[k] != last[k] for k in last)  # the retests change bins: first-test-wins would differ
 
 
 def test_stdf_a595_three_wafers_and_pass_bins(shared_data):

@@ -1,24 +1,28 @@
 """STDF V4 and V4-2007 wafer-sort files (plain or ``.gz``, either byte order) -> one map per wafer.
 
-Parser: **stdf-convert** (PyPI, MIT; Rust, built on rust-stdf), asked only for the FAR, MIR, WCR, WIR, WRR
-and PRR tables. Why: it reads V4 and V4-2007, both byte orders and gzip itself, and is fast: the real
-4.4 MB ``lot2.stdf.gz`` (60k records) in about 13 ms and a 50,000-die wafer well under a second
-(``benchmarks/fab_formats.py``). **pystdf 1.4.0** (GPL-2.0, pure Python) was measured at 1.8 s for the
-same 1,569-die file (over 100x slower), so it cannot meet the under-a-second budget for a 50k-die wafer;
-a hand-written reader was not needed. The only own code is :func:`_locate_damage`, a short record-header
-walk run after a failed parse, so that the error names the record where the file breaks.
+Parser: our own record-level reader (:func:`_scan`: a walk over the 4-byte record headers in Python, then
+numpy gathers of the fixed-offset PRR fields), reading only FAR, MIR, WCR, WIR, WRR and PRR. Measured
+alternatives: **pystdf 1.4.0** (GPL-2.0, pure Python) took 1.8 s for the real 1,569-die ``lot2.stdf``
+(60k records), far too slow for a 50,000-die wafer in under a second. **stdf-convert 0.3.0** (MIT, Rust)
+read it in 13 ms and serves functionally, but it requires pyarrow (and Python >= 3.11), and with pyarrow
+installed pandas 3 stores strings as Arrow arrays, so every DataFrame pickle (``data synth``, LSWMD
+writes) then references ``pyarrow.lib`` and our restricted unpickler rightly refuses it: 22 existing
+tests failed with it installed. The few records a map needs have fixed layouts, so a small reader is
+the safer choice; it reads a 50k-die wafer in well under a second (``benchmarks/fab_formats.py``) and
+names the record (counted from 0, with its type and byte offset) where a damaged file breaks.
 
 Mapping: PRRs between a WIR and its WRR (per test head) form one wafer (a file without WIR gives one map
 with a note); the die grid is the bounding box of PRR X_COORD/Y_COORD; a die tested again keeps its
 last PRR (retests are often not flagged in PART_FLG); a die passes when its hard (or soft) bin is in the
 pass bins; the bin itself is kept in ``WaferTable.bins``. Lot from MIR LOT_ID, wafer id from WIR/WRR.
+V4-2007 adds record types (VUR, PSR, STR, ...) that the walk steps over; the records read are unchanged.
 """
 
 from __future__ import annotations
 
 import gzip
-import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +39,7 @@ from waferlab.data.fab.common import (
     note,
     turn_mark_down,
 )
-from waferlab.errors import WaferlabError
 
-_TABLES = ["FAR", "MIR", "WCR", "WIR", "WRR", "PRR"]
 _MISSING_COORD = -32768
 _FLAT_SIDE = {"D": "down", "U": "up", "L": "left", "R": "right"}
 _NAMES = {(0, 10): "FAR", (0, 20): "ATR", (0, 30): "VUR", (1, 10): "MIR", (1, 20): "MRR", (1, 30): "PCR",
@@ -75,14 +77,12 @@ def read_stdf(path: Path, options: FabOptions) -> list[FabWafer]:
     if len(head) >= 6 and head[5] != 4:
         raise fab_error(path, "record 0 (FAR)", f"STDF version {head[5]} is not supported (only V4 and "
                                                 "V4-2007)")
-    tables = _parse(path)
-    prr = tables.get("PRR")
-    if prr is None or prr.num_rows == 0:
+    scan = _scan(path)
+    if len(scan.prr) == 0:
         raise fab_error(path, "", "no PRR (part result) records: nothing to map (not a wafer-sort file?)")
-    lot = _first(tables, "MIR", "LOT_ID") or ""
-    x_right, y_up, mark = _axes(tables)
-    cols = _columns(prr, ["sequence_number", "HEAD_NUM", "HARD_BIN", "SOFT_BIN", "X_COORD", "Y_COORD"])
-    groups, wafer_ids = _wafer_groups(path, tables, cols)
+    lot, (x_right, y_up, mark) = scan.lot, scan.axes
+    cols = scan.prr_columns()
+    groups, wafer_ids = _wafer_groups(path, scan, cols)
     pass_bins = np.array(options.pass_bins or DEFAULT_PASS_BINS)
     bins = cols["SOFT_BIN" if options.bin_kind == "soft" else "HARD_BIN"]
     wafers = []
@@ -101,73 +101,118 @@ def read_stdf(path: Path, options: FabOptions) -> list[FabWafer]:
     return wafers
 
 
-def _parse(path: Path) -> dict:
-    """stdf-convert's tables for the few record types needed; a parse failure names the broken record."""
-    try:
-        import stdf_convert
-    except ImportError:
-        raise WaferlabError(f"{path}: reading STDF needs the 'stdf-convert' package (Python >= 3.11): "
-                            "pip install stdf-convert") from None
-    try:
-        return stdf_convert.tables(str(path), _TABLES)
-    except stdf_convert.StdfError as exc:
-        raise _locate_damage(path, str(exc)) from None
-    except (OSError, EOFError, ValueError) as exc:
-        raise _locate_damage(path, f"{type(exc).__name__}: {exc}") from None
+@dataclass
+class _Scan:
+    """Where the records a map needs are: PRR positions (with record numbers), WIR/WRR, lot and axes."""
+
+    raw: bytes
+    big: bool
+    prr: list[tuple[int, int]] = field(default_factory=list)  # (record number, byte offset)
+    wir: list[tuple[int, int, str]] = field(default_factory=list)  # (record number, head, wafer id)
+    wrr: list[tuple[int, int, str]] = field(default_factory=list)
+    lot: str = ""
+    axes: tuple[bool, bool, str | None] = (True, False, None)
+
+    def prr_columns(self) -> dict[str, np.ndarray]:
+        """PRR fields at fixed offsets, gathered with numpy; a field the record left out reads as missing."""
+        buf = np.frombuffer(self.raw, dtype=np.uint8)
+        seq, pos = (np.array(v, dtype=np.int64) for v in zip(*self.prr))
+        length = self._u16(buf, pos, np.full(len(pos), 2), 0)
+        body = pos + 4
+
+        def u16(offset: int, missing: int) -> np.ndarray:
+            return self._u16(buf, body + offset, length, offset, missing)
+
+        x, y = (np.where(v >= 0x8000, v - 0x10000, v) for v in (u16(9, 0x8000), u16(11, 0x8000)))  # I2
+        return {"sequence_number": seq, "HEAD_NUM": buf[np.minimum(body, len(buf) - 1)].astype(np.int64),
+                "HARD_BIN": u16(5, 65535), "SOFT_BIN": u16(7, 65535), "X_COORD": x, "Y_COORD": y}
+
+    def _u16(self, buf: np.ndarray, at: np.ndarray, length: np.ndarray, offset: int,
+             missing: int = 0) -> np.ndarray:
+        there = length >= offset + 2 if offset else np.ones(len(at), bool)
+        at = np.where(there, at, 0)
+        hi, lo = (buf[at], buf[at + 1]) if self.big else (buf[at + 1], buf[at])
+        return np.where(there, (hi.astype(np.int64) << 8) | lo, missing)
 
 
-def _first(tables: dict, name: str, column: str) -> str | None:
-    table = tables.get(name)
-    if table is None or table.num_rows == 0 or column not in table.column_names:
-        return None
-    value = table.column(column)[0].as_py()
-    return None if value is None else str(value).strip()
+def _cn(raw: bytes, start: int, end: int) -> str:
+    """An STDF Cn string at ``start`` within a record ending at ``end`` ("" when left out)."""
+    if start >= end:
+        return ""
+    return raw[start + 1:min(start + 1 + raw[start], end)].decode("latin-1").strip()
 
 
-def _axes(tables: dict) -> tuple[bool, bool, str | None]:
-    """(X increases to the right, Y increases upward, flat side) from the WCR; unknown: right, down, none."""
-    pos_x = (_first(tables, "WCR", "POS_X") or "").upper()
-    pos_y = (_first(tables, "WCR", "POS_Y") or "").upper()
-    flat = (_first(tables, "WCR", "WF_FLAT") or "").upper()
-    return pos_x != "L", pos_y == "U", _FLAT_SIDE.get(flat)
+def _walk(raw: bytes, big: bool,
+          prr: list[tuple[int, int]]) -> tuple[list[tuple[int, int, int, int]], int, int]:
+    """Follow the record headers: PRRs go to ``prr`` as (record number, offset); returned are the MIR and
+    wafer records as (number, offset, type, sub) and where (offset, record) the walk stopped. The hot loop
+    of the reader: one type test per record on the common path."""
+    hits: list[tuple[int, int, int, int]] = []
+    keep, keep_prr = hits.append, prr.append
+    n, pos, index = len(raw), 0, 0
+    hi, lo = (0, 1) if big else (1, 0)
+    while pos + 4 <= n:
+        typ = raw[pos + 2]
+        if typ < 6:
+            if typ == 5:
+                if raw[pos + 3] == 20:
+                    keep_prr((index, pos))
+            elif typ:
+                keep((index, pos, typ, raw[pos + 3]))
+        end = pos + 4 + (raw[pos + hi] << 8 | raw[pos + lo])
+        if end > n:
+            break
+        pos = end
+        index += 1
+    return hits, pos, index
 
 
-def _columns(table, names: list[str]) -> dict[str, np.ndarray]:
-    """Integer numpy columns of an Arrow table; a field the record left out reads as STDF's 'missing'."""
-    import pyarrow.compute as pc
+def _scan(path: Path) -> _Scan:
+    """Walk every record header once; note the records a map needs. A record past the end is an error."""
+    raw, gz_problem = _raw_bytes(path)
+    scan = _Scan(raw, big=raw[:2] == b"\x00\x02")
+    hits, pos, index = _walk(raw, scan.big, scan.prr)
+    n = len(raw)
+    if pos + 4 <= n:  # the walk stopped at a record that runs past the end of the file
+        typ, sub = raw[pos + 2], raw[pos + 3]
+        length = (raw[pos] << 8 | raw[pos + 1]) if scan.big else (raw[pos + 1] << 8 | raw[pos])
+        what = f"cut short: {n - pos - 4} of its {length} bytes are there"
+        raise fab_error(path, f"record {index} ({_NAMES.get((typ, sub), f'type {typ}/{sub}')} at byte {pos})",
+                        what + (f" ({gz_problem})" if gz_problem else ""))
+    if pos < n:
+        raise fab_error(path, f"record {index} (at byte {pos})", f"cut short inside the record header "
+                                                                 f"({n - pos} of 4 bytes)")
+    if gz_problem:
+        raise fab_error(path, f"after record {index - 1}", gz_problem)
+    for number, at, typ, sub in hits:
+        length = (raw[at] << 8 | raw[at + 1]) if scan.big else (raw[at + 1] << 8 | raw[at])
+        end = at + 4 + length
+        if typ == 2 and sub in (10, 20):
+            (scan.wir if sub == 10 else scan.wrr).append((number, raw[at + 4] if length else 1,
+                                                          _cn(raw, at + (10 if sub == 10 else 30), end)))
+        elif typ == 2 and sub == 30 and length >= 20:
+            flat, pos_x, pos_y = (chr(raw[at + 4 + k]).upper() for k in (13, 18, 19))
+            scan.axes = (pos_x != "L", pos_y == "U", _FLAT_SIDE.get(flat))
+        elif typ == 1 and sub == 10:
+            scan.lot = _cn(raw, at + 19, end)
+    return scan
 
-    out = {}
-    for name in names:
-        column = table.column(name)
-        if column.null_count:
-            fill = _MISSING_COORD if name in ("X_COORD", "Y_COORD") else 65535
-            column = pc.fill_null(column, fill)
-        out[name] = column.to_numpy().astype(np.int64)
-    return out
 
-
-def _wafer_groups(path: Path, tables: dict,
+def _wafer_groups(path: Path, scan: _Scan,
                   cols: dict[str, np.ndarray]) -> tuple[list[np.ndarray], list[str]]:
     """PRR row indices per wafer (by WIR position and test head) and the wafer ids."""
     seq, head = cols["sequence_number"], cols["HEAD_NUM"]
-    wir = tables.get("WIR")
-    if wir is None or wir.num_rows == 0:
-        wrr_id = _first(tables, "WRR", "WAFER_ID") or ""
+    if not scan.wir:
         note(f"{path}: no WIR record: all {len(seq)} PRRs read as one wafer")
-        return [np.arange(len(seq))], [wrr_id]
-    w = _columns(wir, ["sequence_number", "HEAD_NUM"])
-    ids = [str(v or "").strip() for v in wir.column("WAFER_ID").to_pylist()]
-    wrr = tables.get("WRR")
-    wrr_ids = {}
-    if wrr is not None and wrr.num_rows:
-        r = _columns(wrr, ["sequence_number", "HEAD_NUM"])
-        for s, h, wid in zip(r["sequence_number"], r["HEAD_NUM"], wrr.column("WAFER_ID").to_pylist()):
-            wrr_ids[(int(h), int(s))] = str(wid or "").strip()
+        return [np.arange(len(seq))], [scan.wrr[0][2] if scan.wrr else ""]
+    w_seq, w_head = (np.array(v, dtype=np.int64) for v in list(zip(*scan.wir))[:2])
+    ids = [wid for _, _, wid in scan.wir]
+    wrr_ids = {(h, s): wid for s, h, wid in scan.wrr}
     owner = np.full(len(seq), -1, dtype=np.int64)
-    for h in np.unique(w["HEAD_NUM"]):
-        mine = np.flatnonzero(w["HEAD_NUM"] == h)
+    for h in np.unique(w_head):
+        mine = np.flatnonzero(w_head == h)
         on_head = (head == h) | (h == 255)
-        pos = np.searchsorted(w["sequence_number"][mine], seq, side="right") - 1
+        pos = np.searchsorted(w_seq[mine], seq, side="right") - 1
         take = on_head & (pos >= 0)
         owner[take] = mine[pos[take]]
     if (owner < 0).any():
@@ -176,11 +221,10 @@ def _wafer_groups(path: Path, tables: dict,
     for k in range(len(ids)):
         rows = np.flatnonzero(owner == k)
         if len(rows) == 0:
-            note(f"{path}: wafer {ids[k] or k + 1!r} (WIR record {int(w['sequence_number'][k])}) has no PRR; "
-                 "left out")
+            note(f"{path}: wafer {ids[k] or k + 1!r} (WIR record {int(w_seq[k])}) has no PRR; left out")
             continue
         groups.append(rows)
-        names.append(ids[k] or _wrr_id_after(wrr_ids, int(w["HEAD_NUM"][k]), int(seq[rows[-1]])))
+        names.append(ids[k] or _wrr_id_after(wrr_ids, int(w_head[k]), int(seq[rows[-1]])))
     if not groups:
         raise fab_error(path, "", "no PRR lies inside a WIR ... WRR wafer")
     return groups, names
@@ -222,27 +266,3 @@ def _raw_bytes(path: Path) -> tuple[bytes, str]:
     except zlib.error as exc:
         return b"", f"corrupt gzip data ({exc})"
     return raw, "" if out.eof else "the gzip stream is cut short"
-
-
-def _locate_damage(path: Path, reason: str) -> WaferlabError:
-    """Walk the record headers to name the record where the file breaks (run only after a failed parse)."""
-    raw, gz_problem = _raw_bytes(path)
-    if not raw:
-        return fab_error(path, "", gz_problem or f"cannot read STDF ({reason})")
-    order = ">" if raw[:2] == b"\x00\x02" else "<"
-    pos, index = 0, 0
-    while pos + 4 <= len(raw):
-        length = struct.unpack_from(order + "H", raw, pos)[0]
-        name = _NAMES.get((raw[pos + 2], raw[pos + 3]), f"type {raw[pos + 2]}/{raw[pos + 3]}")
-        if pos + 4 + length > len(raw):
-            what = f"cut short: {len(raw) - pos - 4} of its {length} bytes are there"
-            if gz_problem:
-                what += f" ({gz_problem})"
-            return fab_error(path, f"record {index} ({name} at byte {pos})", what)
-        pos += 4 + length
-        index += 1
-    if pos < len(raw):
-        return fab_error(path, f"record {index} (at byte {pos})", f"cut short inside the record header "
-                                                                 f"({len(raw) - pos} of 4 bytes)")
-    where = f"after record {index - 1}" if index else ""
-    return fab_error(path, where, gz_problem or f"stdf-convert could not read it ({reason})")
