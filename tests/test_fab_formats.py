@@ -291,3 +291,13 @@ def test_other_binary_is_not_taken_for_tsk(tmp_path):
     with pytest.raises(WaferlabError, match="unsupported file"):
         load_table(tmp_path / "blob.bin")
     assert detect(Path(tmp_path / "blob.bin"), "binary") is None
+
+
+def test_g85_bad_bin_code_names_its_line(tmp_path):
+    text = S.write_g85(tmp_path / "a.xml", [S.round_wafer(200, seed=3)]).read_text()
+    lines = text.splitlines()
+    k = next(i for i, line in enumerate(lines) if "<Row>" in line and "01" in line)
+    lines[k] = lines[k].replace("01", "0G", 1)
+    (tmp_path / "bad.xml").write_text("\n".join(lines))
+    with pytest.raises(WaferlabError, match=rf"line {k + 1}: bin code '0G' is not hexadecimal"):
+        load_table(tmp_path / "bad.xml")

@@ -36,6 +36,7 @@ from waferlab.data.fab.common import (
     side_from_angle,
     turn_mark_down,
 )
+from waferlab.errors import WaferlabError
 
 #: G85 BinType values this reader decodes, and the base of their codes (0: one character per die).
 BIN_TYPES: dict[str, int] = {"hexadecimal": 16, "decimal": 10, "ascii": 0}
@@ -140,13 +141,18 @@ def _device_map(path: Path, device: _Device, options: FabOptions) -> FabWafer:
         raise fab_error(path, f"line {where}", f"the map has {len(device.rows)} <Row> elements but its "
                                                f"<Device> (line {device.line}) says Rows=\"{n_rows}\"")
     width = len(null) if base else 1
-    codes = np.empty((n_rows, n_cols), dtype=np.int64)
+    cells: list[str] = []
     for r, (line, text) in enumerate(device.rows):
-        cells = _split_row(text, width)
-        if len(cells) != n_cols:
-            raise fab_error(path, f"line {line}", f"row {r} has {len(cells)} dies, the <Device> says "
+        row = _split_row(text, width)
+        if len(row) != n_cols:
+            raise fab_error(path, f"line {line}", f"row {r} has {len(row)} dies, the <Device> says "
                                                   f"Columns=\"{n_cols}\"")
-        codes[r] = [_code(path, line, c, base) for c in cells]
+        cells += row
+    # a map has few distinct codes: decode each once (the line in an error is that of its first row)
+    uniq, inverse = np.unique(np.array(cells, dtype=str), return_inverse=True)
+    values = np.array([_cell_code(path, device, cells, n_cols, c, base) for c in uniq.tolist()],
+                      dtype=np.int64)
+    codes = values[inverse].reshape(n_rows, n_cols)
     null_code = _code(path, device.line, null, base)
     die = codes != null_code
     passing = _pass_codes(path, device, base, options)
@@ -177,6 +183,14 @@ def _split_row(text: str, width: int) -> list[str]:
     if any(c.isspace() for c in text):
         return text.split()
     return [text[i:i + width] for i in range(0, len(text), width)]
+
+
+def _cell_code(path: Path, device: _Device, cells: list[str], n_cols: int, cell: str, base: int) -> int:
+    """A map cell's code; an undecodable one is reported at the line of the first row that has it."""
+    try:
+        return _code(path, 0, cell, base)
+    except WaferlabError:
+        return _code(path, device.rows[cells.index(cell) // n_cols][0], cell, base)
 
 
 def _code(path: Path, line: int, cell: str, base: int) -> int:
