@@ -15,6 +15,15 @@ import pytest
 from PIL import Image
 
 from waferlab.cli import main
+from waferlab.data.fab.samples import (
+    StdfWafer,
+    round_wafer,
+    stdf_wafer_from_map,
+    write_g85,
+    write_klarf,
+    write_stdf,
+    write_tsk,
+)
 from waferlab.data.lswmd import frame_from_table, write_lswmd
 from waferlab.data.readers import write_safe
 from waferlab.data.table import UNLABELED, WaferTable
@@ -216,6 +225,60 @@ def _zip_named_pkl_zip_without_pickle(d: Path) -> Path:
     return d / "LSWMD.pkl.zip"
 
 
+def _fab_wafer() -> StdfWafer:
+    return stdf_wafer_from_map("W01", round_wafer(300, seed=1))
+
+
+def _stdf_truncated(d: Path) -> Path:
+    data = write_stdf(d / "full.stdf", [_fab_wafer()], tests_per_die=2).read_bytes()
+    (d / "full.stdf").unlink()
+    (d / "cut.stdf").write_bytes(data[: len(data) // 2 + 3])
+    return d / "cut.stdf"
+
+
+def _not_stdf(d: Path) -> Path:
+    (d / "lot.stdf").write_text("LOT,WAFER,X,Y,BIN\nA,1,0,0,1\n")
+    return d / "lot.stdf"
+
+
+def _stdf_no_prr(d: Path) -> Path:
+    empty = StdfWafer("W01", np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return write_stdf(d / "noprr.stdf", [empty])
+
+
+def _stdf_no_coordinates(d: Path) -> Path:
+    w = _fab_wafer()
+    w.x, w.y = np.full_like(w.x, -32768), np.full_like(w.y, -32768)
+    return write_stdf(d / "noxy.stdf", [w])
+
+
+def _g85_row_count(d: Path) -> Path:
+    grid = round_wafer(300, seed=1)
+    return write_g85(d / "map.xml", [grid], rows_attr=grid.shape[0] + 1)
+
+
+def _klarf_no_defect_list(d: Path) -> Path:
+    text = write_klarf(d / "full.klarf", [round_wafer(300, seed=1)]).read_text()
+    (d / "full.klarf").unlink()
+    head, _, tail = text.partition("DefectRecordSpec")
+    (d / "nolist.klarf").write_text(head + "EndOfFile;\n")
+    return d / "nolist.klarf"
+
+
+def _klarf_no_die_index(d: Path) -> Path:
+    (d / "noindex.klarf").write_text('FileVersion 1 2;\nLotID "L";\nWaferID "1";\n'
+                                     'DefectRecordSpec 2 DEFECTID DSIZE;\nDefectList\n 1 3.0\n 2 4.0;\n'
+                                     'EndOfFile;\n')
+    return d / "noindex.klarf"
+
+
+def _tsk_cut_short(d: Path) -> Path:
+    data = write_tsk(d / "full.tsk", round_wafer(300, seed=1)).read_bytes()
+    (d / "full.tsk").unlink()
+    (d / "cut.tsk").write_bytes(data[:700])
+    return d / "cut.tsk"
+
+
 # (builder, substrings the one error line must contain, also bad for `data inspect`)
 CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], bool]] = {
     "missing_column": (_missing_column, ("missing column 'failureType'",), True),
@@ -252,6 +315,14 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], bool]] = {
     "foreign_code": (_foreign_code, ("posix.system", "refusing"), True),
     "nonexistent": (_nonexistent, ("no such file",), True),
     "zip_without_pickle": (_zip_named_pkl_zip_without_pickle, ("expected one pickle",), True),
+    "stdf_truncated": (_stdf_truncated, ("record", "at byte", "cut short"), True),
+    "not_stdf": (_not_stdf, ("record 0", "not an STDF file"), True),
+    "stdf_no_prr": (_stdf_no_prr, ("no PRR",), True),
+    "stdf_no_coordinates": (_stdf_no_coordinates, ("(PRR)", "no die coordinates"), True),
+    "g85_row_count": (_g85_row_count, ("line ", "<Row> elements", "Rows="), True),
+    "klarf_no_defect_list": (_klarf_no_defect_list, ("line 7", "no DefectList"), True),
+    "klarf_no_die_index": (_klarf_no_die_index, ("line 3", "no die index"), True),
+    "tsk_cut_short": (_tsk_cut_short, ("die row", "cut short"), True),
 }
 
 

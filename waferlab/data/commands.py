@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from waferlab.data.fab.common import add_fab_arguments, options_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the ``data`` command group to the top-level parser."""
@@ -28,10 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = dsub.add_parser("convert", help="convert any source to the safe (pickle-free) waferlab format",
                         description="Read any supported source (LSWMD.pkl, CSV export, MixedWM38 npz, image "
-                                    "folder) and write it, maps at original size, to a pickle-free .npz. "
+                                    "folder, STDF/G85/TSK/KLARF fab file) and write it, maps at original "
+                                    "size, to a pickle-free .npz. "
                                     "Loading a pickle runs code from the file: convert once, share the .npz.")
     p.add_argument("src", help="source file or folder")
     p.add_argument("--out", required=True, help="output .npz")
+    add_fab_arguments(p)
     p.set_defaults(func=_convert)
 
     p = dsub.add_parser("prepare", help="resize every map to SxS into a compact, pickle-free cache",
@@ -40,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="source file or folder")
     p.add_argument("--size", type=int, default=64, help="side length in dies/pixels (default 64)")
     p.add_argument("--out", required=True, help="output cache file (.npz)")
+    add_fab_arguments(p)
     p.set_defaults(func=_prepare)
 
     p = dsub.add_parser("inspect", help="count maps, classes, splits and map sizes",
@@ -49,6 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--figure", default=None, help="save a PNG grid of example maps per class")
     p.add_argument("--per-class", type=int, default=6, help="examples per class in the figure (default 6)")
+    add_fab_arguments(p)
     p.set_defaults(func=_inspect)
 
 
@@ -64,7 +70,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from waferlab.data.readers import load_table, write_safe
 
-    table = load_table(args.src)
+    table = load_table(args.src, options_from_args(args))
     write_safe(table, args.out)
     print(f"wrote {len(table)} maps to {args.out}", file=sys.stderr)
     return 0
@@ -74,7 +80,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from waferlab.data.cache import prepare, save_cache
     from waferlab.data.readers import load_table
 
-    prepared = prepare(load_table(args.src), size=args.size, progress=True)
+    prepared = prepare(load_table(args.src, options_from_args(args)), size=args.size, progress=True)
     save_cache(prepared, args.out)
     print(f"wrote {len(prepared)} maps at {args.size}x{args.size} to {args.out}", file=sys.stderr)
     return 0
@@ -83,7 +89,7 @@ def _prepare(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from waferlab.data.inspect import format_summary, inspect_source, plot_examples
 
-    summary, data = inspect_source(args.src)
+    summary, data = inspect_source(args.src, options_from_args(args))
     if args.figure:
         plot_examples(data, args.figure, per_class=args.per_class)
     if args.json:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from waferlab.data.cache import PreparedData, is_cache, load_cache
+from waferlab.data.fab.common import FabOptions
 from waferlab.data.table import UNLABELED, WM811K_CLASSES, WaferTable
 
 Data = WaferTable | PreparedData
@@ -101,14 +102,17 @@ def summarize(data: Data, source: str = "") -> dict[str, Any]:
     return summary
 
 
-def inspect_source(src: str | os.PathLike[str]) -> tuple[dict[str, Any], Data]:
-    """Read any source (via the readers) or a prepared cache and summarise it; returns (summary, data)."""
+def inspect_source(src: str | os.PathLike[str], fab: FabOptions | None = None) -> tuple[dict[str, Any], Data]:
+    """Read any source (via the readers) or a prepared cache and summarise it; returns (summary, data).
+
+    ``fab`` says how fab files (STDF, G85, ...) become pass/fail maps.
+    """
     if is_cache(src):
         data: Data = load_cache(src)
     else:
         from waferlab.data.readers import load_table
 
-        data = load_table(src)
+        data = load_table(src, fab)
     return summarize(data, source=str(src)), data
 
 
@@ -154,11 +158,13 @@ def plot_examples(data: Data, png_path: str | os.PathLike[str], per_class: int =
 
     names = _label_names(data)
     order = _class_order(data, names)
-    per_class = max(1, int(per_class))
+    largest = max([int((names == c).sum()) for c in order] or [1])
+    per_class = max(1, min(int(per_class), largest))  # no empty columns for a file of one or two wafers
     rng = np.random.default_rng(seed)
     n_rows = max(1, len(order))
-    fig, axes = plt.subplots(n_rows, per_class, figsize=(1.4 * per_class + 0.8, 1.45 * n_rows), squeeze=False,
-                             dpi=100)
+    cell = 1.4 if per_class >= 3 else 2.6
+    fig, axes = plt.subplots(n_rows, per_class, figsize=(cell * per_class + 0.8, (cell + 0.05) * n_rows),
+                             squeeze=False, dpi=100)
     for r, cls in enumerate(order):
         members = np.flatnonzero(names == cls)
         pick = np.sort(rng.choice(members, size=min(per_class, len(members)), replace=False))
@@ -167,7 +173,9 @@ def plot_examples(data: Data, png_path: str | os.PathLike[str], per_class: int =
             if c < len(pick):
                 i = int(pick[c])
                 h, w = (int(x) for x in data.orig_shape[i])
-                draw_wafer(ax, data.maps[i], title=f"{h}x{w}", fontsize=7)
+                wafer_id = getattr(data, "wafer_id", None)
+                name = f"{wafer_id[i]}\n" if wafer_id is not None and wafer_id[i] else ""
+                draw_wafer(ax, data.maps[i], title=f"{name}{h}x{w}", fontsize=7)
             else:
                 ax.axis("off")
             if c == 0:

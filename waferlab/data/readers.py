@@ -1,7 +1,8 @@
 """One entry point, :func:`load_table`, for every wafer-map source; plus the pickle-free safe ``.npz`` format.
 
 Sources: LSWMD pickles (loading a pickle runs code from the file, see :mod:`waferlab.data.lswmd`), the CSV
-export, MixedWM38 ``.npz``, waferlab's safe ``.npz`` and folders of images. The file's content is checked
+export, MixedWM38 ``.npz``, waferlab's safe ``.npz``, folders of images and fab files (STDF, SEMI G85, TSK,
+KLARF: :mod:`waferlab.data.fab`). The file's content is checked
 against its extension, so a mislabelled or corrupt file is a one-line :class:`WaferlabError`.
 """
 
@@ -16,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from waferlab.data.fab import FabOptions, read_fab
+from waferlab.data.fab import detect as detect_fab
 from waferlab.data.lswmd import normalize_class, parse_label, read_lswmd, read_lswmd_csv
 from waferlab.data.table import MIXED38_TYPES, UNLABELED, WaferTable
 from waferlab.errors import WaferlabError
@@ -86,11 +89,13 @@ def sniff(path: str | os.PathLike[str]) -> str:
     return "text"
 
 
-def load_table(path: str | os.PathLike[str]) -> WaferTable:
+def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> WaferTable:
     """Read any supported source into a :class:`WaferTable` (maps at original size).
 
     ``.pkl``/``.pickle`` (optionally ``.gz``/``.zip``/...): LSWMD pickle (runs code from the file:
-    trusted files only); ``.csv``/``.tsv``: CSV export; ``.npz``: MixedWM38 or waferlab safe; images.
+    trusted files only); ``.csv``/``.tsv``: CSV export; ``.npz``: MixedWM38 or waferlab safe; images;
+    fab files (STDF, SEMI G85, TSK, KLARF; by extension or content, see :mod:`waferlab.data.fab`), made
+    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes).
     """
     p = Path(path)
     if not p.exists():
@@ -103,11 +108,16 @@ def load_table(path: str | os.PathLike[str]) -> WaferTable:
     if ext in _COMPRESSED and len(suffixes) == 2 and suffixes[0] in (".pkl", ".pickle"):
         _expect(p, kind, (_COMPRESSED[ext],), "".join(suffixes))
         return read_lswmd(p)
+    if ext not in _EXPECTED:
+        fmt = detect_fab(p, kind)
+        if fmt is not None:
+            return read_fab(p, fmt, fab)
     if ext in _EXPECTED:
         _expect(p, kind, _EXPECTED[ext], ext)
     elif kind in ("binary", "npy", "gzip", "bz2", "xz"):
         raise WaferlabError(f"{p}: unsupported file ({_KIND_TEXT[kind]}); expected an LSWMD .pkl, a .csv "
-                            "export, a .npz (MixedWM38 or waferlab safe), an image or a folder of images")
+                            "export, a .npz (MixedWM38 or waferlab safe), an image, a folder of images or a "
+                            "fab file (STDF, SEMI G85, TSK, KLARF)")
     if kind == "pickle":
         return read_lswmd(p)
     if kind == "zip":
@@ -264,6 +274,15 @@ def write_safe(table: WaferTable, path: str | os.PathLike[str]) -> None:
                                     f"map's {m.shape}")
         arrays["masks"] = (np.concatenate([np.asarray(k, dtype=np.uint8).ravel() for k in table.masks]) if n
                            else np.zeros(0, np.uint8))
+    if table.bins is not None:  # fab files: the bin per die, -1 where there is no die
+        for i, (m, b) in enumerate(zip(table.maps, table.bins)):
+            if np.shape(b) != m.shape:
+                raise WaferlabError(f"{path}: row {i}, field 'bins': shape {np.shape(b)} differs from the "
+                                    f"map's {m.shape}")
+        arrays["bins"] = (np.concatenate([np.asarray(b, dtype=np.int32).ravel() for b in table.bins]) if n
+                          else np.zeros(0, np.int32))
+    if table.wafer_id is not None:
+        arrays["wafer_id"] = _unicode(table.wafer_id)
     if table.multi_hot is not None:
         arrays["multi_hot"] = np.asarray(table.multi_hot, dtype=np.uint8)
         arrays["multi_label_names"] = _unicode(np.asarray(table.multi_label_names, dtype=object))
@@ -345,11 +364,32 @@ def _read_safe_npz(npz: Any, path: Path) -> WaferTable:
             raise WaferlabError(f"{path}: field 'multi_hot' has shape {multi_hot.shape}, expected "
                                 f"({n}, {len(names)})")
         multi_hot = _check_map_block(multi_hot, path, "multi_hot", 1)
+    bins, wafer_id = _read_fab_columns(npz, path, offsets, [m.shape for m in maps])
     source = _member(npz, path, "source") if "source" in npz.files else np.array(str(path))
     return WaferTable(maps=maps, labels=columns["labels"], split=columns["split"], lot=columns["lot"],
                       wafer_index=wafer_index.astype(np.int64), source=str(source.tolist()) or str(path),
                       multi_hot=multi_hot, multi_label_names=names, masks=masks,
-                      orig_shape=orig_shape.astype(np.int32))
+                      orig_shape=orig_shape.astype(np.int32), bins=bins, wafer_id=wafer_id)
+
+
+def _read_fab_columns(npz: Any, path: Path, offsets: np.ndarray,
+                      shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
+    """The optional fab-file columns of a safe file: per-die bins (int32) and wafer id strings."""
+    n = len(shapes)
+    bins = wafer_id = None
+    if "bins" in npz.files:
+        flat = _member(npz, path, "bins")
+        if flat.ndim != 1 or flat.dtype.kind not in "iu" or flat.size != offsets[-1]:
+            raise WaferlabError(f"{path}: field 'bins' has shape {flat.shape} and dtype {flat.dtype}, "
+                                f"expected {int(offsets[-1])} integers")
+        flat = flat.astype(np.int32, copy=False)
+        bins = [flat[offsets[i]:offsets[i + 1]].reshape(shapes[i]) for i in range(n)]
+    if "wafer_id" in npz.files:
+        wafer_id = _member(npz, path, "wafer_id")
+        if wafer_id.shape != (n,) or (n and wafer_id.dtype.kind != "U"):
+            raise WaferlabError(f"{path}: field 'wafer_id' has shape {wafer_id.shape}, expected {n} strings")
+        wafer_id = wafer_id.astype(object)
+    return bins, wafer_id
 
 
 # ----------------------------------------------------------------------------------------------------

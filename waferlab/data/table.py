@@ -32,7 +32,9 @@ class WaferTable:
     ``maps`` holds 2-D uint8 arrays (0 no die, 1 good, 2 failed) of varying shape. ``labels`` is the
     class name or ``"unlabeled"``; ``split`` the source's own split tag (``"Training"``, ``"Test"``
     or ``""``). ``multi_hot`` (N x len(multi_label_names)) is set for mixed-type data, ``masks``
-    (same shapes as ``maps``, 1 inside the true pattern region) only for synthetic maps.
+    (same shapes as ``maps``, 1 inside the true pattern region) only for synthetic maps. Maps read from
+    fab files (:mod:`waferlab.data.fab`) may keep ``bins`` (same shapes as ``maps``, int32, the file's
+    bin per die, -1 where there is no die) and ``wafer_id`` (the file's wafer id strings).
     """
 
     maps: list[np.ndarray]
@@ -45,6 +47,8 @@ class WaferTable:
     multi_label_names: tuple[str, ...] = ()
     masks: list[np.ndarray] | None = None
     orig_shape: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
+    bins: list[np.ndarray] | None = None
+    wafer_id: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.maps)
@@ -60,6 +64,13 @@ class WaferTable:
                                     f"{len(getattr(self, name))} rows, expected {n}")
         if self.multi_hot is not None and len(self.multi_hot) != n:
             raise WaferlabError(f"{self.source or 'table'}: {len(self.multi_hot)} label rows for {n} maps")
+        if self.wafer_id is not None:
+            self.wafer_id = np.asarray(self.wafer_id, dtype=object)
+        for name in ("bins", "wafer_id"):
+            column = getattr(self, name)
+            if column is not None and len(column) != n:
+                raise WaferlabError(f"{self.source or 'table'}: column {name!r} has {len(column)} rows, "
+                                    f"expected {n}")
 
     def __len__(self) -> int:
         return len(self.maps)
@@ -88,6 +99,8 @@ class WaferTable:
             multi_label_names=self.multi_label_names,
             masks=None if self.masks is None else [self.masks[i] for i in idx],
             orig_shape=self.orig_shape[idx],
+            bins=None if self.bins is None else [self.bins[i] for i in idx],
+            wafer_id=None if self.wafer_id is None else self.wafer_id[idx],
         )
 
     def to_frame(self):  # -> pandas.DataFrame
@@ -107,4 +120,8 @@ class WaferTable:
                 frame[f"has_{name}"] = self.multi_hot[:, j]
         if self.masks is not None:
             frame["mask"] = self.masks
+        if self.bins is not None:
+            frame["bins"] = self.bins
+        if self.wafer_id is not None:
+            frame["wafer_id"] = self.wafer_id
         return frame
