@@ -217,6 +217,14 @@ def test_write_lswmd_layout_and_round_trip(tmp_path: Path):
     assert not list(tmp_path.glob(".*tmp*"))  # atomic write left no temporary file
 
 
+def test_written_pickle_never_refers_to_pyarrow(tmp_path: Path):
+    """pandas 3 + pyarrow backs string labels with Arrow arrays; our own pickles must stay readable."""
+    out = tmp_path / "synthetic.pkl"
+    write_lswmd(_small_table(masks=True), out)
+    assert pd.read_pickle(out).columns.dtype == object
+    assert b"pyarrow" not in out.read_bytes() and b"StringDtype" not in out.read_bytes()
+
+
 def test_write_lswmd_multi_hot_round_trip(tmp_path: Path):
     table = _small_table(6)
     hot = np.zeros((6, 8), np.uint8)

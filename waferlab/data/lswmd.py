@@ -532,6 +532,9 @@ def frame_from_table(table: WaferTable):  # -> pandas.DataFrame
     frame = pd.DataFrame(data, index=pd.RangeIndex(n))
     for name in ("waferMap", "lotName", "trianTestLabel", "failureType"):
         frame[name] = frame[name].astype(object)
+    # pandas >= 3 with pyarrow installed backs string labels with Arrow arrays, whose pickle calls pyarrow
+    # (which the restricted unpickler rightly refuses): keep the column labels a plain object Index.
+    frame.columns = pd.Index(list(frame.columns), dtype=object)
     if table.multi_hot is not None:
         frame.attrs["multi_label_names"] = list(table.multi_label_names)
     return frame
