@@ -13,6 +13,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
+#: The smallest training batch a rank is given: BatchNorm in train mode needs more than one value per channel.
+MIN_TRAIN_BATCH = 2
+
+
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integer parts, e.g. (seed, epoch, step, rank)."""
     state = np.random.SeedSequence([int(p) % (2**63) for p in parts]).generate_state(2, dtype=np.uint32)
@@ -22,8 +26,9 @@ def derive_seed(*parts: int) -> int:
 class IndexBatchSampler(Sampler[torch.Tensor]):
     """Yields int64 index tensors: this rank's share of each global batch of ``batch_size * world`` rows.
 
-    Training: shuffled with a generator seeded from (seed, epoch); a last global batch smaller than the
-    number of ranks is dropped so every rank runs the same number of steps. Evaluation: no shuffle, rows
+    Training: shuffled with a generator seeded from (seed, epoch); a last global batch that would give some
+    rank fewer than 2 rows is dropped (BatchNorm cannot normalise a batch of one; every rank runs the same
+    number of steps). Evaluation: no shuffle, rows
     ``rank::world`` in order (every row seen exactly once over all ranks). ``epoch_fn`` (e.g. the
     trainer's current epoch) overrides ``set_epoch``: Lightning does not call it on a restarted epoch.
     """
@@ -55,7 +60,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         global_bs = self.batch_size * self.world
         for start in range(0, len(idx), global_bs):
             chunk = idx[start:start + global_bs]
-            if len(chunk) < self.world:
+            if len(chunk) < MIN_TRAIN_BATCH * self.world:
                 break
             if len(chunk) == global_bs:
                 out.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
@@ -73,7 +78,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
             mine = len(range(self.rank, n, self.world))
             return -(-mine // self.batch_size)
         full, rest = divmod(n, self.batch_size * self.world)
-        return full + (1 if rest >= self.world else 0)
+        return full + (1 if rest >= MIN_TRAIN_BATCH * self.world else 0)
 
 
 class _Identity(Dataset):
