@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-
 #: The smallest training batch a rank is given: BatchNorm in train mode needs more than one value per channel.
 MIN_TRAIN_BATCH = 2
 
@@ -34,7 +33,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
     """
 
     def __init__(self, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, epoch_fn: Callable[[], int] | None = None) -> None:
         self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -42,7 +41,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         self.rank = int(rank)
         self.world = max(1, int(world))
         self.epoch = 0
-        self.epoch_fn: Callable[[], int] | None = None
+        self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch (restarted epochs included)."""
