@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from waferlab.engine.predict import InputSpec
 from waferlab.errors import WaferlabError
+
+if TYPE_CHECKING:  # torch is imported where weights are read or written; the CLI lists RUN_LAYOUT without it
+    import torch
+    from torch import nn
 
 
 @dataclass
