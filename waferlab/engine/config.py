@@ -77,6 +77,13 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @property
+    def bars(self) -> bool:
+        """Progress bars only when asked for and stderr is a terminal (a log gets one line per epoch)."""
+        import sys
+
+        return bool(self.progress and sys.stderr.isatty())
+
+    @property
     def has_val(self) -> bool:
         """True when the split carves out a validation part."""
         return self.fractions[1] > 0

@@ -55,7 +55,7 @@ def _load_source(src: DataSource, cfg: TrainConfig, resize: bool) -> Any:
     if not src.path.exists():
         raise WaferlabError(f"data not found: {src.path}")
     p = load_cache(src.path) if is_cache(src.path) and not resize else load_prepared(
-        src.path, cfg.image_size, progress=cfg.progress)
+        src.path, cfg.image_size, progress=cfg.bars)
     return select_classes(p, cfg.class_set)
 
 

@@ -92,13 +92,8 @@ def _callbacks(cfg: TrainConfig, run: Run, has_val: bool, extra: list[Any]) -> t
         cbs.append(FreezeBN())
     if cfg.precise_bn_batches > 0:
         cbs.append(PreciseBN(cfg.precise_bn_batches, cfg.batch_size, cfg.seed))
-    cbs.append(TQDMProgressBar() if _bars(cfg) else EpochLines())
+    cbs.append(TQDMProgressBar() if cfg.bars else EpochLines())
     return cbs + list(extra), keep
-
-
-def _bars(cfg: TrainConfig) -> bool:
-    """Progress bars only on a terminal; a log file gets one line per epoch instead."""
-    return bool(cfg.progress and sys.stderr.isatty())
 
 
 def _trainer(cfg: TrainConfig, hw: Hardware, run: Run, callbacks: list[Any], has_val: bool) -> Any:
@@ -114,7 +109,7 @@ def _trainer(cfg: TrainConfig, hw: Hardware, run: Run, callbacks: list[Any], has
         precision=hw.precision, max_epochs=cfg.epochs,
         deterministic=True if hw.accelerator == "cpu" else ("warn" if cfg.deterministic else False),
         benchmark=False if cfg.deterministic else None, callbacks=callbacks, logger=_loggers(run),
-        default_root_dir=str(run.path), enable_progress_bar=_bars(cfg), enable_model_summary=False,
+        default_root_dir=str(run.path), enable_progress_bar=cfg.bars, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, log_every_n_steps=10,
         limit_val_batches=None if has_val else 0)
 
