@@ -61,10 +61,18 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _datamodule(cfg: object, p: object) -> object:
+    """The engine's data module over prepared maps ``p``, every map a training map."""
+    from waferlab.engine.datamodule import SplitData, WaferDataModule
+
+    empty = np.arange(0)
+    return WaferDataModule(cfg, SplitData(p, np.arange(len(p.maps)), empty, empty))
+
+
 def interleaved_rates(model_name: str, args: argparse.Namespace) -> tuple[float, float]:
     """(bare, module) images/s, alternating one bare step and one module step so load drift cancels.
 
-    Module step = WaferClassifier.gather (index -> uint8 maps on the device, Augmenter, encode) + forward +
+    Module step = WaferDataModule.gather (index -> uint8 maps on the device, Augmenter, encode) + forward +
     the configured loss + backward + AdamW step: the full path minus Lightning's loop.
     """
     from waferlab.data.cache import prepare
@@ -83,10 +91,9 @@ def interleaved_rates(model_name: str, args: argparse.Namespace) -> tuple[float,
         torch.manual_seed(0)
         net = create_model(model_name, num_classes=len(p.class_names), in_chans=3).to(dev).train()
         nets.append(net.to(memory_format=torch.channels_last) if cuda else net)
-    counts = np.bincount(p.labels, minlength=len(p.class_names))
-    module = WaferClassifier(nets[1], cfg, torch.from_numpy(p.maps), torch.from_numpy(p.labels), counts)
-    module = module.to(dev)
-    module.setup("fit")
+    data = _datamodule(cfg, p)
+    data.maps, data.labels = data.maps.to(dev), data.labels.to(dev)
+    module = WaferClassifier(nets[1], cfg, data.class_counts()).to(dev)
     opts = [torch.optim.AdamW(n.parameters(), lr=1e-4) for n in nets]
     x = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=dev)
     if cuda:
@@ -104,7 +111,7 @@ def interleaved_rates(model_name: str, args: argparse.Namespace) -> tuple[float,
 
     def full() -> None:
         idx = torch.randperm(len(p), generator=gen)[:args.batch_size]
-        xb, yb = module.gather(idx, train=True)
+        xb, yb = data.gather(idx, train=True)
         with torch.autocast(**amp):
             loss = module.criterion(module(xb).float(), yb)
         opts[1].zero_grad(set_to_none=True)
@@ -125,14 +132,13 @@ def interleaved_rates(model_name: str, args: argparse.Namespace) -> tuple[float,
 
 
 def full_path_rate(model_name: str, args: argparse.Namespace) -> float:
-    """Images/s of the real training path (Trainer + WaferClassifier + index batches), after warm-up steps."""
+    """Images/s of the real training path (Trainer + data module + WaferClassifier), after warm-up."""
     import lightning as L
 
     from waferlab.data.cache import prepare
     from waferlab.data.synth import generate
     from waferlab.engine.config import build_config
     from waferlab.engine.module import WaferClassifier
-    from waferlab.engine.sampling import IndexBatchSampler, index_loader
     from waferlab.models import create_model
 
     dev = torch.device(args.device)
@@ -145,13 +151,11 @@ def full_path_rate(model_name: str, args: argparse.Namespace) -> float:
     model = create_model(model_name, num_classes=len(p.class_names), in_chans=3)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
-    counts = np.bincount(p.labels, minlength=len(p.class_names))
-    module = WaferClassifier(model, cfg, torch.from_numpy(p.maps), torch.from_numpy(p.labels), counts)
-    sampler = IndexBatchSampler(np.arange(len(p)), args.batch_size, shuffle=True, seed=0)
-    module.steps_per_epoch = len(sampler)
+    data = _datamodule(cfg, p)
+    module = WaferClassifier(model, cfg, data.class_counts())
     total = args.warmup + args.steps
-    if len(sampler) < total:
-        raise SystemExit(f"--n-maps {args.n_maps} gives only {len(sampler)} batches; need {total}")
+    if len(p) // args.batch_size < total:
+        raise SystemExit(f"--n-maps {args.n_maps} gives {len(p) // args.batch_size} batches; need {total}")
     times: list[float] = []
 
     class _Clock(L.Callback):
@@ -164,7 +168,7 @@ def full_path_rate(model_name: str, args: argparse.Namespace) -> float:
                         deterministic=not cuda, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[_Clock()],
                         use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=index_loader(sampler))
+    trainer.fit(module, datamodule=data)
     durations = np.diff(times[args.warmup - 1:])  # end of one step to end of the next: everything included
     return args.batch_size / float(np.median(durations))
 

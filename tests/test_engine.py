@@ -177,7 +177,7 @@ def test_train_writes_a_complete_run_dir(model: str, trained_runs: dict[str, Pat
     from waferlab.data.cache import load_cache
     from waferlab.data.splits import assign_splits, select_classes
     from waferlab.engine.predict import PredictOptions, predict_probs
-    from waferlab.engine.run import Run, load_run
+    from waferlab.engine.run import Run
 
     run = trained_runs[model]
     for name in ("model.safetensors", "config.yaml", "classes.json", "versions.json", "seed", "curves.csv",
@@ -188,7 +188,7 @@ def test_train_writes_a_complete_run_dir(model: str, trained_runs: dict[str, Pat
     assert "torch" in json.loads((run / "versions.json").read_text())
     curves = (run / "curves.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,train_loss,val_loss,val_macro_f1") and len(curves) == 2
-    model_, info = load_run(run)
+    model_, info = Run.open(run).load_model(), Run.open(run).info
     saved = load_file(str(run / "model.safetensors"))
     assert all(torch.equal(saved[k], v) for k, v in model_.state_dict().items() if k in saved)
     assert info.model_name == model and info.image_size == SIZE
@@ -249,12 +249,16 @@ def test_evaluate_maps_labels_by_name_and_drops_unlabeled() -> None:
 
 
 def test_precise_bn_recomputes_running_stats_from_training_rows() -> None:
-    """recalibrate_bn replaces stale running statistics by the batch statistics of the training rows
+    """Precise BN replaces stale running statistics by the batch statistics of the training rows
     (with the current weights), so an evaluated model sees what it was trained on."""
+    from types import SimpleNamespace
+
     import torch
     from torch import nn
 
+    from waferlab.engine.callbacks import PreciseBN
     from waferlab.engine.config import build_config
+    from waferlab.engine.datamodule import SplitData, WaferDataModule
     from waferlab.engine.module import WaferClassifier
 
     torch.manual_seed(0)
@@ -263,14 +267,16 @@ def test_precise_bn_recomputes_running_stats_from_training_rows() -> None:
     cfg = build_config("default", {"model": "resnet34", "image_size": 32, "batch_size": 64,
                                    "precise_bn_batches": 4, "augment": False})
     maps = torch.randint(0, 3, (40, 32, 32), dtype=torch.uint8)
-    module = WaferClassifier(net, cfg, maps, torch.zeros(40, dtype=torch.int64), np.array([40, 0, 0]))
-    module.train_indices = torch.arange(0, 30)
+    prepared = SimpleNamespace(maps=maps.numpy(), labels=np.zeros(40, np.int64), class_names=("a", "b", "c"))
+    split = SplitData(prepared, np.arange(0, 30), np.arange(30, 40), np.arange(0))
+    data = WaferDataModule(cfg, split)
+    module = WaferClassifier(net, cfg, np.array([40, 0, 0]))
     bn = net[1]
     bn.running_mean.fill_(5.0)
     bn.running_var.fill_(9.0)
     module.train()
-    module.recalibrate_bn()
-    x, _ = module.gather(torch.arange(0, 30), train=False)
+    PreciseBN(cfg.precise_bn_batches, cfg.batch_size, cfg.seed).recalibrate(module, data, epoch=0)
+    x, _ = data.gather(torch.arange(0, 30), train=False)
     with torch.no_grad():
         feats = net[0](x)
     assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5)

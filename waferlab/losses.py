@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from waferlab.errors import WaferlabError
+from waferlab.models.heads import DEFAULT_COSINE_SCALE
 
 LOSS_NAMES = ("ce", "weighted_ce", "focal", "circle")
 WEIGHT_KINDS = ("inverse", "sqrt_inverse", "effective")
@@ -31,7 +32,8 @@ class CircleLoss(nn.Module):
     official SP&A code, whose model fed softmax probabilities to this loss.
     """
 
-    def __init__(self, gamma: float = 64.0, margin: float = 0.25, mode: str = "cosine") -> None:
+    def __init__(self, gamma: float = DEFAULT_COSINE_SCALE, margin: float = 0.25,
+                 mode: str = "cosine") -> None:
         super().__init__()
         if mode not in ("cosine", "softmax"):
             raise WaferlabError(f"circle loss: mode must be 'cosine' or 'softmax', got {mode!r}")
@@ -172,7 +174,7 @@ def build_loss(name: str, num_classes: int,
             return loss
         if name == "focal":
             return FocalLoss(gamma=float(kw.get("gamma", 2.0)), weight=weight)
-        return CircleLoss(gamma=float(kw.get("gamma", 64.0)), margin=float(kw.get("margin", 0.25)),
-                          mode=str(kw.get("mode", "cosine")))
+        return CircleLoss(gamma=float(kw.get("gamma", DEFAULT_COSINE_SCALE)),
+                          margin=float(kw.get("margin", 0.25)), mode=str(kw.get("mode", "cosine")))
     except (TypeError, ValueError) as exc:
         raise WaferlabError(f"loss {name!r}: bad option value ({exc})") from None

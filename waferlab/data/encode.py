@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from waferlab.errors import WaferlabError
+
+if TYPE_CHECKING:  # torch is imported in the functions, so the CLI can list ENCODINGS without it
+    import torch
 
 #: Input encodings: one-hot {no die, good, failed} (default), gray (value/2), the study's gray-to-RGB.
 ENCODINGS: tuple[str, ...] = ("onehot", "gray", "rgb")
@@ -23,6 +25,8 @@ def num_channels(encoding: str) -> int:
 
 
 def _as_batch(maps: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if not isinstance(maps, torch.Tensor):
         maps = torch.as_tensor(maps)
     if maps.dim() == 4 and maps.shape[1] == 1:
@@ -42,6 +46,8 @@ def encode(maps: torch.Tensor, encoding: str = "onehot") -> torch.Tensor:
     ``onehot``: 3 channels (no die, good, failed); ``gray``: 1 channel value/2; ``rgb``: 3 equal
     channels 0/127/255 scaled to [0,1], as the attention study fed its ImageNet backbones.
     """
+    import torch
+
     channels = num_channels(encoding)
     maps = _as_batch(maps)
     if encoding == "onehot":
@@ -55,6 +61,9 @@ def encode(maps: torch.Tensor, encoding: str = "onehot") -> torch.Tensor:
 
 def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     """Nearest-resize a uint8 (N,H,W) batch on its device (pixel-centre rule, as ``prepare`` does)."""
+    import torch
+    import torch.nn.functional as F
+
     maps = _as_batch(maps)
     out_hw = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(maps.shape[-2:]) == out_hw:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from waferlab.data.cache import CACHE_MARKER
 from waferlab.data.fab import FabOptions, read_fab
 from waferlab.data.fab import detect as detect_fab
 from waferlab.data.lswmd import normalize_class, parse_label, read_lswmd, read_lswmd_csv
@@ -25,7 +26,6 @@ from waferlab.errors import WaferlabError
 
 SAFE_MARKER = "__waferlab_safe__"
 SAFE_VERSION = 1
-CACHE_MARKER = "__waferlab_cache__"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _LOSSY_FORMATS = ("JPEG", "WEBP", "MPO")
 #: viridis at 0, 0.5 and 1: the colours of "no die", "good die" and "failed die" in most wafer figures.
@@ -178,14 +178,6 @@ def read_npz(path: str | os.PathLike[str]) -> WaferTable:
             return _read_mixed38_npz(npz, path)
         raise WaferlabError(f"{path}: npz has keys {sorted(keys)}; expected 'arr_0' and 'arr_1' (MixedWM38) "
                             f"or a waferlab safe file ({SAFE_MARKER!r})")
-
-
-def read_mixed38(path: str | os.PathLike[str]) -> WaferTable:
-    """Read MixedWM38 ``Wafer_Map_Datasets.npz``: ``arr_0`` maps (N,52,52), ``arr_1`` multi-hot (N,8).
-
-    Label = the single type, types joined with ``+`` (MIXED38_TYPES order) for mixtures, ``none`` if all zero.
-    """
-    return read_npz(path)
 
 
 def _read_mixed38_npz(npz: Any, path: Path) -> WaferTable:

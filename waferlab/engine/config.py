@@ -8,16 +8,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waferlab.data.encode import ENCODINGS
+from waferlab.data.splits import CLASS_SETS, SPLIT_METHODS
+from waferlab.engine.optim import OPTIMIZERS, PLATEAU_MONITORS, SCHEDULERS
 from waferlab.errors import WaferlabError
+from waferlab.models.registry import HEADS
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
-CLASS_SETS = ("all9", "defect8")
-SPLITS = ("stratified", "random", "lot", "official")
-ENCODINGS = ("onehot", "gray", "rgb")
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("none", "cosine")
+#: Which weights a run keeps: the best validation macro-F1 epoch, or the last epoch.
 CHECKPOINTS = ("best", "last")
-HEADS = ("linear", "cosine")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true")
 
 
 @dataclass
@@ -28,7 +29,8 @@ class TrainConfig:
     model_options: dict[str, Any] = field(default_factory=dict)
     head: str = "linear"
     pretrained: str | None = None
-    data: str = ""
+    data: str | list[str] = ""  # one source, or a list of "PATH" / "PATH:WEIGHT" (weight: sampling share)
+    init: str | None = None  # a finished run whose weights training starts from (fine-tuning)
     out: str = ""
     class_set: str = "all9"
     encoding: str = "onehot"
@@ -46,6 +48,10 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     scheduler: str = "cosine"
+    t_max: int | None = None  # cosine_epoch's period in epochs (None: epochs)
+    plateau_monitor: str = "val_macro_f1"
+    plateau_factor: float = 0.1
+    plateau_patience: int = 10
     warmup_epochs: float = 1.0
     min_lr: float = 1e-5
     loss: str = "weighted_ce"
@@ -69,6 +75,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain-data copy (for YAML)."""
         return dataclasses.asdict(self)
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars only when asked for and stderr is a terminal (a log gets one line per epoch)."""
+        import sys
+
+        return bool(self.progress and sys.stderr.isatty())
 
     @property
     def has_val(self) -> bool:
@@ -213,7 +226,7 @@ def validate(cfg: TrainConfig) -> None:
     """Check every field; a bad value raises a one-line :class:`WaferlabError` naming the field."""
     _number(cfg, "epochs", int, 1)
     _number(cfg, "image_size", int, 32)
-    _number(cfg, "batch_size", int, 1)
+    _number(cfg, "batch_size", int, 2)  # BatchNorm cannot normalise a batch of one
     _number(cfg, "eval_batch_size", int, 1)
     _number(cfg, "lr", float, 0.0, strict=True)
     _number(cfg, "weight_decay", float, 0.0)
@@ -224,13 +237,15 @@ def validate(cfg: TrainConfig) -> None:
     _number(cfg, "num_nodes", int, 1)
     _number(cfg, "max_maps", int, 2, allow_none=True)
     _number(cfg, "logit_scale", float, 0.0, strict=True, allow_none=True)
-    _choice(cfg, "class_set", CLASS_SETS)
-    _choice(cfg, "encoding", ENCODINGS)
-    _choice(cfg, "split", SPLITS)
-    _choice(cfg, "optimizer", OPTIMIZERS)
-    _choice(cfg, "scheduler", SCHEDULERS)
-    _choice(cfg, "checkpoint", CHECKPOINTS)
-    _choice(cfg, "head", HEADS)
+    _number(cfg, "t_max", int, 1, allow_none=True)
+    _number(cfg, "plateau_factor", float, 0.0, strict=True)
+    _number(cfg, "plateau_patience", int, 0)
+    for name, choices in (("class_set", CLASS_SETS), ("encoding", ENCODINGS), ("split", SPLIT_METHODS),
+                          ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("checkpoint", CHECKPOINTS),
+                          ("head", HEADS), ("plateau_monitor", PLATEAU_MONITORS)):
+        _choice(cfg, name, tuple(choices))
+    if cfg.plateau_factor >= 1:
+        raise WaferlabError(f"config plateau_factor must be < 1, got {cfg.plateau_factor:g}")
     if not isinstance(cfg.model, str) or not cfg.model:
         raise WaferlabError("config model: a model name is required (see 'waferlab models')")
     for name in ("model_options", "loss_options", "augment_options", "balance_targets"):
@@ -247,17 +262,17 @@ def validate(cfg: TrainConfig) -> None:
     if fr[0] <= 0:
         raise WaferlabError(f"config fractions: the train fraction must be > 0, got {fr!r}")
     cfg.fractions = [float(x) for x in fr]
+    if cfg.scheduler == "plateau" and not cfg.has_val:
+        raise WaferlabError("config scheduler: plateau watches the validation part, but fractions has none")
     if cfg.checkpoint == "best" and not cfg.has_val:
         cfg.checkpoint = "last"  # no validation part: nothing to select the best epoch by
     dev = cfg.devices
     if isinstance(dev, bool) or not (isinstance(dev, int) and dev >= 1 or isinstance(dev, (str, list))):
         raise WaferlabError(f"config devices: expected a count >= 1, 'auto' or a list, got {cfg.devices!r}")
-    if cfg.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"):
-        raise WaferlabError(f"config accelerator: unknown value {cfg.accelerator!r}; use auto, cpu or gpu")
-    if cfg.precision is not None and str(cfg.precision) not in (
-            "32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true"):
-        raise WaferlabError(f"config precision: unknown value {cfg.precision!r}; use 32-true, bf16-mixed or "
-                            "16-mixed")
+    _choice(cfg, "accelerator", ACCELERATORS)
+    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
+        raise WaferlabError(f"config precision: unknown value {cfg.precision!r}; use one of "
+                            f"{', '.join(PRECISIONS)}")
     if cfg.precision is not None:
         cfg.precision = str(cfg.precision)
     if isinstance(cfg.precise_bn_batches, bool) or not isinstance(cfg.precise_bn_batches, int) \
@@ -268,11 +283,42 @@ def validate(cfg: TrainConfig) -> None:
         if not isinstance(getattr(cfg, name), bool):
             raise WaferlabError(f"config {name}: expected true or false, got {getattr(cfg, name)!r}")
     if cfg.nesterov and cfg.optimizer != "sgd":
-        raise WaferlabError("config nesterov: only meaningful with optimizer sgd")
+        raise WaferlabError("config nesterov: only meaningful with optimizer sgd (or use optimizer nag)")
     if cfg.data:
-        path = Path(cfg.data)
-        if not path.exists():
-            raise WaferlabError(f"data not found: {cfg.data}")
+        for src in data_sources(cfg.data):
+            if not src.path.exists():
+                raise WaferlabError(f"data not found: {src.path}")
+    if cfg.init is not None and not isinstance(cfg.init, str):
+        raise WaferlabError(f"config init: expected a run directory, got {cfg.init!r}")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One training source and its sampling weight (its rows are drawn ``weight`` times per epoch)."""
+
+    path: Path
+    weight: float = 1.0
+
+
+def data_sources(data: str | list[str]) -> list[DataSource]:
+    """``cfg.data`` -> sources: ``"a.pkl"``, ``["a.pkl", "b.pkl:3"]`` (``:WEIGHT`` optional, > 0)."""
+    items = [data] if isinstance(data, str) else data
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i for i in items):
+        raise WaferlabError(f"config data: expected a path or a list of paths, got {data!r}")
+    out = []
+    for item in items:
+        path, _, weight = item.rpartition(":")
+        try:
+            w = float(weight) if path and not Path(item).exists() else None
+        except ValueError:
+            w = None
+        if w is None:
+            out.append(DataSource(Path(item)))
+        elif not w > 0 or w != w or w == float("inf"):
+            raise WaferlabError(f"config data: {item!r}: the weight after ':' must be a number > 0")
+        else:
+            out.append(DataSource(Path(path), w))
+    return out
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

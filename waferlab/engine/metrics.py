@@ -19,19 +19,6 @@ SUM_TOLERANCE = 1e-3
 #: Probabilities are clipped to at least this before the log in the NLL, so a zero never gives inf.
 NLL_EPS = 1e-12
 
-#: The metrics a report or comparison table leads with, in display order.
-HEADLINE_KEYS = (
-    "accuracy",
-    "balanced_accuracy",
-    "macro_precision",
-    "macro_recall",
-    "macro_f1",
-    "weighted_f1",
-    "ece",
-    "nll",
-    "defect_vs_none_recall",
-)
-
 
 def _to_numpy(x: Any) -> Any:
     """Torch tensors (on any device) become numpy arrays; anything else is left to ``np.asarray``."""

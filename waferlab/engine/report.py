@@ -433,16 +433,12 @@ def _run_label_info(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
     """Model / split / class set of a run: from metrics.json's protocol, else the run's config.yaml."""
     info: dict[str, Any] = {}
     protocol = record.get("protocol") if isinstance(record.get("protocol"), dict) else {}
-    cfg: dict[str, Any] = {}
-    cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        import yaml
+    from waferlab.engine.run import Run
 
-        try:
-            loaded = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
-            cfg = loaded if isinstance(loaded, dict) else {}
-        except yaml.YAMLError:
-            cfg = {}
+    try:
+        cfg = Run(run_dir).config_values()
+    except WaferlabError:
+        cfg = {}
     for key in ("model", "split", "class_set", "image_size"):
         value = protocol.get(key, cfg.get(key))
         if isinstance(value, dict):

@@ -12,6 +12,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+#: The smallest training batch a rank is given: BatchNorm in train mode needs more than one value per channel.
+MIN_TRAIN_BATCH = 2
+
 
 def derive_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integer parts, e.g. (seed, epoch, step, rank)."""
@@ -22,14 +25,15 @@ def derive_seed(*parts: int) -> int:
 class IndexBatchSampler(Sampler[torch.Tensor]):
     """Yields int64 index tensors: this rank's share of each global batch of ``batch_size * world`` rows.
 
-    Training: shuffled with a generator seeded from (seed, epoch); a last global batch smaller than the
-    number of ranks is dropped so every rank runs the same number of steps. Evaluation: no shuffle, rows
+    Training: shuffled with a generator seeded from (seed, epoch); a last global batch that would give some
+    rank fewer than 2 rows is dropped (BatchNorm cannot normalise a batch of one; every rank runs the same
+    number of steps). Evaluation: no shuffle, rows
     ``rank::world`` in order (every row seen exactly once over all ranks). ``epoch_fn`` (e.g. the
     trainer's current epoch) overrides ``set_epoch``: Lightning does not call it on a restarted epoch.
     """
 
     def __init__(self, indices: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, epoch_fn: Callable[[], int] | None = None) -> None:
         self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
@@ -37,7 +41,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         self.rank = int(rank)
         self.world = max(1, int(world))
         self.epoch = 0
-        self.epoch_fn: Callable[[], int] | None = None
+        self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch (restarted epochs included)."""
@@ -55,7 +59,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
         global_bs = self.batch_size * self.world
         for start in range(0, len(idx), global_bs):
             chunk = idx[start:start + global_bs]
-            if len(chunk) < self.world:
+            if len(chunk) < MIN_TRAIN_BATCH * self.world:
                 break
             if len(chunk) == global_bs:
                 out.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
@@ -73,7 +77,7 @@ class IndexBatchSampler(Sampler[torch.Tensor]):
             mine = len(range(self.rank, n, self.world))
             return -(-mine // self.batch_size)
         full, rest = divmod(n, self.batch_size * self.world)
-        return full + (1 if rest >= self.world else 0)
+        return full + (1 if rest >= MIN_TRAIN_BATCH * self.world else 0)
 
 
 class _Identity(Dataset):

@@ -21,6 +21,8 @@ if TYPE_CHECKING:  # torch is imported only when a model is built, so `waferlab 
 Builder = Callable[..., "nn.Module"]
 
 #: Modules whose import registers models; loaded on first use of the registry.
+#: Classifier heads ``create_model`` can put on a model: the model's own, or an L2-normalised cosine head.
+HEADS: tuple[str, ...] = ("linear", "cosine")
 MODEL_MODULES = ("waferlab.models.study", "waferlab.models.spanet", "waferlab.models.baselines")
 
 
@@ -104,7 +106,7 @@ def create_model(
 
         use_cosine_head(model)
     elif head != "linear":
-        raise WaferlabError(f"unknown head {head!r}; use 'linear' or 'cosine'")
+        raise WaferlabError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
     model.model_name = name  # type: ignore[assignment]
     model.num_classes = num_classes  # type: ignore[assignment]
     model.in_chans = in_chans  # type: ignore[assignment]
