@@ -162,27 +162,32 @@ def study_gradcampp_weights(activations: np.ndarray, grads: np.ndarray, scores: 
     return (alpha * np.maximum(exp_s * g, 0.0)).sum(axis=(2, 3))
 
 
-def _layer_cams(cam, name: str, model: nn.Module, x: torch.Tensor, targets: np.ndarray) -> np.ndarray:
-    """Raw CAMs (B, h, w) at the target layer's resolution, after the method's ReLU, before any scaling."""
+def _layer_cams(methods: dict, hooks, model: nn.Module, x: torch.Tensor, targets: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    """Raw CAMs (B, h, w) of every method at the layer's resolution, after the method's ReLU, unscaled.
+
+    One forward and one backward pass serve every method: each method's ``get_cam_image`` turns the same
+    activations and gradients into its map (the study's GradCAM++ uses :func:`study_gradcampp_weights`).
+    """
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    hooks = cam.activations_and_grads
     outputs = hooks(x)
     tgt = torch.as_tensor(targets, device=outputs.device)[:, None]
     scores = outputs.reshape(len(x), -1).gather(1, tgt)[:, 0]
-    if cam.uses_gradients:
-        model.zero_grad(set_to_none=True)
-        scores.sum().backward()
+    model.zero_grad(set_to_none=True)
+    scores.sum().backward()
     acts = hooks.activations[0].float().numpy()
-    grads = hooks.gradients[0].float().numpy() if cam.uses_gradients else None
-    if name == STUDY_GRADCAMPP:
-        weights = study_gradcampp_weights(acts, grads, scores.detach().float().cpu().numpy())
-        raw = (weights[:, :, None, None] * acts).sum(axis=1)
-    else:
-        layer = cam.target_layers[0]
-        raw = cam.get_cam_image(x, layer, [ClassifierOutputTarget(int(k)) for k in targets], acts, grads,
-                                eigen_smooth=False)
-    return np.maximum(np.asarray(raw, dtype=np.float32), 0.0)
+    grads = hooks.gradients[0].float().numpy()
+    out: dict[str, np.ndarray] = {}
+    for name, cam in methods.items():
+        if name == STUDY_GRADCAMPP:
+            weights = study_gradcampp_weights(acts, grads, scores.detach().float().cpu().numpy())
+            raw = (weights[:, :, None, None] * acts).sum(axis=1)
+        else:
+            tg = [ClassifierOutputTarget(int(k)) for k in targets]
+            raw = cam.get_cam_image(x, cam.target_layers[0], tg, acts, grads, eigen_smooth=False)
+        out[name] = np.maximum(np.asarray(raw, dtype=np.float32), 0.0)
+    return out
 
 
 def upsample(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -191,37 +196,42 @@ def upsample(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
-def _method_cams(model: nn.Module, layer: nn.Module, name: str, t: torch.Tensor, spec: InputSpec,
-                 targets: np.ndarray, batch_size: int, dev: torch.device, progress: bool
-                 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """One method's normalised CAMs (N, H, W) for uint8 maps ``t``, and the layer's spatial size."""
+def _all_cams(model: nn.Module, layer: nn.Module, names: list[str], t: torch.Tensor, spec: InputSpec,
+              targets: np.ndarray, batch_size: int, dev: torch.device, progress: bool
+              ) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """Every method's normalised CAMs (N, H, W) for uint8 maps ``t``, and the layer's spatial size."""
     import pytorch_grad_cam
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
 
     from waferlab.engine.predict import prepare_batch
 
-    out = np.zeros(tuple(t.shape), np.float32)
+    out = {name: np.zeros(tuple(t.shape), np.float32) for name in names}
     hw = (0, 0)
-    quiet = _quiet_scorecam() if name == "scorecam" else contextlib.nullcontext()
-    finished = False
-    with torch.enable_grad(), quiet, getattr(pytorch_grad_cam, METHODS[name])(model, [layer]) as cam:
+    methods = {}
+    for name in names:  # the method objects only supply get_cam_image; their own hooks go at once
+        methods[name] = getattr(pytorch_grad_cam, METHODS[name])(model, [layer])
+        methods[name].activations_and_grads.release()
         if name == "scorecam":
-            cam.batch_size = batch_size
-        for start in _progress(range(0, len(t), batch_size), progress, name):
-            stop = min(start + batch_size, len(t))
-            x = prepare_batch(t[start:stop], spec, dev).float().contiguous()
-            if cam.uses_gradients:
+            methods[name].batch_size = batch_size
+    hooks = ActivationsAndGradients(model, [layer], None)
+    quiet = _quiet_scorecam() if "scorecam" in names else contextlib.nullcontext()
+    try:
+        with torch.enable_grad(), quiet:
+            for start in _progress(range(0, len(t), batch_size), progress, "cam"):
+                stop = min(start + batch_size, len(t))
+                x = prepare_batch(t[start:stop], spec, dev).float().contiguous()
                 x.requires_grad_(True)  # gradients reach the layer even when weights are frozen
-            raw = _layer_cams(cam, name, model, x, targets[start:stop])
-            hw = tuple(int(s) for s in raw.shape[-2:])
-            out[start:stop] = upsample(raw, tuple(t.shape[-2:]))
-            # Drop this batch's activations/gradients (they hold the graph) and the parameter gradients.
-            cam.activations_and_grads.clear()
-            model.zero_grad(set_to_none=True)
-            del x, raw
-        finished = True
-    if not finished:  # the library's __exit__ swallows an IndexError; never return partial CAMs
-        raise RuntimeError(f"{name}: CAM computation stopped early (IndexError inside pytorch-grad-cam)")
-    return postprocess(out, t), hw  # type: ignore[return-value]
+                raws = _layer_cams(methods, hooks, model, x, targets[start:stop])
+                for name, raw in raws.items():
+                    hw = tuple(int(s) for s in raw.shape[-2:])
+                    out[name][start:stop] = upsample(raw, tuple(t.shape[-2:]))
+                # Drop this batch's activations/gradients (they hold the graph) and the parameter gradients.
+                hooks.clear()
+                model.zero_grad(set_to_none=True)
+                del x, raws
+    finally:
+        hooks.release()
+    return {name: postprocess(cams, t) for name, cams in out.items()}, hw  # type: ignore[return-value]
 
 
 def compute_cams(
@@ -259,12 +269,8 @@ def compute_cams(
     if len(target_arr) and (target_arr.min() < 0 or target_arr.max() >= n_classes):
         raise WaferlabError(f"CAM target class out of range 0..{n_classes - 1}")
 
-    result = CamResult(cams={}, targets=target_arr, probs=probs)
-    for name in names:
-        result.cams[name], hw = _method_cams(model, layer, name, t, spec, target_arr, batch_size, dev,
-                                             progress)
-        if hw != (0, 0):
-            result.feature_hw = hw
+    cams, hw = _all_cams(model, layer, names, t, spec, target_arr, batch_size, dev, progress)
+    result = CamResult(cams=cams, targets=target_arr, probs=probs, feature_hw=hw)
     if result.feature_hw == (1, 1):
         result.notes.append(f"{type(model).__name__}: the CAM layer is 1x1 at {tuple(t.shape[-2:])} input, "
                             "so every CAM is flat (all zero); use a larger image size or a smaller "
