@@ -348,6 +348,29 @@ def test_localisation_scores_on_known_cams():
     assert np.all(np.isnan(empty["pointing_game"]))  # no pattern region: not scored
 
 
+def test_mass_inside_iou_k_and_fail_mass_lift_on_known_cams():
+    from waferlab.explain.localization import fail_mass_lift
+
+    maps = _disc(2)
+    maps[:, 12:20, 12:20] = 2  # a failed block, the pattern region
+    masks = np.zeros_like(maps)
+    masks[:, 12:20, 12:20] = 1
+    wafer = maps > 0
+    on = masks.astype(np.float32)
+    off = np.where(wafer, 1.0 - on, 0.0).astype(np.float32)  # the inverted CAM
+    good, bad = localisation(on, masks, maps), localisation(off, masks, maps)
+    assert np.allclose(good["mass_inside"], 1) and np.allclose(good["iou_k"], 1)
+    assert np.allclose(bad["mass_inside"], 0) and np.allclose(bad["iou_k"], 0)
+    m, a = 64, wafer[0].sum()
+    assert good["iou_k_chance"][0] == pytest.approx((m * m / a) / (2 * m - m * m / a))
+    share = (maps[0] == 2).sum() / a  # failed dies: the block and the random failures of _disc
+    lift_on = fail_mass_lift(on, maps)
+    assert lift_on[0] == pytest.approx(1 / share)  # all heat on failed dies
+    uniform = fail_mass_lift(wafer.astype(np.float32), maps)
+    np.testing.assert_allclose(uniform, 1.0)  # uniform heat: no better than the failed dies' share
+    assert np.isnan(fail_mass_lift(np.zeros_like(on), maps)).all()
+
+
 def test_road_runs_on_wafer_inputs(tiny):
     maps = _disc(3)
     res = compute_cams(tiny, maps, ONEHOT3, ["gradcam"])
