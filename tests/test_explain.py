@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from waferlab.cli import main
+from waferlab.engine.predict import InputSpec
 from waferlab.errors import WaferlabError
 from waferlab.explain.cam import (
     METHODS,
@@ -22,13 +23,21 @@ from waferlab.explain.cam import (
     layer_has_hooks,
     parse_methods,
     postprocess,
-    predict,
+    probabilities,
 )
 from waferlab.explain.faithfulness import faithfulness, perturbation_curves, relevance_ranks, road_scores
 from waferlab.explain.localization import localisation
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 S = 32
+
+
+def _spec(n_classes: int = 3, encoding: str = "onehot", size: int = S) -> InputSpec:
+    return InputSpec(image_size=size, encoding=encoding, class_names=tuple(f"c{k}" for k in range(n_classes)))
+
+
+ONEHOT3 = _spec(3)
+ONEHOT2 = _spec(2)
 
 
 class TinyCNN(nn.Module):
@@ -71,7 +80,7 @@ def tiny() -> TinyCNN:
 
 def test_every_method_shapes_ranges_and_wafer_mask(tiny):
     maps = _disc(6)
-    res = compute_cams(tiny, maps, "onehot", list(METHODS), batch_size=4)
+    res = compute_cams(tiny, maps, ONEHOT3, list(METHODS), batch_size=4)
     assert set(res.cams) == set(METHODS)
     assert res.feature_hw == (8, 8)
     assert res.probs.shape == (6, 3) and np.allclose(res.probs.sum(1), 1, atol=1e-5)
@@ -91,16 +100,17 @@ def test_explicit_targets_change_the_cam_and_gray_encoding_works():
     torch.manual_seed(1)
     model = TinyCNN(in_chans=1, num_classes=3).eval()
     maps = _disc(4, seed=3)
-    a = compute_cams(model, maps, "gray", ["gradcam"], targets=[0, 0, 0, 0]).cams["gradcam"]
-    b = compute_cams(model, maps, "gray", ["gradcam"], targets=[2, 2, 2, 2]).cams["gradcam"]
+    gray3 = _spec(3, "gray")
+    a = compute_cams(model, maps, gray3, ["gradcam"], targets=[0, 0, 0, 0]).cams["gradcam"]
+    b = compute_cams(model, maps, gray3, ["gradcam"], targets=[2, 2, 2, 2]).cams["gradcam"]
     assert not np.allclose(a, b)
     with pytest.raises(WaferlabError, match="out of range"):
-        compute_cams(model, maps, "gray", ["gradcam"], targets=[5, 0, 0, 0])
+        compute_cams(model, maps, gray3, ["gradcam"], targets=[5, 0, 0, 0])
 
 
 def test_maps_are_resized_to_the_image_size(tiny):
     maps = _disc(3, size=45)
-    res = compute_cams(tiny, maps, "onehot", ["gradcam"], image_size=S)
+    res = compute_cams(tiny, maps, ONEHOT3, ["gradcam"])
     assert res.cams["gradcam"].shape == (3, S, S)
 
 
@@ -109,7 +119,7 @@ def test_works_inside_no_grad_and_with_frozen_weights(tiny):
         p.requires_grad_(False)
     try:
         with torch.no_grad():
-            cam = compute_cams(tiny, _disc(2), "onehot", ["gradcam++"]).cams["gradcam++"]
+            cam = compute_cams(tiny, _disc(2), ONEHOT3, ["gradcam++"]).cams["gradcam++"]
         assert cam.max() == 1.0
     finally:
         for p in tiny.parameters():
@@ -141,6 +151,78 @@ def test_postprocess_masks_and_rescales():
     assert out[0].max() == pytest.approx(1.0) and (out[1] == 0).all()
 
 
+def test_heat_is_normalised_over_the_wafer_only():
+    """A no-die pixel with low raw heat must not set the minimum: the wafer's own range maps to [0, 1]."""
+    maps = np.array([[[0, 1], [1, 2]]], np.uint8)
+    raw = np.array([[[-9.0, 2.0], [3.0, 4.0]]], np.float32)  # the no-die corner is far below the wafer
+    out = postprocess(raw, maps)
+    np.testing.assert_allclose(out[0], [[0.0, 0.0], [0.5, 1.0]], atol=1e-6)
+    flat = postprocess(np.full((1, 2, 2), 5.0, np.float32), maps)
+    assert (flat == 0).all()  # heat constant over the wafer carries no location
+
+
+def test_study_gradcampp_weights_hand_computed():
+    from waferlab.explain.cam import study_gradcampp_weights
+
+    acts = np.array([[[[1, 0], [2, 1]], [[0, 1], [0, 0]]]], np.float64)
+    grads = np.array([[[[1, 1], [1, 1]], [[-1, 2], [0, 0]]]], np.float64)
+    # channel 0: sum A g^3 = 4, alpha = 1/6 everywhere, weight = 4 * 1/6 * exp(0) = 2/3
+    # channel 1: sum A g^3 = 8, alpha = [[1/10, 4/16], [0, 0]] (den 8 where g = 0), ReLU(g) = [[0, 2], [0, 0]]
+    w = study_gradcampp_weights(acts, grads, np.array([0.0]))
+    np.testing.assert_allclose(w, [[2 / 3, 0.5]], rtol=1e-6)
+    scaled = study_gradcampp_weights(acts, grads, np.array([np.log(3.0)]))
+    np.testing.assert_allclose(scaled, 3 * w, rtol=1e-6)
+
+
+class _LinearOnInput(nn.Module):
+    """Class 0's score is sum(C * x) over the encoded input; the CAM layer is the input: A = x, g = C."""
+
+    def __init__(self, c: torch.Tensor) -> None:
+        super().__init__()
+        self.cam_target_layer = nn.Identity()
+        self.register_buffer("c", c)
+        self.bias = nn.Parameter(torch.zeros(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.cam_target_layer(x)
+        s0 = (a * self.c).flatten(1).sum(1)
+        return torch.stack([s0, torch.zeros_like(s0)], 1) + self.bias
+
+
+def test_study_gradcampp_method_matches_the_formula_end_to_end():
+    rng = np.random.default_rng(0)
+    maps = rng.choice([1, 2], size=(2, 4, 4)).astype(np.uint8)
+    maps[:, 0, 0] = 0
+    c = torch.from_numpy(rng.normal(size=(3, 4, 4)).astype(np.float32))
+    model = _LinearOnInput(c).eval()
+    cam = compute_cams(model, maps, _spec(2, size=4), ["gradcam++exp"], targets=[0, 0]).cams["gradcam++exp"]
+    x = np.stack([maps == 0, maps == 1, maps == 2], 1).astype(np.float64)  # onehot: A
+    g = np.broadcast_to(c.numpy().astype(np.float64), x.shape)
+    expected = []
+    for i in range(2):  # the formula written out per channel, independently of the implementation
+        score = float((x[i] * g[i]).sum())
+        raw = np.zeros((4, 4))
+        for k in range(3):
+            den = 2 * g[i, k] ** 2 + (x[i, k] * g[i, k] ** 3).sum()
+            alpha = g[i, k] ** 2 / (np.where(den != 0, den, 1.0) + 1e-7)
+            raw += (alpha * np.maximum(np.exp(score) * g[i, k], 0)).sum() * x[i, k]
+        expected.append(np.maximum(raw, 0))
+    np.testing.assert_allclose(cam, postprocess(np.array(expected, np.float32), maps), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,option,hw", [("resnet34", 8, (8, 8)), ("cbam", 16, (4, 4)),
+                                            ("pan_inverse", 8, (8, 8)), ("spanet", 8, (8, 8))])
+def test_output_stride_option_keeps_a_cam_grid_at_64_px(name, option, hw):
+    from waferlab.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=3, output_stride=option)
+    res = compute_cams(model, _disc(1, size=64), _spec(3, size=64), ["gradcam"])
+    assert res.feature_hw == hw and res.cams["gradcam"].shape == (1, 64, 64)
+    with pytest.raises(WaferlabError, match="output_stride"):
+        create_model(name, num_classes=3, output_stride=12)
+
+
 def test_every_registered_model_cam_target_layer():
     from waferlab.models import create_model, list_models
 
@@ -150,7 +232,7 @@ def test_every_registered_model_cam_target_layer():
     for name in names:
         torch.manual_seed(0)
         model = create_model(name, num_classes=4, in_chans=3)
-        res = compute_cams(model, maps, "onehot", ["gradcam"], batch_size=2)
+        res = compute_cams(model, maps, _spec(4), ["gradcam"], batch_size=2)
         cam = res.cams["gradcam"]
         assert cam.shape == (2, S, S), name
         assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1, name
@@ -192,18 +274,18 @@ def test_no_memory_growth_over_1000_maps():
     torch.manual_seed(0)
     model = TinyCNN(num_classes=3, width=32).eval()  # ~3 MB of activations per batch: a leak would show
     maps = _disc(1000, seed=5)
-    compute_cams(model, maps[:100], "onehot", ["gradcam"], batch_size=25)  # warm-up
+    compute_cams(model, maps[:100], ONEHOT3, ["gradcam"], batch_size=25)  # warm-up
     gc.collect()
     with _PeakRss() as small:
-        compute_cams(model, maps[:100], "onehot", ["gradcam"], batch_size=25)  # 4 CAM batches
+        compute_cams(model, maps[:100], ONEHOT3, ["gradcam"], batch_size=25)  # 4 CAM batches
     gc.collect()
     objects_before, rss_before = len(gc.get_objects()), _rss_mb()
     with _PeakRss() as big:
-        res = compute_cams(model, maps, "onehot", ["gradcam"], batch_size=25)  # 40 CAM batches
+        res = compute_cams(model, maps, ONEHOT3, ["gradcam"], batch_size=25)  # 40 CAM batches
     assert res.cams["gradcam"].shape == (1000, S, S)
     del res
     for _ in range(3):
-        compute_cams(model, maps[:100], "onehot", ["gradcam"], batch_size=25)
+        compute_cams(model, maps[:100], ONEHOT3, ["gradcam"], batch_size=25)
     gc.collect()
     grown_objects = len(gc.get_objects()) - objects_before
     assert grown_objects < 500, f"{grown_objects} python objects leaked"
@@ -234,11 +316,11 @@ def test_relevance_ranks_order_failed_dies_and_break_ties_at_random():
 def test_curve_end_points_are_the_original_and_the_all_good_wafer(tiny):
     maps = _disc(5, seed=2)
     targets = np.array([0, 1, 2, 0, 1])
-    res = compute_cams(tiny, maps, "onehot", ["gradcam"], targets=targets)
-    curves = perturbation_curves(tiny, maps, relevance_ranks(maps, res.cams["gradcam"]), targets, "onehot",
+    res = compute_cams(tiny, maps, ONEHOT3, ["gradcam"], targets=targets)
+    curves = perturbation_curves(tiny, maps, relevance_ranks(maps, res.cams["gradcam"]), targets, ONEHOT3,
                                  steps=10, batch_size=7)
-    p_orig = predict(tiny, maps, "onehot")[np.arange(5), targets]
-    p_good = predict(tiny, np.minimum(maps, 1), "onehot")[np.arange(5), targets]
+    p_orig = probabilities(tiny, maps, ONEHOT3)[np.arange(5), targets]
+    p_good = probabilities(tiny, np.minimum(maps, 1), ONEHOT3)[np.arange(5), targets]
     np.testing.assert_allclose(curves.deletion[:, 0], p_orig, atol=1e-5)
     np.testing.assert_allclose(curves.insertion[:, -1], p_orig, atol=1e-5)
     np.testing.assert_allclose(curves.deletion[:, -1], p_good, atol=1e-5)
@@ -266,10 +348,33 @@ def test_localisation_scores_on_known_cams():
     assert np.all(np.isnan(empty["pointing_game"]))  # no pattern region: not scored
 
 
+def test_mass_inside_iou_k_and_fail_mass_lift_on_known_cams():
+    from waferlab.explain.localization import fail_mass_lift
+
+    maps = _disc(2)
+    maps[:, 12:20, 12:20] = 2  # a failed block, the pattern region
+    masks = np.zeros_like(maps)
+    masks[:, 12:20, 12:20] = 1
+    wafer = maps > 0
+    on = masks.astype(np.float32)
+    off = np.where(wafer, 1.0 - on, 0.0).astype(np.float32)  # the inverted CAM
+    good, bad = localisation(on, masks, maps), localisation(off, masks, maps)
+    assert np.allclose(good["mass_inside"], 1) and np.allclose(good["iou_k"], 1)
+    assert np.allclose(bad["mass_inside"], 0) and np.allclose(bad["iou_k"], 0)
+    m, a = 64, wafer[0].sum()
+    assert good["iou_k_chance"][0] == pytest.approx((m * m / a) / (2 * m - m * m / a))
+    share = (maps[0] == 2).sum() / a  # failed dies: the block and the random failures of _disc
+    lift_on = fail_mass_lift(on, maps)
+    assert lift_on[0] == pytest.approx(1 / share)  # all heat on failed dies
+    uniform = fail_mass_lift(wafer.astype(np.float32), maps)
+    np.testing.assert_allclose(uniform, 1.0)  # uniform heat: no better than the failed dies' share
+    assert np.isnan(fail_mass_lift(np.zeros_like(on), maps)).all()
+
+
 def test_road_runs_on_wafer_inputs(tiny):
     maps = _disc(3)
-    res = compute_cams(tiny, maps, "onehot", ["gradcam"])
-    scores = road_scores(tiny, maps, res.cams["gradcam"], res.targets, "onehot", percentiles=(20, 80))
+    res = compute_cams(tiny, maps, ONEHOT3, ["gradcam"])
+    scores = road_scores(tiny, maps, res.cams["gradcam"], res.targets, ONEHOT3, percentiles=(20, 80))
     assert scores.shape == (3,) and np.all(np.isfinite(scores)) and np.all(np.abs(scores) <= 1)
 
 
@@ -303,7 +408,7 @@ def center_model():
             opt.step()
     model.eval()
     is_center = test.labels == test.class_names.index("Center")
-    acc = (predict(model, test.maps, "onehot").argmax(1) == is_center).mean()
+    acc = (probabilities(model, test.maps, ONEHOT2).argmax(1) == is_center).mean()
     idx = np.flatnonzero(is_center)
     return model, test.maps[idx], test.masks[idx], float(acc)
 
@@ -311,7 +416,7 @@ def center_model():
 def test_trained_model_points_at_the_center_region(center_model):
     model, maps, masks, acc = center_model
     assert acc > 0.8, f"the test model did not learn (accuracy {acc:.2f})"
-    res = compute_cams(model, maps, "onehot", ["gradcam", "gradcam++"], targets=np.ones(len(maps), int))
+    res = compute_cams(model, maps, ONEHOT2, ["gradcam", "gradcam++"], targets=np.ones(len(maps), int))
     for name in ("gradcam", "gradcam++"):
         loc = localisation(res.cams[name], masks, maps)
         hit, chance = np.nanmean(loc["pointing_game"]), np.nanmean(loc["pointing_chance"])
@@ -323,12 +428,12 @@ def test_trained_model_points_at_the_center_region(center_model):
 def test_cam_deletion_beats_a_random_die_order(center_model):
     model, maps, _, _ = center_model
     targets = np.ones(len(maps), int)
-    cams = compute_cams(model, maps, "onehot", ["gradcam"], targets=targets).cams["gradcam"]
-    cam_scores = faithfulness(model, maps, cams, targets, "onehot", steps=10)
-    rnd = [np.nanmean(faithfulness(model, maps, None, targets, "onehot", steps=10, seed=s)["deletion_auc"])
+    cams = compute_cams(model, maps, ONEHOT2, ["gradcam"], targets=targets).cams["gradcam"]
+    cam_scores = faithfulness(model, maps, cams, targets, ONEHOT2, steps=10)
+    rnd = [np.nanmean(faithfulness(model, maps, None, targets, ONEHOT2, steps=10, seed=s)["deletion_auc"])
            for s in range(2)]
     assert np.nanmean(cam_scores["deletion_auc"]) < min(rnd) - 0.02
-    rnd_ins = np.nanmean(faithfulness(model, maps, None, targets, "onehot", steps=10)["insertion_auc"])
+    rnd_ins = np.nanmean(faithfulness(model, maps, None, targets, ONEHOT2, steps=10)["insertion_auc"])
     assert np.nanmean(cam_scores["insertion_auc"]) > rnd_ins
 
 
@@ -359,7 +464,7 @@ def test_figures_are_pngs_and_heat_covers_only_the_wafer(tmp_path, tiny):
     import matplotlib.pyplot as plt
 
     maps = _disc(3)
-    cams = compute_cams(tiny, maps, "onehot", ["gradcam", "gradcam++"]).cams
+    cams = compute_cams(tiny, maps, ONEHOT3, ["gradcam", "gradcam++"]).cams
     rows = [GridRow("Center", maps[0], {m: cams[m][0] for m in cams}, note="#0"), GridRow("Donut", None)]
     plot_study_grid(rows, ["gradcam", "gradcam++"], tmp_path / "grid.png", title="t")
     plot_map_overlays(maps[1], {m: cams[m][1] for m in cams}, "true A, predicted B (90%)", tmp_path / "m.png")
@@ -386,7 +491,7 @@ def trained_run(tmp_path_factory):
     from waferlab.data.synth import write_synthetic
 
     root = tmp_path_factory.mktemp("explain_e2e")
-    data = root / "synth.pkl"
+    data = root / "synth.npz"
     write_synthetic(data, n=270, seed=3)
     run = root / "run"
     code = main(["train", "--model", "mobilenetv2_100", "--data", str(data), "--out", str(run),
@@ -455,15 +560,18 @@ def test_cli_errors_are_one_line(trained_run, tmp_path, capsys):
 
 def test_test_part_explains_only_the_runs_held_out_maps(trained_run, tmp_path):
     from waferlab.engine.config import config_from_dict
-    from waferlab.engine.run import read_run_info
+    from waferlab.engine.run import Run, read_run_info
     from waferlab.engine.train import load_split_data
-    from waferlab.explain.runner import explain_runs
+    from waferlab.explain.runner import ExplainSettings, _test_part, explain_runs
 
     run, data = trained_run
     info = read_run_info(run)
     split = load_split_data(config_from_dict({**info.config, "progress": False}))
-    summary = explain_runs([str(run)], str(data), str(tmp_path / "tp"), methods="gradcam", per_class=0,
-                           test_part=True, progress=False)
+    summary = explain_runs([str(run)], str(data), str(tmp_path / "tp"),
+                           ExplainSettings(methods="gradcam", per_class=0, test_part=True, progress=False))
     entry = summary["runs"]["run"]
     assert entry["n_maps"] == len(split.test) < 270 and entry["selected_maps"] == []
     _assert_png(tmp_path / "tp" / "run" / "study_grid.png")
+    # the explainer's own reproduction of the split picks exactly training's test maps
+    mine = _test_part(str(data), Run.open(run).info.config, info.image_size, progress=False)
+    np.testing.assert_array_equal(mine.maps, split.data.subset(split.test).maps)

@@ -1,9 +1,11 @@
-"""Class activation maps of wafer-map classifiers, computed batch-wise with pytorch-grad-cam.
+"""Class activation maps of wafer-map classifiers, computed batch-wise on pytorch-grad-cam's hooks.
 
-Every function takes the model, uint8 wafer maps (N, H, W) (numpy or torch), the input encoding and,
-where needed, the class to explain, so it runs without a run directory. CAMs come back at the map's
-size, in [0, 1], and exactly zero outside the wafer (no-die area), because a heat spot where there is
-no die explains nothing an engineer can act on.
+Every function takes the model, uint8 wafer maps (N, H, W) (numpy or torch) and the model's
+:class:`~waferlab.engine.predict.InputSpec` (size, encoding, classes, logit scale), so it runs without a
+run directory. Probabilities come from the one prediction function (:func:`waferlab.engine.predict.predict`).
+CAMs come back at the model's input size, in [0, 1], min-max normalised over the wafer only, and exactly
+zero outside it (no-die area): a heat spot where there is no die explains nothing an engineer can act on,
+and a no-die corner must not set the scale of the heat on the dies.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from waferlab.engine.predict import InputSpec, PredictOptions, predict_probs
 from waferlab.errors import WaferlabError
 from waferlab.explain.methods import METHOD_TITLES, METHODS  # noqa: F401  (re-exported)
+
+#: The study's GradCAM++ (seeds.md A.5) computed by waferlab rather than by pytorch-grad-cam.
+STUDY_GRADCAMPP = "gradcam++exp"
+#: exp(S) of the study's GradCAM++ is a positive per-map factor; S is clamped so float64 cannot overflow.
+_MAX_EXP_SCORE = 700.0
 
 
 def parse_methods(methods: str | Sequence[str]) -> list[str]:
@@ -33,16 +42,13 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else is checked and returned."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The engine's device rule (``None``/``"auto"``: CUDA when available); a bad name is a user error."""
+    from waferlab.engine.predict import resolve_device as engine_device
+
     try:
-        dev = torch.device(device)
+        return engine_device(device)
     except (RuntimeError, TypeError) as exc:
         raise WaferlabError(f"--device: invalid device {device!r} ({exc})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise WaferlabError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 def as_maps(maps: np.ndarray | torch.Tensor | Sequence[np.ndarray], size: int | None = None) -> torch.Tensor:
@@ -70,52 +76,19 @@ def wafer_area(maps: np.ndarray | torch.Tensor) -> np.ndarray:
     return arr > 0
 
 
-def _encode(maps: torch.Tensor, encoding: str) -> torch.Tensor:
-    from waferlab.data.encode import encode
-
-    return encode(maps, encoding)
-
-
-def set_logit_scale(model: nn.Module, scale: float | None) -> nn.Module:
-    """Record the softmax scale of a run's outputs on the model (the engine's ``RunInfo.logit_scale``)."""
-    model.waferlab_logit_scale = None if scale is None else float(scale)  # type: ignore[assignment]
-    return model
-
-
-def outputs_to_probs(outputs: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """Class probabilities from model outputs: softmax of outputs x the run's logit scale.
-
-    Without a recorded scale: 1 for logits, ``DEFAULT_COSINE_SCALE`` for a cosine head's similarities.
-    """
-    from waferlab.models.heads import DEFAULT_COSINE_SCALE, is_cosine
-
-    scale = getattr(model, "waferlab_logit_scale", None)
-    if scale is None:
-        scale = DEFAULT_COSINE_SCALE if is_cosine(model) else 1.0
-    return torch.softmax(outputs.float().reshape(len(outputs), -1) * scale, dim=-1)
-
-
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's parameters (CPU for a parameter-free model)."""
     try:
         return next(model.parameters()).device
-    except StopIteration:  # a parameter-free model (tests); treat as CPU
+    except StopIteration:
         return torch.device("cpu")
 
 
-@torch.no_grad()
-def predict(model: nn.Module, maps, encoding: str, batch_size: int = 64, device=None,
-            progress: bool = False) -> np.ndarray:
-    """Class probabilities (N, num_classes) for uint8 maps, batch-wise, model in eval mode."""
-    dev = resolve_device(device) if device is not None else _model_device(model)
-    model.to(dev).eval()
-    t = as_maps(maps)
-    out = []
-    for start in _progress(range(0, len(t), batch_size), progress, "predict"):
-        x = _encode(t[start:start + batch_size].to(dev), encoding)
-        out.append(outputs_to_probs(model(x), model).cpu())
-    if not out:
-        return np.zeros((0, 0), np.float32)
-    return torch.cat(out).numpy().astype(np.float32)
+def probabilities(model: nn.Module, maps, spec: InputSpec, batch_size: int = 64,
+                  device: str | torch.device | None = None) -> np.ndarray:
+    """Class probabilities (N, K) through the one prediction function (the spec's size, encoding, scale)."""
+    dev = resolve_device(device) if device is not None else model_device(model)
+    return predict_probs(model, as_maps(maps), spec, PredictOptions(device=str(dev), batch_size=batch_size))
 
 
 @dataclass
@@ -157,44 +130,135 @@ def _quiet_scorecam() -> Iterator[None]:
 
 
 def postprocess(cams: np.ndarray, maps: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Zero the heat outside the wafer and rescale each map's CAM so its wafer maximum is 1."""
+    """Min-max normalise each CAM over its wafer dies only (no-die pixels take no part) and zero the rest.
+
+    A CAM that is constant on the wafer (e.g. from a 1x1 layer) carries no location and becomes all zero.
+    """
     cams = np.nan_to_num(np.asarray(cams, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    cams = np.clip(cams, 0.0, None) * wafer_area(maps)
-    peak = cams.reshape(len(cams), -1).max(axis=1) if len(cams) else np.zeros(0, np.float32)
-    scale = np.where(peak > 0, peak, 1.0).astype(np.float32)
-    return (cams / scale[:, None, None]).astype(np.float32)
+    wafer = wafer_area(maps)
+    n = len(cams)
+    flat, on = cams.reshape(n, -1), wafer.reshape(n, -1)
+    lo = np.where(on, flat, np.inf).min(axis=1) if n else np.zeros(0, np.float32)
+    hi = np.where(on, flat, -np.inf).max(axis=1) if n else np.zeros(0, np.float32)
+    span = np.where(np.isfinite(hi - lo) & (hi > lo), hi - lo, np.inf)
+    lo = np.where(np.isfinite(lo), lo, 0.0)
+    out = (flat - lo[:, None]) / span[:, None]
+    return np.where(on, np.clip(out, 0.0, 1.0), 0.0).reshape(cams.shape).astype(np.float32)
+
+
+def study_gradcampp_weights(activations: np.ndarray, grads: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Channel weights (B, C) of the study's GradCAM++ (seeds.md A.5, the exp-score variant).
+
+    alpha = g^2 / (2 g^2 + sum_ij A g^3) (a zero denominator replaced by 1, then 1e-7 added);
+    weights = sum_ij alpha * ReLU(exp(S) g), with S the explained class's pre-softmax score.
+    """
+    a = np.asarray(activations, dtype=np.float64)
+    g = np.asarray(grads, dtype=np.float64)
+    num = g ** 2
+    den = 2.0 * g ** 2 + (a * g ** 3).sum(axis=(2, 3), keepdims=True)
+    den = np.where(den != 0.0, den, 1.0)
+    alpha = num / (den + 1e-7)
+    exp_s = np.exp(np.minimum(np.asarray(scores, dtype=np.float64), _MAX_EXP_SCORE))[:, None, None, None]
+    return (alpha * np.maximum(exp_s * g, 0.0)).sum(axis=(2, 3))
+
+
+def _layer_cams(methods: dict, hooks, model: nn.Module, x: torch.Tensor, targets: np.ndarray
+                ) -> dict[str, np.ndarray]:
+    """Raw CAMs (B, h, w) of every method at the layer's resolution, after the method's ReLU, unscaled.
+
+    One forward and one backward pass serve every method: each method's ``get_cam_image`` turns the same
+    activations and gradients into its map (the study's GradCAM++ uses :func:`study_gradcampp_weights`).
+    """
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    outputs = hooks(x)
+    tgt = torch.as_tensor(targets, device=outputs.device)[:, None]
+    scores = outputs.reshape(len(x), -1).gather(1, tgt)[:, 0]
+    model.zero_grad(set_to_none=True)
+    scores.sum().backward()
+    acts = hooks.activations[0].float().numpy()
+    grads = hooks.gradients[0].float().numpy()
+    out: dict[str, np.ndarray] = {}
+    for name, cam in methods.items():
+        if name == STUDY_GRADCAMPP:
+            weights = study_gradcampp_weights(acts, grads, scores.detach().float().cpu().numpy())
+            raw = (weights[:, :, None, None] * acts).sum(axis=1)
+        else:
+            tg = [ClassifierOutputTarget(int(k)) for k in targets]
+            raw = cam.get_cam_image(x, cam.target_layers[0], tg, acts, grads, eigen_smooth=False)
+        out[name] = np.maximum(np.asarray(raw, dtype=np.float32), 0.0)
+    return out
+
+
+def upsample(raw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of layer-resolution CAMs (B, h, w) to the map size (pixel-centre aligned)."""
+    t = torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))[:, None]
+    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _all_cams(model: nn.Module, layer: nn.Module, names: list[str], t: torch.Tensor, spec: InputSpec,
+              targets: np.ndarray, batch_size: int, dev: torch.device, progress: bool
+              ) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """Every method's normalised CAMs (N, H, W) for uint8 maps ``t``, and the layer's spatial size."""
+    import pytorch_grad_cam
+    from pytorch_grad_cam.activations_and_gradients import ActivationsAndGradients
+
+    from waferlab.engine.predict import prepare_batch
+
+    out = {name: np.zeros(tuple(t.shape), np.float32) for name in names}
+    hw = (0, 0)
+    methods = {}
+    for name in names:  # the method objects only supply get_cam_image; their own hooks go at once
+        methods[name] = getattr(pytorch_grad_cam, METHODS[name])(model, [layer])
+        methods[name].activations_and_grads.release()
+        if name == "scorecam":
+            methods[name].batch_size = batch_size
+    hooks = ActivationsAndGradients(model, [layer], None)
+    quiet = _quiet_scorecam() if "scorecam" in names else contextlib.nullcontext()
+    try:
+        with torch.enable_grad(), quiet:
+            for start in _progress(range(0, len(t), batch_size), progress, "cam"):
+                stop = min(start + batch_size, len(t))
+                x = prepare_batch(t[start:stop], spec, dev).float().contiguous()
+                x.requires_grad_(True)  # gradients reach the layer even when weights are frozen
+                raws = _layer_cams(methods, hooks, model, x, targets[start:stop])
+                for name, raw in raws.items():
+                    hw = tuple(int(s) for s in raw.shape[-2:])
+                    out[name][start:stop] = upsample(raw, tuple(t.shape[-2:]))
+                # Drop this batch's activations/gradients (they hold the graph) and the parameter gradients.
+                hooks.clear()
+                model.zero_grad(set_to_none=True)
+                del x, raws
+    finally:
+        hooks.release()
+    return {name: postprocess(cams, t) for name, cams in out.items()}, hw  # type: ignore[return-value]
 
 
 def compute_cams(
     model: nn.Module,
     maps,
-    encoding: str,
+    spec: InputSpec,
     methods: Sequence[str] = ("gradcam",),
     targets: Sequence[int] | np.ndarray | None = None,
     batch_size: int = 32,
     device: str | torch.device | None = None,
-    image_size: int | None = None,
     progress: bool = False,
 ) -> CamResult:
     """CAMs of ``model`` for every map and method, explaining ``targets`` (default: the predicted class).
 
-    Runs pytorch-grad-cam on ``model.cam_target_layer`` batch by batch; every CAM object is used as a
-    context manager so its hooks are removed, and the graph/gradients of a batch are dropped before the
-    next one, so memory stays flat over any number of maps.
+    Maps are resized to ``spec.image_size``; the CAM is taken on ``model.cam_target_layer``, batch by batch
+    with hooks released afterwards (pytorch-grad-cam's context manager), so memory stays flat.
     """
-    import pytorch_grad_cam
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     names = parse_methods(methods)
     layer = getattr(model, "cam_target_layer", None)
     if not isinstance(layer, nn.Module):
         raise WaferlabError(f"model {type(model).__name__} has no cam_target_layer to explain")
     if batch_size < 1:
         raise WaferlabError(f"--batch-size must be >= 1, got {batch_size}")
-    dev = resolve_device(device) if device is not None else _model_device(model)
+    dev = resolve_device(device) if device is not None else model_device(model)
     model.to(dev).eval()
-    t = as_maps(maps, image_size)
-    probs = predict(model, t, encoding, batch_size=batch_size, device=dev)
+    t = as_maps(maps, spec.image_size)
+    probs = probabilities(model, t, spec, batch_size=batch_size, device=dev)
     if targets is None:
         target_arr = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     else:
@@ -205,39 +269,12 @@ def compute_cams(
     if len(target_arr) and (target_arr.min() < 0 or target_arr.max() >= n_classes):
         raise WaferlabError(f"CAM target class out of range 0..{n_classes - 1}")
 
-    result = CamResult(cams={}, targets=target_arr, probs=probs)
-    for name in names:
-        cls = getattr(pytorch_grad_cam, METHODS[name])
-        out = np.zeros(tuple(t.shape), np.float32)
-        quiet = _quiet_scorecam() if name == "scorecam" else contextlib.nullcontext()
-        finished = False
-        with torch.enable_grad(), quiet, cls(model=model, target_layers=[layer]) as cam:
-            if name == "scorecam":
-                cam.batch_size = batch_size
-            for start in _progress(range(0, len(t), batch_size), progress, name):
-                stop = min(start + batch_size, len(t))
-                x = _encode(t[start:stop].to(dev), encoding).float()
-                if cam.uses_gradients:
-                    x.requires_grad_(True)  # gradients reach the layer even when weights are frozen
-                batch_targets = [ClassifierOutputTarget(int(k)) for k in target_arr[start:stop]]
-                grayscale = cam(input_tensor=x, targets=batch_targets)
-                acts = cam.activations_and_grads.activations
-                if acts and result.feature_hw == (0, 0):
-                    result.feature_hw = tuple(int(s) for s in acts[0].shape[-2:])  # type: ignore[assignment]
-                out[start:stop] = grayscale
-                # Drop this batch's outputs (they hold the autograd graph) and the parameter gradients.
-                cam.outputs = None
-                cam.activations_and_grads.clear()
-                model.zero_grad(set_to_none=True)
-                del x, grayscale
-            finished = True
-        if not finished:  # the library's __exit__ swallows an IndexError; never return partial CAMs
-            raise RuntimeError(f"{name}: CAM computation stopped early (IndexError inside pytorch-grad-cam)")
-        result.cams[name] = postprocess(out, t)
+    cams, hw = _all_cams(model, layer, names, t, spec, target_arr, batch_size, dev, progress)
+    result = CamResult(cams=cams, targets=target_arr, probs=probs, feature_hw=hw)
     if result.feature_hw == (1, 1):
-        note = (f"{type(model).__name__}: the CAM layer is 1x1 at {tuple(t.shape[-2:])} input, so every CAM "
-                "is flat (all zero); use a larger image size")
-        result.notes.append(note)
+        result.notes.append(f"{type(model).__name__}: the CAM layer is 1x1 at {tuple(t.shape[-2:])} input, "
+                            "so every CAM is flat (all zero); use a larger image size or a smaller "
+                            "output stride")
     return result
 
 

@@ -15,9 +15,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "the study's grid (first correctly classified map per class, GradCAM and GradCAM++), "
                     "one overlay figure per selected map, a comparison grid when several runs are given, "
                     "and with --json a scores.json of deletion/insertion AUCs (failed dies turned good / "
-                    "put back in CAM order, against a random order), ROAD, and on synthetic maps with "
-                    "pattern masks the pointing game and IoU. Treat --data as held-out maps (or use "
-                    "--test-part).")
+                    "put back in CAM order, against a random order, with bootstrap intervals), ROAD, the "
+                    "fail-mass lift (CAM mass on failed dies over their share of the wafer; needs no mask), "
+                    "and on synthetic maps with pattern masks the pointing game, IoU and mass inside the "
+                    "pattern. Treat --data as held-out maps (or use --test-part).")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directory written by 'waferlab train' "
                    "(repeat to compare models)")
     p.add_argument("--data", required=True, help="maps to explain: any source or a prepared cache")
@@ -47,21 +48,16 @@ def _explain(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from waferlab.errors import WaferlabError
-    from waferlab.explain.cam import parse_methods
-    from waferlab.explain.runner import explain_runs, format_scores, parse_indexes
+    from waferlab.explain.runner import ExplainSettings, explain_runs, format_scores, parse_indexes
 
-    methods = parse_methods(args.methods)  # fail fast, before any model is loaded
-    if args.steps < 1:
-        raise WaferlabError(f"--steps must be >= 1, got {args.steps}")
-    if args.score_per_class < 1:
-        raise WaferlabError(f"--score-per-class must be >= 1, got {args.score_per_class}")
-    summary = explain_runs(
-        args.run_dirs, args.data, args.out, methods=methods, per_class=args.per_class,
-        map_indexes=parse_indexes(args.maps), scores=args.json, batch_size=args.batch_size,
-        device=args.device, test_part=args.test_part, score_per_class=args.score_per_class,
-        steps=args.steps, road=not args.no_road, progress=not args.no_progress,
-    )
+    settings = ExplainSettings(
+        methods=args.methods, per_class=args.per_class, map_indexes=parse_indexes(args.maps),
+        scores=args.json,
+        batch_size=args.batch_size, device=args.device, test_part=args.test_part,
+        score_per_class=args.score_per_class, steps=args.steps, road=not args.no_road,
+        progress=not args.no_progress)
+    settings.check()  # fail fast, before any model is loaded
+    summary = explain_runs(args.run_dirs, args.data, args.out, settings)
     for name, entry in summary["runs"].items():
         for line in entry.get("notes", []):
             print(f"waferlab: note: {name}: {line}", file=sys.stderr)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from waferlab.explain.cam import _encode, _model_device, as_maps, outputs_to_probs, resolve_device
+from waferlab.engine.predict import InputSpec, PredictOptions, predict_probs
+from waferlab.explain.cam import as_maps, model_device, resolve_device
 
 #: Points on each curve: fractions 0, 1/steps, ..., 1 of the failed dies changed.
 DEFAULT_STEPS = 20
@@ -67,13 +68,12 @@ class Curves:
         return np.where(self.valid, np.trapezoid(self.insertion, self.fractions, axis=1), np.nan)
 
 
-@torch.no_grad()
 def perturbation_curves(
     model: nn.Module,
     maps,
     ranks: np.ndarray,
     targets: Sequence[int] | np.ndarray,
-    encoding: str,
+    spec: InputSpec,
     steps: int = DEFAULT_STEPS,
     batch_size: int = 64,
     device=None,
@@ -81,10 +81,11 @@ def perturbation_curves(
     """Deletion and insertion curves for maps whose failed dies are ordered by ``ranks``.
 
     For each map and each fraction f in 0..1 (``steps`` + 1 points) the first round(f * n_failed)
-    dies in rank order are turned good (deletion) or are the only failed dies left (insertion).
+    dies in rank order are turned good (deletion) or are the only failed dies left (insertion); the
+    probabilities come from the one prediction function.
     """
-    dev = resolve_device(device) if device is not None else _model_device(model)
-    model.to(dev).eval()
+    dev = resolve_device(device) if device is not None else model_device(model)
+    opts = PredictOptions(device=str(dev), batch_size=batch_size)
     t = as_maps(maps)
     n = len(t)
     fractions = np.linspace(0.0, 1.0, steps + 1)
@@ -92,7 +93,7 @@ def perturbation_curves(
     n_failed = is_fail.flatten(1).sum(1).numpy()
     ks = torch.from_numpy(np.rint(fractions[None, :] * n_failed[:, None]).astype(np.int64))  # (N, T)
     r = torch.from_numpy(np.asarray(ranks, dtype=np.int64))
-    tgt = torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    tgt = np.asarray(targets, dtype=np.int64)
     deletion = np.zeros((n, len(fractions)), np.float32)
     insertion = np.zeros((n, len(fractions)), np.float32)
     n_t = len(fractions)
@@ -102,15 +103,10 @@ def perturbation_curves(
         good = torch.ones((), dtype=torch.uint8)
         deleted = torch.where(rk < k, good, m)                    # (b, T, H, W)
         inserted = torch.where(fail & (rk >= k), good, m)
+        rows = tgt[sl].repeat(n_t)
         for out, variants in ((deletion, deleted), (insertion, inserted)):
-            flat = variants.reshape(-1, *t.shape[-2:])
-            rows = np.arange(sl.start, sl.stop).repeat(n_t)
-            probs = []
-            for s in range(0, len(flat), batch_size):
-                x = _encode(flat[s:s + batch_size].to(dev), encoding)
-                p = outputs_to_probs(model(x), model)
-                probs.append(p.gather(1, tgt[rows[s:s + batch_size]].to(dev)[:, None])[:, 0].cpu())
-            out[sl] = torch.cat(probs).reshape(-1, n_t).numpy()
+            probs = predict_probs(model, variants.reshape(-1, *t.shape[-2:]), spec, opts)
+            out[sl] = probs[np.arange(len(rows)), rows].reshape(-1, n_t)
     return Curves(fractions=fractions, deletion=deletion, insertion=insertion, n_failed=n_failed)
 
 
@@ -119,27 +115,28 @@ def faithfulness(
     maps,
     cams: np.ndarray | None,
     targets: Sequence[int] | np.ndarray,
-    encoding: str,
+    spec: InputSpec,
     steps: int = DEFAULT_STEPS,
     batch_size: int = 64,
     device=None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Per-map deletion and insertion AUCs for one CAM (``cams=None``: the random die order)."""
-    curves = perturbation_curves(model, maps, relevance_ranks(maps, cams, seed=seed), targets, encoding,
+    curves = perturbation_curves(model, maps, relevance_ranks(maps, cams, seed=seed), targets, spec,
                                  steps=steps, batch_size=batch_size, device=device)
     return {"deletion_auc": curves.deletion_auc(), "insertion_auc": curves.insertion_auc()}
 
 
 class _ScaledOutputs(nn.Module):
-    """Wrap a model so a softmax of its outputs gives waferlab's class probabilities (cosine heads scaled)."""
+    """Wrap a model so a softmax of its outputs gives the run's class probabilities (spec's logit scale)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, logit_scale: float) -> None:
         super().__init__()
         self.model = model
+        self.logit_scale = float(logit_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(outputs_to_probs(self.model(x), self.model).clamp_min(1e-12))
+        return torch.log_softmax(self.model(x).float().flatten(1) * self.logit_scale, dim=-1)
 
 
 def road_scores(
@@ -147,7 +144,7 @@ def road_scores(
     maps,
     cams: np.ndarray,
     targets: Sequence[int] | np.ndarray,
-    encoding: str,
+    spec: InputSpec,
     percentiles: Sequence[int] = (20, 40, 60, 80),
     batch_size: int = 32,
     device=None,
@@ -161,9 +158,11 @@ def road_scores(
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
-    dev = resolve_device(device) if device is not None else _model_device(model)
+    from waferlab.engine.predict import prepare_batch
+
+    dev = resolve_device(device) if device is not None else model_device(model)
     model.to(dev).eval()
-    wrapped = _ScaledOutputs(model).eval()
+    wrapped = _ScaledOutputs(model, spec.logit_scale).eval()
     t = as_maps(maps)
     metric = ROADCombined(percentiles=list(percentiles))
     tg = np.asarray(targets, dtype=np.int64)
@@ -172,7 +171,7 @@ def road_scores(
         torch.manual_seed(seed)
         for start in range(0, len(t), batch_size):
             sl = slice(start, min(start + batch_size, len(t)))
-            x = _encode(t[sl].to(dev), encoding)
+            x = prepare_batch(t[sl], spec, dev).float().contiguous()
             targets_b = [ClassifierOutputSoftmaxTarget(int(k)) for k in tg[sl]]
             out[sl] = np.asarray(metric(x, np.asarray(cams[sl], np.float32), targets_b, wrapped),
                                  dtype=np.float32).reshape(-1)

@@ -1,4 +1,5 @@
-"""Localisation of CAMs against the true pattern region of synthetic maps: pointing game and IoU.
+"""Localisation of CAMs: against the true pattern region of synthetic maps (pointing game, IoU, mass
+inside the region) and, with no mask at all, against the failed dies (fail-mass lift, for real maps).
 
 Scores are computed on the wafer only: the mask and the thresholded CAM are both cut to the dies, and
 each score comes with its chance level (what a CAM placed at random on the wafer would get).
@@ -34,7 +35,10 @@ def localisation(
     ``pointing_game``: 1 if the CAM's peak die lies in the mask (0 for a flat, all-zero CAM);
     ``pointing_chance``: the mask's share of the wafer; ``iou_threshold``: IoU of {CAM >= threshold}
     with the mask; ``iou_top``: IoU of the top ``top_fraction`` of wafer dies by CAM with the mask;
-    ``iou_top_chance``: the expected IoU of that many dies drawn at random.
+    ``iou_top_chance``: the expected IoU of that many dies drawn at random; ``iou_k``: IoU of the top k
+    wafer pixels by CAM with the mask, k = the mask's area (1 for a perfect CAM), ``iou_k_chance`` its
+    chance level; ``mass_inside``: the CAM's share of its wafer mass inside the mask (chance: the mask's
+    share of the wafer, ``pointing_chance``).
     """
     arr = as_maps(maps).numpy()
     n = len(arr)
@@ -57,6 +61,12 @@ def localisation(
     pred_top = (pos < k[:, None]) & wafer & (cam > 0)
     exp_inter = k * chance
     top_chance = exp_inter / np.maximum(k + m_area - exp_inter, 1e-9)
+    pred_k = (pos < np.maximum(m_area, 1)[:, None]) & wafer & (cam > 0)
+    k_inter = m_area * chance
+    k_chance = k_inter / np.maximum(2 * m_area - k_inter, 1e-9)
+    heat = np.where(wafer, np.clip(cam, 0.0, None), 0.0)
+    total = heat.sum(axis=1)
+    inside = np.where(total > 0, (heat * truth).sum(axis=1) / np.maximum(total, 1e-12), np.nan)
 
     def masked(v: np.ndarray) -> np.ndarray:
         return np.where(valid, v.astype(np.float64), np.nan)
@@ -67,4 +77,24 @@ def localisation(
         "iou_threshold": masked(np.nan_to_num(_iou(pred_thr, truth))),
         "iou_top": masked(np.nan_to_num(_iou(pred_top, truth))),
         "iou_top_chance": masked(top_chance),
+        "iou_k": masked(np.nan_to_num(_iou(pred_k, truth))),
+        "iou_k_chance": masked(k_chance),
+        "mass_inside": masked(inside),
     }
+
+
+def fail_mass_lift(cams: np.ndarray, maps) -> np.ndarray:
+    """Per map: the CAM's share of its wafer mass on failed dies / the failed dies' share of the wafer.
+
+    Needs no mask, so it scores real maps: 1 = no better than uniform heat, higher = heat on the failed
+    dies. NaN where the map has no failed die or the CAM is zero on the whole wafer.
+    """
+    arr = as_maps(maps).numpy()
+    n = len(arr)
+    wafer = wafer_area(arr).reshape(n, -1)
+    failed = (arr.reshape(n, -1) == 2) & wafer
+    heat = np.where(wafer, np.clip(np.asarray(cams, dtype=np.float64).reshape(n, -1), 0.0, None), 0.0)
+    total = heat.sum(axis=1)
+    share = failed.sum(axis=1) / np.maximum(wafer.sum(axis=1), 1)
+    on_failed = (heat * failed).sum(axis=1) / np.maximum(total, 1e-12)
+    return np.where((total > 0) & (share > 0), on_failed / np.maximum(share, 1e-12), np.nan)

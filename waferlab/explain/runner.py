@@ -8,7 +8,6 @@ GradCAM and GradCAM++), ``<run>/maps/map_<i>_<true>_as_<pred>.png`` (one figure 
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 
 from waferlab.data.table import UNLABELED
 from waferlab.errors import WaferlabError
-from waferlab.explain.cam import compute_cams, parse_methods, predict, resolve_device, set_logit_scale
+from waferlab.explain.cam import compute_cams, parse_methods, probabilities, resolve_device
 from waferlab.explain.faithfulness import DEFAULT_STEPS
 from waferlab.explain.figures import GridRow, plot_comparison, plot_map_overlays, plot_study_grid
 
@@ -60,38 +59,75 @@ def _safe(name: str) -> str:
 
 
 @dataclass
+class ExplainSettings:
+    """What ``explain_runs`` draws and scores (the ``waferlab explain`` flags)."""
+
+    methods: Sequence[str] | str = STUDY_METHODS
+    per_class: int = 1
+    map_indexes: Sequence[int] | None = None
+    scores: bool = False
+    batch_size: int = 32
+    device: str | None = None
+    test_part: bool = False
+    score_per_class: int = DEFAULT_SCORE_PER_CLASS
+    steps: int = DEFAULT_STEPS
+    road: bool = True
+    road_maps: int = 32
+    progress: bool = True
+
+    def check(self) -> list[str]:
+        """Validate the settings (one-line user errors); returns the parsed method names."""
+        names = parse_methods(self.methods)
+        for key, low in (("per_class", 0), ("batch_size", 1), ("score_per_class", 1), ("steps", 1)):
+            if getattr(self, key) < low:
+                raise WaferlabError(f"--{key.replace('_', '-')} must be >= {low}, got {getattr(self, key)}")
+        return names
+
+
+@dataclass
 class _Run:
     name: str
     run_dir: str
     model: Any
-    info: Any
+    spec: Any  # InputSpec
+    model_name: str
     data: Any  # PreparedData
     labels: np.ndarray  # run class ids, -1 when the run does not know the map's label
     probs: np.ndarray
     sel_cams: Any = None  # CamResult of the selected maps
 
+    @property
+    def preds(self) -> np.ndarray:
+        return self.probs.argmax(1)
 
-def _load_data(src: str, info: Any, test_part: bool, progress: bool):
+
+def _test_part(src: str, config: dict[str, Any], size: int, progress: bool):
+    """The test part of a run's split of ``src``, reproduced from the run's config (class set, cap, split)."""
+    from waferlab.data.cache import is_cache, load_cache, load_prepared, resize_prepared
+    from waferlab.data.splits import assign_splits, select_classes
+    from waferlab.engine.config import config_from_dict
+
+    cfg = config_from_dict({**config, "data": str(src)})
+    p = load_cache(src) if is_cache(src) else load_prepared(src, size, progress=progress)
+    p = select_classes(p, cfg.class_set)
+    if cfg.max_maps is not None and len(p) > cfg.max_maps:  # the same draw as training's
+        rng = np.random.default_rng(cfg.seed)
+        p = p.subset(np.sort(rng.choice(len(p), cfg.max_maps, replace=False)))
+    parts = assign_splits(p, cfg.split, fractions=tuple(cfg.fractions), seed=cfg.seed)
+    if not (parts == "test").any():
+        raise WaferlabError(f"{src}: the run's {cfg.split} split has no test part")
+    test = p.subset(np.flatnonzero(parts == "test"))
+    return test if test.size == size else resize_prepared(test, size)  # CAMs need the run's size
+
+
+def _load_data(src: str, run: Any, test_part: bool, progress: bool):
     from waferlab.data.cache import load_prepared
 
     if not Path(src).exists():
         raise WaferlabError(f"data not found: {src}")
-    if not test_part:
-        return load_prepared(src, info.image_size, progress=progress)
-    from waferlab.engine.config import config_from_dict
-    from waferlab.engine.train import load_split_data
-
-    cfg = config_from_dict({**info.config, "data": str(src), "progress": progress},
-                           f"{info.run_dir}/config.yaml")
-    split = load_split_data(cfg)
-    if not len(split.test):
-        raise WaferlabError(f"{src}: the run's {cfg.split} split has no test part")
-    test = split.data.subset(split.test)
-    if test.size != info.image_size:  # a cache keeps its own size in training; CAMs need the run's size
-        from waferlab.data.cache import resize_prepared
-
-        test = resize_prepared(test, info.image_size)
-    return test
+    size = run.spec().image_size
+    return _test_part(src, run.info.config, size, progress) if test_part else load_prepared(
+        src, size, progress=progress)
 
 
 def _run_labels(data: Any, class_names: Sequence[str]) -> np.ndarray:
@@ -104,171 +140,178 @@ def _name(label: int, class_names: Sequence[str]) -> str:
     return class_names[label] if label >= 0 else UNLABELED
 
 
-def explain_runs(
-    run_dirs: Sequence[str],
-    data: str,
-    out: str,
-    methods: Sequence[str] | str = STUDY_METHODS,
-    per_class: int = 1,
-    map_indexes: Sequence[int] | None = None,
-    scores: bool = False,
-    batch_size: int = 32,
-    device: str | None = None,
-    test_part: bool = False,
-    score_per_class: int = DEFAULT_SCORE_PER_CLASS,
-    steps: int = DEFAULT_STEPS,
-    road: bool = True,
-    road_maps: int = 32,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Explain every run on ``data``: study grid, per-map overlays, comparison grids, optional scores."""
-    from waferlab.engine.run import load_run
-    from waferlab.explain.scores import score_model
-    from waferlab.io import versions, write_json
+def _load_runs(run_dirs: Sequence[str], data: str, s: ExplainSettings, dev: Any) -> list[_Run]:
+    """Open every run, load (and share per image size) the maps, predict them through the engine."""
+    from waferlab.engine.run import Run
 
-    names = parse_methods(methods)
-    if not run_dirs:
-        raise WaferlabError("no run directory given")
-    if per_class < 0:
-        raise WaferlabError(f"--per-class must be >= 0, got {per_class}")
-    if batch_size < 1:
-        raise WaferlabError(f"--batch-size must be >= 1, got {batch_size}")
-    dev = resolve_device(device)
-    out_dir = Path(out)
-    files: list[str] = []
     runs: list[_Run] = []
     used: set[str] = set()
-    loaded: dict[int, Any] = {}  # the data per image size (shared by runs of the same size)
+    loaded: dict[int, Any] = {}
     for run_dir in run_dirs:
-        model, info = load_run(run_dir, device=dev)
-        set_logit_scale(model, info.logit_scale)
-        if test_part or info.image_size not in loaded:
-            loaded[info.image_size] = _load_data(data, info, test_part, progress)
-        prepared = loaded[info.image_size]
+        run = Run.open(run_dir)
+        spec = run.spec()
+        model = run.load_model(device=dev)
+        if s.test_part or spec.image_size not in loaded:
+            loaded[spec.image_size] = _load_data(data, run, s.test_part, s.progress)
+        prepared = loaded[spec.image_size]
         if len(prepared) == 0:
             raise WaferlabError(f"{data}: no maps to explain")
-        labels = _run_labels(prepared, info.class_names)
-        probs = predict(model, prepared.maps, info.encoding, batch_size=batch_size, device=dev,
-                        progress=progress)
-        name = _safe(Path(run_dir).resolve().name)
-        base, k = name, 2
+        probs = probabilities(model, prepared.maps, spec, batch_size=s.batch_size, device=dev)
+        name = base = _safe(Path(run_dir).resolve().name)
+        k = 2
         while name in used:
             name, k = f"{base}_{k}", k + 1
         used.add(name)
-        runs.append(_Run(name, str(run_dir), model, info, prepared, labels, probs))
-
-    n_maps = min(len(r.data) for r in runs)
+        runs.append(_Run(name, str(run_dir), model, spec, run.info.model_name, prepared,
+                         _run_labels(prepared, spec.class_names), probs))
     if len({len(r.data) for r in runs}) > 1:
         raise WaferlabError(f"{data}: the runs see different numbers of maps "
                             f"({', '.join(f'{r.name}: {len(r.data)}' for r in runs)}); with --test-part, "
                             "compare runs trained with the same data and split")
-    if map_indexes is not None:
-        bad = [i for i in map_indexes if not 0 <= i < n_maps]
-        if bad:
-            raise WaferlabError(f"--maps: index {bad[0]} out of range "
-                                f"(the data has {n_maps} maps, 0..{n_maps - 1})")
-        selected = list(map_indexes)
-    else:
-        first = runs[0]
-        selected = first_per_class(first.labels, len(first.info.class_names), per_class)
+    return runs
 
+
+def _selected(runs: list[_Run], s: ExplainSettings) -> list[int]:
+    n_maps = len(runs[0].data)
+    if s.map_indexes is None:
+        return first_per_class(runs[0].labels, len(runs[0].spec.class_names), s.per_class)
+    bad = [i for i in s.map_indexes if not 0 <= i < n_maps]
+    if bad:
+        raise WaferlabError(f"--maps: index {bad[0]} out of range "
+                            f"(the data has {n_maps} maps, 0..{n_maps - 1})")
+    return list(s.map_indexes)
+
+
+def _study_grid(run: _Run, out: Path, s: ExplainSettings, dev: Any) -> tuple[Path, list[int]]:
+    """Per class the first correctly classified map, GradCAM and GradCAM++ (the study's figure)."""
+    cls, preds = run.spec.class_names, run.preds
+    ok = [(run.labels == c) & (preds == c) for c in range(len(cls))]
+    firsts = [int(np.flatnonzero(m)[0]) if m.any() else -1 for m in ok]
+    shown = [i for i in firsts if i >= 0]
+    cams = compute_cams(run.model, run.data.maps[shown], run.spec, STUDY_METHODS, targets=preds[shown],
+                        batch_size=s.batch_size, device=dev).cams if shown else {}
+    rows = [GridRow(cls[c], None) if i < 0 else
+            GridRow(cls[c], run.data.maps[i], {m: cams[m][shown.index(i)] for m in STUDY_METHODS},
+                    note=f"#{i} p={run.probs[i, c]:.2f}") for c, i in enumerate(firsts)]
+    path = out / "study_grid.png"
+    plot_study_grid(rows, STUDY_METHODS, path,
+                    title=f"{run.model_name}: first correctly classified map per class")
+    return path, firsts
+
+
+def _map_figures(run: _Run, selected: list[int], names: list[str], out: Path, s: ExplainSettings,
+                 dev: Any) -> list[str]:
+    """One figure per selected map with every requested method; keeps the CAMs for comparison grids."""
+    preds, cls, files = run.preds, run.spec.class_names, []
+    run.sel_cams = None if not selected else compute_cams(
+        run.model, run.data.maps[selected], run.spec, names, targets=preds[selected], batch_size=s.batch_size,
+        device=dev, progress=s.progress)
+    for j, i in enumerate(selected):
+        true, pred = _name(int(run.labels[i]), cls), cls[int(preds[i])]
+        title = f"{run.model_name}  map #{i}: true {true}, predicted {pred} ({run.probs[i, preds[i]]:.0%})"
+        path = out / "maps" / f"map_{i:05d}_{_safe(true)}_as_{_safe(pred)}.png"
+        plot_map_overlays(run.data.maps[i], {m: run.sel_cams.cams[m][j] for m in names}, title, path)
+        files.append(str(path))
+    return files
+
+
+def _explain_one(run: _Run, selected: list[int], names: list[str], out_dir: Path, s: ExplainSettings,
+                 dev: Any, files: list[str]) -> dict[str, Any]:
+    """Study grid, per-map figures and (with ``scores``) the scores of one run; returns its summary entry."""
+    from waferlab.explain.scores import ScoreSettings, score_model
+
+    grid, firsts = _study_grid(run, out_dir / run.name, s, dev)
+    files += [str(grid), *_map_figures(run, selected, names, out_dir / run.name, s, dev)]
+    cls = run.spec.class_names
+    entry: dict[str, Any] = {"run_dir": run.run_dir, "model": run.model_name, "n_maps": len(run.data),
+                             "study_grid_maps": {cls[c]: (i if i >= 0 else None)
+                                                 for c, i in enumerate(firsts)},
+                             "selected_maps": selected}
+    if run.sel_cams is not None and run.sel_cams.notes:
+        entry["notes"] = run.sel_cams.notes
+    if s.scores:
+        idx = selected if s.map_indexes is not None else first_per_class(run.labels, len(cls),
+                                                                          s.score_per_class)
+        masks = None if run.data.masks is None or not idx else run.data.masks[idx]
+        settings = ScoreSettings(methods=names, steps=s.steps, batch_size=s.batch_size, device=str(dev),
+                                 road=s.road, road_maps=s.road_maps, progress=s.progress)
+        entry["scores"] = score_model(run.model, run.data.maps[idx], run.labels[idx], run.spec, masks=masks,
+                                      settings=settings) if idx else None
+    return entry
+
+
+def _comparison(runs: list[_Run], selected: list[int], names: list[str], out_dir: Path) -> list[str]:
+    """Per method one grid: a row per model, the same maps (at most ``MAX_COMPARE_MAPS``)."""
+    cols, files = selected[:MAX_COMPARE_MAPS], []
+    for m in names:
+        cells = []
+        for run in runs:
+            preds, cls = run.preds, run.spec.class_names
+            cells.append([GridRow(_name(int(run.labels[i]), cls), run.data.maps[i],
+                                  {m: run.sel_cams.cams[m][selected.index(i)]},
+                                  note=f"#{i} {_name(int(run.labels[i]), cls)}\n-> {cls[int(preds[i])]} "
+                                       f"{run.probs[i, preds[i]]:.0%}") for i in cols])
+        path = out_dir / f"compare_{_safe(m)}.png"
+        plot_comparison([r.name for r in runs], cells, path, title=f"{m}: same maps, one row per model")
+        files.append(str(path))
+    return files
+
+
+def _scores_doc(data: str, names: list[str], s: ExplainSettings, summary: dict[str, Any]) -> dict[str, Any]:
+    from waferlab.io import versions
+
+    return {
+        "data": str(data), "test_part_only": s.test_part, "methods": names,
+        "settings": {"steps": s.steps,
+                     "score_per_class": s.score_per_class if s.map_indexes is None else None,
+                     "road_maps": s.road_maps if s.road else 0,
+                     "localisation": "correctly classified maps with a pattern mask",
+                     "fail_mass_lift": "CAM mass on failed dies / failed-die share of wafer (1 = uniform)",
+                     "cam_target": "predicted class", "heat": "min-max over the wafer dies only"},
+        "models": {name: e.get("scores") for name, e in summary["runs"].items()},
+        "versions": versions(),
+    }
+
+
+def explain_runs(run_dirs: Sequence[str], data: str, out: str,
+                 settings: ExplainSettings | None = None) -> dict[str, Any]:
+    """Explain every run on ``data``: study grid, per-map overlays, comparison grids, optional scores."""
+    from waferlab.io import write_json
+
+    s = settings or ExplainSettings()
+    names = s.check()
+    if not run_dirs:
+        raise WaferlabError("no run directory given")
+    dev = resolve_device(s.device)
+    out_dir = Path(out)
+    runs = _load_runs(run_dirs, data, s, dev)
+    selected = _selected(runs, s)
+    files: list[str] = []
     summary: dict[str, Any] = {"out": str(out_dir), "runs": {}, "files": files}
     for run in runs:
-        info, cls = run.info, run.info.class_names
-        preds = run.probs.argmax(1)
-        run_out = out_dir / run.name
-        # (1) the study grid: first correctly classified map of every class, GradCAM and GradCAM++
-        firsts = [int(np.flatnonzero((run.labels == c) & (preds == c))[0])
-                  if ((run.labels == c) & (preds == c)).any() else -1 for c in range(len(cls))]
-        shown = [i for i in firsts if i >= 0]
-        grid_cams = compute_cams(run.model, run.data.maps[shown], info.encoding, STUDY_METHODS,
-                                 targets=preds[shown], batch_size=batch_size, device=dev) if shown else None
-        rows = []
-        for c, i in enumerate(firsts):
-            if i < 0:
-                rows.append(GridRow(cls[c], None))
-                continue
-            j = shown.index(i)
-            rows.append(GridRow(cls[c], run.data.maps[i], {m: grid_cams.cams[m][j] for m in STUDY_METHODS},
-                                note=f"#{i} p={run.probs[i, c]:.2f}"))
-        path = run_out / "study_grid.png"
-        plot_study_grid(rows, STUDY_METHODS, path,
-                        title=f"{info.model_name}: first correctly classified map per class")
-        files.append(str(path))
-        # (2) one figure per selected map, every requested method
-        sel_cams = compute_cams(run.model, run.data.maps[selected], info.encoding, names,
-                                targets=preds[selected], batch_size=batch_size, device=dev,
-                                progress=progress) if selected else None
-        for j, i in enumerate(selected):
-            true, pred = _name(int(run.labels[i]), cls), cls[int(preds[i])]
-            conf = run.probs[i, preds[i]]
-            title = f"{info.model_name}  map #{i}: true {true}, predicted {pred} ({conf:.0%})"
-            path = run_out / "maps" / f"map_{i:05d}_{_safe(true)}_as_{_safe(pred)}.png"
-            plot_map_overlays(run.data.maps[i], {m: sel_cams.cams[m][j] for m in names}, title, path)
-            files.append(str(path))
-        run.sel_cams = sel_cams
-        entry: dict[str, Any] = {"run_dir": run.run_dir, "model": info.model_name, "n_maps": len(run.data),
-                                 "study_grid_maps": {cls[c]: (i if i >= 0 else None)
-                                                     for c, i in enumerate(firsts)},
-                                 "selected_maps": selected}
-        if sel_cams is not None and sel_cams.notes:
-            entry["notes"] = sel_cams.notes
-        # (3) scores
-        if scores:
-            idx = selected if map_indexes is not None else first_per_class(
-                run.labels, len(cls), score_per_class)
-            if idx:
-                masks = None if run.data.masks is None else run.data.masks[idx]
-                entry["scores"] = score_model(run.model, run.data.maps[idx], run.labels[idx], cls,
-                                              info.encoding, names, masks=masks, steps=steps,
-                                              batch_size=batch_size, device=dev, road=road,
-                                              road_maps=road_maps, progress=progress)
-            else:
-                entry["scores"] = None
-        summary["runs"][run.name] = entry
-
-    # (4) comparison grids: one row per model, the same maps
+        summary["runs"][run.name] = _explain_one(run, selected, names, out_dir, s, dev, files)
     if len(runs) > 1 and selected:
-        cols = selected[:MAX_COMPARE_MAPS]
-        for m in names:
-            cells = []
-            for run in runs:
-                preds = run.probs.argmax(1)
-                row = []
-                for i in cols:
-                    j = selected.index(i)
-                    true = _name(int(run.labels[i]), run.info.class_names)
-                    pred = run.info.class_names[int(preds[i])]
-                    row.append(GridRow(true, run.data.maps[i], {m: run.sel_cams.cams[m][j]},
-                                       note=f"#{i} {true}\n-> {pred} {run.probs[i, preds[i]]:.0%}"))
-                cells.append(row)
-            path = out_dir / f"compare_{_safe(m)}.png"
-            plot_comparison([r.name for r in runs], cells, path, title=f"{m}: same maps, one row per model")
-            files.append(str(path))
-
-    if scores:
-        doc = {
-            "data": str(data),
-            "test_part_only": test_part,
-            "methods": names,
-            "settings": {"steps": steps, "score_per_class": score_per_class if map_indexes is None else None,
-                         "road_maps": road_maps if road else 0,
-                         "localisation": "correctly classified maps with a pattern mask",
-                         "cam_target": "predicted class"},
-            "models": {name: e.get("scores") for name, e in summary["runs"].items()},
-            "versions": versions(),
-        }
+        files += _comparison(runs, selected, names, out_dir)
+    if s.scores:
+        summary["scores"] = _scores_doc(data, names, s, summary)
         path = out_dir / "scores.json"
-        write_json(path, doc)
+        write_json(path, summary["scores"])
         files.append(str(path))
-        summary["scores"] = doc
     return summary
+
+
+def _ci(d: dict[str, Any] | None) -> str:
+    """``-0.123 [-0.150,-0.090]`` for a paired difference with its bootstrap interval."""
+    if not d or d.get("mean") is None:
+        return "-"
+    return f"{d['mean']:+.3f} [{d['ci_low']:+.3f},{d['ci_high']:+.3f}]"
 
 
 def format_scores(doc: dict[str, Any]) -> str:
     """A compact text table of the overall scores: one line per model and method."""
-    head = (f"{'model':<16} {'method':<10} {'del AUC':>8} {'ins AUC':>8} {'ROAD':>7} {'point':>6} "
-            f"{'chance':>6} {'IoU@top':>7} {'chance':>6}")
+    head = (f"{'model':<16} {'method':<12} {'del AUC':>7} {'del-rnd [95% CI]':>25} {'ins AUC':>7} "
+            f"{'ins-rnd [95% CI]':>25} {'point':>5} {'chance':>6} {'IoU_k':>5} {'chance':>6} "
+            f"{'mass_in':>7} {'lift':>5} {'ROAD':>6}")
     lines = [head]
 
     def f(v: Any, w: int, p: int = 3) -> str:
@@ -278,16 +321,15 @@ def format_scores(doc: dict[str, Any]) -> str:
         if not s:
             continue
         rnd = s["random_order"]["overall"]
-        lines.append(f"{model:<16} {'random':<10} {f(rnd['deletion_auc'], 8)} {f(rnd['insertion_auc'], 8)}")
+        lines.append(f"{model:<16} {'random':<12} {f(rnd['deletion_auc'], 7)} {'':>25} "
+                     f"{f(rnd['insertion_auc'], 7)}")
         for method, block in s["methods"].items():
             o = block["overall"]
-            lines.append(f"{model:<16} {method:<10} {f(o['deletion_auc'], 8)} {f(o['insertion_auc'], 8)} "
-                         f"{f(o.get('road'), 7)} {f(o.get('pointing_game'), 6, 2)} "
-                         f"{f(o.get('pointing_chance'), 6, 2)} {f(o.get('iou_top'), 7)} "
-                         f"{f(o.get('iou_top_chance'), 6)}")
+            d_del = block.get("deletion_auc_vs_random", {}).get("overall")
+            d_ins = block.get("insertion_auc_vs_random", {}).get("overall")
+            lines.append(f"{model:<16} {method:<12} {f(o['deletion_auc'], 7)} {_ci(d_del):>25} "
+                         f"{f(o['insertion_auc'], 7)} {_ci(d_ins):>25} {f(o.get('pointing_game'), 5, 2)} "
+                         f"{f(o.get('pointing_chance'), 6, 2)} {f(o.get('iou_k'), 5, 2)} "
+                         f"{f(o.get('iou_k_chance'), 6, 2)} {f(o.get('mass_inside'), 7, 2)} "
+                         f"{f(o.get('fail_mass_lift'), 5, 2)} {f(o.get('road'), 6)}")
     return "\n".join(lines)
-
-
-def note(msg: str) -> None:
-    """A one-line note on stderr."""
-    print(f"waferlab: {msg}", file=sys.stderr)

@@ -1,9 +1,11 @@
 """ResNet34 backbones of the attention study (seeds.md A.3) and loading of torchvision-layout weights.
 
-``resnet34_backbone`` yields the stage outputs of torchvision's ResNet34, either standard (output
-stride 32) or the study's custom dilated variant (layer4 at stride 1 with dilation rates 1, 2, 4,
-output stride 16). Both keep torchvision's module names, so ``resnet34-b627a593.pth`` (ImageNet,
-``IMAGENET1K_V1``) or any state dict saved from ``torchvision.models.resnet34()`` loads into them.
+``resnet34_backbone`` yields the stage outputs of torchvision's ResNet34 at output stride 32 (standard),
+16 (the study's custom dilated variant: layer4 at stride 1 with dilation rates 1, 2, 4) or 8 (waferlab's
+addition, DeepLab-style: also layer3 at stride 1 with dilation 2, and layer4's rates doubled to 2, 4, 8),
+so the last stage keeps a usable grid at wafer-map sizes (2x2 / 4x4 / 8x8 at 64 px) for CAMs. Every
+variant keeps torchvision's module names and weight shapes, so ``resnet34-b627a593.pth`` (ImageNet,
+``IMAGENET1K_V1``) or any state dict saved from ``torchvision.models.resnet34()`` loads into it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from waferlab.errors import WaferlabError
 
 IMAGENET_URL = "https://download.pytorch.org/models/resnet34-b627a593.pth"
 DILATION_RATES = (1, 2, 4)
+#: Output strides the backbone offers (the stride of layer4), declared once; builders validate against it.
+OUTPUT_STRIDES = (32, 16, 8)
 STAGE_CHANNELS = (64, 64, 128, 256, 512)  # stem, layer1..layer4
 
 
@@ -26,17 +30,19 @@ class ResNet34Backbone(nn.Module):
     """torchvision ResNet34 without avgpool/fc; ``forward`` returns ``[stem, layer1, .., layer4]``.
 
     ``stem`` is the ReLU output of conv1/bn1 (stride 2, before the max-pool, as timm's first feature);
-    layer1..layer4 have strides 4, 8, 16, 32 (standard) or 4, 8, 16, 16 (``dilated=True``). Module
-    names equal torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ...) so its weights load as is.
+    layer1..layer4 have strides 4, 8, 16, 32 (``output_stride=32``), 4, 8, 16, 16 (16, the study's
+    ``dilated=True``) or 4, 8, 8, 8 (8). Module names equal torchvision's (``conv1``, ``bn1``,
+    ``layer1.0.conv1``, ...) so its weights load as is.
     """
 
-    def __init__(self, in_chans: int = 3, dilated: bool = False) -> None:
+    def __init__(self, in_chans: int = 3, dilated: bool = False, output_stride: int | None = None) -> None:
         super().__init__()
         import torchvision
 
         tv = torchvision.models.resnet34(weights=None)
         self.in_chans = in_chans
-        self.dilated = dilated
+        self.output_stride = check_output_stride(16 if dilated else 32, output_stride)
+        self.dilated = self.output_stride < 32
         self.conv1 = tv.conv1
         if in_chans != 3:  # same init as torchvision's stem
             self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
@@ -44,8 +50,11 @@ class ResNet34Backbone(nn.Module):
         self.bn1, self.relu, self.maxpool = tv.bn1, tv.relu, tv.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = tv.layer1, tv.layer2, tv.layer3, tv.layer4
         self.channels = STAGE_CHANNELS
-        if dilated:
-            _dilate_layer4(self.layer4)
+        if self.output_stride == 16:
+            _dilate_stage(self.layer4, DILATION_RATES)
+        elif self.output_stride == 8:
+            _dilate_stage(self.layer3, (2,) * len(self.layer3))
+            _dilate_stage(self.layer4, tuple(2 * r for r in DILATION_RATES))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         stem = self.relu(self.bn1(self.conv1(x)))
@@ -56,34 +65,48 @@ class ResNet34Backbone(nn.Module):
         return [stem, l1, l2, l3, l4]
 
 
-def _dilate_layer4(layer4: nn.Sequential) -> None:
-    """Turn torchvision's layer4 into the study's dilated stage (A.3), keeping the weight layout.
+def check_output_stride(default: int, output_stride: object = None, model: str = "resnet34") -> int:
+    """``output_stride`` (None = ``default``) validated against :data:`OUTPUT_STRIDES`; else a user error."""
+    value = default if output_stride is None else output_stride
+    if isinstance(value, bool) or value not in OUTPUT_STRIDES:
+        raise WaferlabError(f"model {model!r}: option output_stride must be one of "
+                            f"{', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}")
+    return int(value)
+
+
+def _dilate_stage(stage: nn.Sequential, rates: tuple[int, ...]) -> None:
+    """Run a torchvision ResNet stage at stride 1 with dilated 3x3 convs, keeping the weight layout.
 
     The first block's 3x3 conv and 1x1 downsample run at stride 1; block i uses dilation = padding =
-    ``DILATION_RATES[i]`` in both of its 3x3 convs (the study's resnet.py passes one rate per block;
-    that it applies to both convs of a BasicBlock, as in DeepLab-style BasicBlocks, is inferred).
+    ``rates[i]`` in both of its 3x3 convs. With the study's rates (1, 2, 4) on layer4 this is its dilated
+    stage (A.3; the study's resnet.py passes one rate per block; that it applies to both convs of a
+    BasicBlock, as in DeepLab-style BasicBlocks, is inferred).
     """
-    first = layer4[0]
+    first = stage[0]
     first.conv1.stride = (1, 1)
     first.downsample[0].stride = (1, 1)
     first.stride = 1
-    for block, rate in zip(layer4, DILATION_RATES, strict=True):
+    for block, rate in zip(stage, rates, strict=True):
         for conv in (block.conv1, block.conv2):
             conv.dilation = (rate, rate)
             conv.padding = (rate, rate)
 
 
 def resnet34_backbone(
-    in_chans: int = 3, pretrained: str | os.PathLike[str] | None = None, dilated: bool = False
+    in_chans: int = 3, pretrained: str | os.PathLike[str] | None = None, dilated: bool = False,
+    output_stride: int | None = None,
 ) -> ResNet34Backbone:
-    """Build the ResNet34 backbone; ``pretrained`` is None, ``"imagenet"`` or a local .pth/.safetensors."""
+    """Build the ResNet34 backbone; ``pretrained`` is None, ``"imagenet"`` or a local .pth/.safetensors.
+
+    ``output_stride`` (32, 16, 8) overrides ``dilated`` (which means 16, the study's variant).
+    """
     state: dict[str, torch.Tensor] | None = None
     if pretrained is not None:  # read the weights first: a bad file fails before any model is built
         if str(pretrained).lower() == "imagenet":
             state, source = _download_imagenet_state(), "ImageNet ResNet34 weights"
         else:
             state, source = load_torchvision_state(pretrained), str(pretrained)
-    backbone = ResNet34Backbone(in_chans=in_chans, dilated=dilated)
+    backbone = ResNet34Backbone(in_chans=in_chans, dilated=dilated, output_stride=output_stride)
     if state is not None:
         load_backbone_state(backbone, state, source)
     return backbone

@@ -36,6 +36,9 @@ BN_MOMENTUM = 0.01  # PyTorch momentum equivalent to Keras' momentum=0.99
 LN_EPS = 1e-3  # Keras LayerNormalization default epsilon
 
 ATTENTION_MODES = ("none", "gate", "gc")
+#: Output strides (of the CAM layer) offered: 32 is the official layout, 16/8 run the last strided blocks
+#: at stride 1.
+OUTPUT_STRIDES = (32, 16, 8)
 SA_PATTERNS = ("all", "ghostnet")
 
 # (kernel, expansion, out, stride, use_sa in the GhostNet/original pattern), from the official SPA_Net.py.
@@ -225,7 +228,7 @@ class SPANet(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_chans: int = 3, attention: str = "gate", sa_pattern: str = "all",
-                 ratio: int = 2, width: float = 1.0) -> None:
+                 ratio: int = 2, width: float = 1.0, output_stride: int = 32) -> None:
         super().__init__()
         self.attention_mode = attention
         self.sa_pattern = sa_pattern
@@ -235,7 +238,10 @@ class SPANet(nn.Module):
         self.stem = nn.Sequential(same_conv(in_chans, stem, 3, 2), _bn(stem), nn.ReLU(inplace=True))
         blocks = []
         cin = stem
+        total = 2  # the stem's stride; strided blocks beyond ``output_stride`` run at stride 1 (waferlab)
         for kernel, exp, out, stride, ghost_sa in LAYOUT:
+            stride = stride if total * stride <= output_stride else 1
+            total *= stride
             use_sa = attention != "none" and (sa_pattern == "all" or ghost_sa)
             exp_c, out_c = make_divisible(exp * width), make_divisible(out * width)
             blocks.append(SPABlock(cin, exp_c, out_c, kernel, stride, ratio, attention if use_sa else "none"))
@@ -311,9 +317,10 @@ def _check_int(name: str, value: object, low: int) -> int:
           description="SP&A-Net (Yang & Sun 2022): 16 self-proliferation-and-attention blocks, logits out")
 def build_spanet(num_classes: int, in_chans: int = 3, pretrained: str | None = None, attention: str = "gate",
                  sa_pattern: str = "all", ratio: int = 2, width: float = 1.0,
-                 bn_momentum: float = BN_MOMENTUM) -> SPANet:
+                 bn_momentum: float = BN_MOMENTUM, output_stride: int = 32) -> SPANet:
     """Build SP&A-Net; options ``attention`` (none|gate|gc), ``sa_pattern`` (all|ghostnet), ``ratio``,
-    ``width`` (channel multiplier, channels rounded to multiples of 4), ``bn_momentum``.
+    ``width`` (channel multiplier, channels rounded to multiples of 4), ``bn_momentum``, ``output_stride``
+    (32 = official; 16 or 8 keep the last stage at 4x4 / 8x8 at 64 px, for CAMs; waferlab's addition).
 
     ``bn_momentum`` defaults to Keras' 0.99 (0.01 in PyTorch terms), as in the official code. Its running
     statistics need thousands of steps to settle, so a short run (a few hundred steps) evaluates with
@@ -330,7 +337,10 @@ def build_spanet(num_classes: int, in_chans: int = 3, pretrained: str | None = N
         raise WaferlabError(f"spanet: option width must be a number in [0.05, 8], got {width!r}")
     if isinstance(bn_momentum, bool) or not isinstance(bn_momentum, int | float) or not 0 < bn_momentum <= 1:
         raise WaferlabError(f"spanet: option bn_momentum must be a number in (0, 1], got {bn_momentum!r}")
-    model = SPANet(num_classes, in_chans, attention, sa_pattern, ratio, float(width))
+    if isinstance(output_stride, bool) or output_stride not in OUTPUT_STRIDES:
+        raise WaferlabError(f"spanet: option output_stride must be one of "
+                            f"{', '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}")
+    model = SPANet(num_classes, in_chans, attention, sa_pattern, ratio, float(width), int(output_stride))
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = float(bn_momentum)

@@ -6,6 +6,11 @@
 ``cam_target_layer`` is a property (not a second registration of the module, which would duplicate
 its weights in ``state_dict``) pointing at the module whose output is the map fed to the final
 pooling/flatten; ``classifier`` is the final Linear.
+
+Added (not in the study): an ``output_stride`` option, the stride of the CAM layer, so that layer keeps a
+grid at wafer-map sizes (at 64 px the study's layouts give 1x1 to 4x4): resnet34/danet 32 (study), 16, 8;
+cbam/cbam_da 64 (study), 32, 16, 8; pan_inverse/pan_dualinverse 16 (study), 8. PAN and PAN_DA explain their
+last GAU at stride 4 already. The defaults are the study's layouts.
 """
 
 from __future__ import annotations
@@ -25,10 +30,15 @@ from waferlab.models.attention import (
     FeatureSum,
     attention_stage,
 )
-from waferlab.models.backbones import resnet34_backbone
+from waferlab.models.backbones import OUTPUT_STRIDES, resnet34_backbone
 from waferlab.models.registry import register
 
 FAMILY = "attention-study"
+#: Output strides of CBAM/CBAM_DA's extra stage: 64 is the study's (layer5 at stride 2 after layer4 at 32);
+#: the others run layer5 at stride 1 on a backbone of that output stride.
+EXTRA_STAGE_STRIDES = (64, *OUTPUT_STRIDES)
+#: Output strides of PAN_Inverse/PAN_DualInverse: 16 is the study's dilated backbone, 8 also dilates layer3.
+INVERSE_STRIDES = (16, 8)
 
 
 class _GapClassifier(nn.Module):
@@ -47,10 +57,11 @@ class StudyResNet34(_GapClassifier):
     """Plain torchvision ResNet34 with a new classifier; the study's attention-free reference."""
 
     def __init__(
-        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+        output_stride: int = 32,
     ):
         super().__init__()
-        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
+        self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=output_stride)
         self._init_head(512, num_classes, dropout)
 
     @property
@@ -107,9 +118,10 @@ class DANet(nn.Module):
         attn_dropout: float = 0.1,
         hidden: int = 2048,
         grid: int = 7,
+        output_stride: int = 32,
     ):
         super().__init__()
-        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
+        self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=output_stride)
         self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
         self.pool = GridPool(grid)
         self.mlp = nn.Sequential(
@@ -134,6 +146,7 @@ class ExtraStageNet(_GapClassifier):
     BasicBlocks (512, first stride 2) -> GAP -> Linear. CAM layer: the extra stage (``layer5``).
 
     Fixed from the study: the Linear's size comes from ``num_classes`` (the study read a global ``out_dim``).
+    Added: ``output_stride`` 32/16/8 runs layer5 at stride 1 on a backbone of that stride (64: the study).
     """
 
     def __init__(
@@ -143,11 +156,13 @@ class ExtraStageNet(_GapClassifier):
         pretrained: str | None = None,
         block: str = "cbam",
         dropout: float = 0.0,
+        output_stride: int = 64,
     ):
         super().__init__()
         block_cls = {"cbam": CBAMBasicBlock, "da": DABasicBlock}[block]
-        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
-        self.layer5 = attention_stage(block_cls, 512, 512, blocks=2, stride=2)
+        study = output_stride == 64  # the study's layout; else layer5 at stride 1 on that backbone stride
+        self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=32 if study else output_stride)
+        self.layer5 = attention_stage(block_cls, 512, 512, blocks=2, stride=2 if study else 1)
         self._init_head(512, num_classes, dropout)
 
     @property
@@ -240,12 +255,13 @@ class InverseChain(nn.Module):
     """Bottom-up fusion l1 -> l2 -> l3 -> l4 with GAD (or GADS) blocks, then an FPA on the 512 map."""
 
     def __init__(
-        self, block: type[nn.Module], channels: tuple[int, int, int, int] = (64, 128, 256, 512)
+        self, block: type[nn.Module], channels: tuple[int, int, int, int] = (64, 128, 256, 512),
+        output_stride: int = 16,
     ) -> None:
         super().__init__()
         c1, c2, c3, c4 = channels
         self.fuse2 = block(c1, c2, downsample=True)
-        self.fuse3 = block(c2, c3, downsample=True)
+        self.fuse3 = block(c2, c3, downsample=output_stride == 16)  # l2 and l3 share stride 8 at 8
         self.fuse4 = block(c3, c4, downsample=False)  # l3 and l4 share stride 16 in the dilated backbone
         self.fpa = FPA(c4)
 
@@ -258,15 +274,16 @@ class InverseChain(nn.Module):
 class PANInverse(_GapClassifier):
     """PAN_Inverse (A.4.6): dilated ResNet34, GAD chain l1->l4, FPA(512) -> GAP -> Linear.
 
-    CAM layer: the FPA (512 x H/16 x W/16, 14x14 at 224 px).
+    CAM layer: the FPA (512 x H/16 x W/16, 14x14 at 224 px; H/8 x W/8 with ``output_stride=8``).
     """
 
     def __init__(
-        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+        output_stride: int = 16,
     ):
         super().__init__()
-        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
-        self.chain = InverseChain(GAD)
+        self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=output_stride)
+        self.chain = InverseChain(GAD, output_stride=output_stride)
         self._init_head(512, num_classes, dropout)
 
     @property
@@ -283,12 +300,13 @@ class PANDualInverse(_GapClassifier):
     own FPA; ``fuse`` = ReLU(fm1 + fm2) -> GAP -> Linear. CAM layer: ``fuse`` (14x14 at 224 px)."""
 
     def __init__(
-        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+        self, num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+        output_stride: int = 16,
     ):
         super().__init__()
-        self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
-        self.chain = InverseChain(GAD)
-        self.spatial_chain = InverseChain(GADS)
+        self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=output_stride)
+        self.chain = InverseChain(GAD, output_stride=output_stride)
+        self.spatial_chain = InverseChain(GADS, output_stride=output_stride)
         self.fuse = FeatureSum()
         self._init_head(512, num_classes, dropout)
 
@@ -312,11 +330,21 @@ def _check_rates(model: str, **rates: float) -> None:
             raise WaferlabError(f"model {model!r}: option {key} must be a number in [0, 1), got {value!r}")
 
 
+def _check_stride(model: str, value: object, allowed: tuple[int, ...]) -> int:
+    """The ``output_stride`` option (stride of the CAM layer) must be one the model offers."""
+    if isinstance(value, bool) or value not in allowed:
+        raise WaferlabError(f"model {model!r}: option output_stride must be one of "
+                            f"{', '.join(map(str, allowed))}, got {value!r}")
+    return int(value)
+
+
 @register("resnet34", family=FAMILY, description="torchvision ResNet34 + new Linear head (study reference)")
-def build_resnet34(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
-    """torchvision ResNet34; options: dropout before the classifier."""
+def build_resnet34(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+                   output_stride: int = 32):
+    """torchvision ResNet34; options: dropout before the classifier, output_stride (32, 16, 8)."""
     _check_rates("resnet34", dropout=dropout)
-    return StudyResNet34(num_classes, in_chans, pretrained, dropout=dropout)
+    stride = _check_stride("resnet34", output_stride, OUTPUT_STRIDES)
+    return StudyResNet34(num_classes, in_chans, pretrained, dropout=dropout, output_stride=stride)
 
 
 @register(
@@ -328,17 +356,24 @@ def build_danet(
     pretrained: str | None = None,
     dropout: float = 0.3,
     attn_dropout: float = 0.1,
+    output_stride: int = 32,
 ):
-    """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1)."""
+    """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1), output_stride
+    (32, 16, 8)."""
     _check_rates("danet", dropout=dropout, attn_dropout=attn_dropout)
-    return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
+    stride = _check_stride("danet", output_stride, OUTPUT_STRIDES)
+    return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout,
+                 output_stride=stride)
 
 
 @register("cbam", family=FAMILY, description="ResNet34 + an extra stage of 2 CBAM BasicBlocks")
-def build_cbam(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
-    """CBAM; options: dropout before the classifier."""
+def build_cbam(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+               output_stride: int = 64):
+    """CBAM; options: dropout before the classifier, output_stride (64 = the study's, 32, 16, 8)."""
     _check_rates("cbam", dropout=dropout)
-    return ExtraStageNet(num_classes, in_chans, pretrained, block="cbam", dropout=dropout)
+    stride = _check_stride("cbam", output_stride, EXTRA_STAGE_STRIDES)
+    return ExtraStageNet(num_classes, in_chans, pretrained, block="cbam", dropout=dropout,
+                         output_stride=stride)
 
 
 @register(
@@ -353,10 +388,12 @@ def build_pan(num_classes: int, in_chans: int = 3, pretrained: str | None = None
 @register(
     "cbam_da", family=FAMILY, description="ResNet34 + an extra stage of 2 BasicBlocks with DANet PAM+CAM"
 )
-def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
-    """CBAM_DA; options: dropout before the classifier."""
+def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+                  output_stride: int = 64):
+    """CBAM_DA; options: dropout before the classifier, output_stride (64 = the study's, 32, 16, 8)."""
     _check_rates("cbam_da", dropout=dropout)
-    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout)
+    stride = _check_stride("cbam_da", output_stride, EXTRA_STAGE_STRIDES)
+    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout, output_stride=stride)
 
 
 @register("pan_da", family=FAMILY, description="PAN and a DANet head on layer4, logits fused by a Linear")
@@ -374,19 +411,23 @@ def build_pan_da(
 
 @register("pan_inverse", family=FAMILY, description="dilated ResNet34, bottom-up GAD fusion + FPA")
 def build_pan_inverse(
-    num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+    num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+    output_stride: int = 16,
 ):
-    """PAN_Inverse; options: dropout before the classifier."""
+    """PAN_Inverse; options: dropout before the classifier, output_stride (16 = the study's, 8)."""
     _check_rates("pan_inverse", dropout=dropout)
-    return PANInverse(num_classes, in_chans, pretrained, dropout=dropout)
+    stride = _check_stride("pan_inverse", output_stride, INVERSE_STRIDES)
+    return PANInverse(num_classes, in_chans, pretrained, dropout=dropout, output_stride=stride)
 
 
 @register(
     "pan_dualinverse", family=FAMILY, description="PAN_Inverse plus a parallel spatial GADS chain + FPA"
 )
 def build_pan_dualinverse(
-    num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0
+    num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+    output_stride: int = 16,
 ):
-    """PAN_DualInverse; options: dropout before the classifier."""
+    """PAN_DualInverse; options: dropout before the classifier, output_stride (16 = the study's, 8)."""
     _check_rates("pan_dualinverse", dropout=dropout)
-    return PANDualInverse(num_classes, in_chans, pretrained, dropout=dropout)
+    stride = _check_stride("pan_dualinverse", output_stride, INVERSE_STRIDES)
+    return PANDualInverse(num_classes, in_chans, pretrained, dropout=dropout, output_stride=stride)
