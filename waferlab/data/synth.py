@@ -202,9 +202,10 @@ def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.
     phase = rng.uniform(-np.pi, np.pi)
     if rng.random() < RING_ECCENTRIC_P:  # off-centre process: the ring is thicker on one side
         width = width + rng.uniform(0.5, 2.0) * 0.5 * (1.0 + np.cos(g.theta - phase))
-    p_in = rng.uniform(0.95, 1.0)  # real rings are contiguous: one 8-connected component
+    # real rings are one 8-connected component: a 1-die ring breaks at any surviving die, so ~all fail
+    p_in = rng.uniform(0.97, 1.0)
     region = g.inside & (g.edge <= width)
-    modulation = rng.uniform(0.0, 0.1)  # failure density varying slowly around the ring
+    modulation = rng.uniform(0.0, 0.05)  # failure density varying slowly around the ring
     prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase - np.pi)))
     if rng.random() < RING_PARTIAL_P:  # partial coverage: 200-330 degrees
         gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(15.0, 80.0))
