@@ -175,6 +175,24 @@ def test_synthetic_statistics_match_the_real_samples(shared_data):
     assert med["Center", "rate_center"] > 3 * med["Edge-Ring", "rate_center"]
 
 
+def test_confusion_statistics_match_the_real_samples(shared_data):
+    """The statistics behind the synthetic-to-real confusions of issue 14 agree with the real maps."""
+    real = load_real_samples(shared_data)
+    classes = ["Edge-Loc", "Edge-Ring", "Loc", "Scratch", "none"]
+    real = real.subset(np.isin(real.labels, classes))
+    synth = generate(250, seed=9, classes=classes)
+    stats = ("ring_coverage", "ring_depth", "line_length", "line_fill", "blob_solidity", "blob_radius",
+             "bg_rate")
+    cmp = compare(table_stats(real), table_stats(synth), stats=stats)
+    bad = cmp[~cmp["agree"]]
+    assert len(bad) <= 2, f"synthetic statistics off the real ones:\n{bad.to_string()}"
+    med = cmp.set_index(["class", "stat"])["synth_median"]
+    # real Edge-Ring: the outermost die ring, whole; Edge-Loc: a partial arc; scratches 1 die wide
+    assert med["Edge-Ring", "ring_depth"] < 1.3 and med["Edge-Ring", "ring_coverage"] > 0.9
+    assert med["Edge-Loc", "ring_coverage"] < 0.5
+    assert med["Scratch", "line_fill"] < 1.6 < med["Loc", "line_fill"]
+
+
 @needs_readers
 def test_cli_writes_files_the_readers_load_back(tmp_path, capsys):
     from waferlab.data.readers import load_table
