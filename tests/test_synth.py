@@ -324,3 +324,16 @@ def test_new_calibration_statistics_on_hand_made_maps():
     speckle = wafer.copy()
     speckle[10, 20] = speckle[30, 12] = 2
     assert map_stats(speckle)["isolated_frac"] == 1.0
+
+
+def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
+    """The WM-811K realism knobs do not touch MixedWM38-style maps (their own calibration)."""
+    mixed_before, plain_before = generate(60, seed=8, mixed=True), generate(90, seed=8)
+    knobs = dict(RING_THIN_P=0.0, RING_ECCENTRIC_P=1.0, RING_PARTIAL_P=1.0, LOC_NEAR_RIM_P=1.0,
+                 LOC_LOBE_MAX=0.9, SCRATCH_FROM_RIM_P=1.0, SCRATCH_ARC_P=1.0, SCRATCH_GAP_MAX=0.9,
+                 SCRATCH_P_MIN=0.1, EDGE_LOSS_P=1.0, SPECKLE_P=1.0, PROBE_ARTEFACT_P=1.0)
+    plain_after = _with_knobs(monkeypatch, 90, 8, None, **knobs)  # the knobs act on WM-811K maps ...
+    assert sum(not np.array_equal(x, y) for x, y in zip(plain_before.maps, plain_after.maps)) > 45
+    mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones
+    assert all(np.array_equal(x, y) for x, y in zip(mixed_before.maps, mixed_after.maps))
+    assert all(np.array_equal(x, y) for x, y in zip(mixed_before.masks, mixed_after.masks))

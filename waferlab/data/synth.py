@@ -194,6 +194,8 @@ def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndar
 
 
 def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
+    if mixed:
+        return _edge_ring_mixed(g, rng)
     # real rings are mostly the outermost die ring alone (median depth 1.0 die); some 2-3 dies deep
     if rng.random() < RING_THIN_P:  # edge distance 1 or sqrt(2): the 8-connected outermost ring
         width = rng.uniform(1.42, 1.95)
@@ -214,11 +216,28 @@ def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.
     return prob, region
 
 
+def _edge_ring_mixed(g: _Geometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A MixedWM38-style ring: 1-4 dies deep, nearly uniform, sometimes 240-340 degrees."""
+    width = 1.2 + min(rng.exponential(0.5), 2.0) + 0.015 * g.radius * rng.random()
+    p_in = rng.uniform(0.9, 1.0)
+    region = g.inside & (g.edge <= width)
+    modulation = rng.uniform(0.0, 0.15)
+    phase = rng.uniform(-np.pi, np.pi)
+    prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase)))
+    if rng.random() < 0.12:
+        gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(10.0, 60.0))
+        region &= ~gap
+    return np.where(region, prob, 0.0), region
+
+
 def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
     centre = rng.uniform(-np.pi, np.pi)
     p_in = rng.uniform(0.75, 1.0)
     if rng.random() < 0.7:  # an arc along the rim, a few dies deep
-        depth = 1.0 + rng.exponential(0.6) + rng.uniform(0.0, 0.06) * g.radius  # real arcs: ~1.4 dies
+        if mixed:
+            depth = 1.0 + rng.exponential(1.0) + rng.uniform(0.0, 0.1) * g.radius
+        else:  # real Edge-Loc arcs are ~1.4 dies deep
+            depth = 1.0 + rng.exponential(0.6) + rng.uniform(0.0, 0.06) * g.radius
         half = np.deg2rad(rng.uniform(18.0, 60.0))
         dang = _ang_dist(g.theta, centre)
         region = g.inside & (g.edge <= depth) & (dang <= half)
@@ -254,7 +273,7 @@ def _loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarra
         if not mixed:  # an irregular outline: 2-4 lobes
             d = d * (1.0 + rng.uniform(0.0, LOC_LOBE_MAX) * np.cos(rng.integers(2, 5) * np.arctan2(b, a)
                                                                 + rng.uniform(-np.pi, np.pi)))
-        p_in = rng.uniform(0.75, 1.0)  # real blobs are solid (blob solidity 0.73)
+        p_in = rng.uniform(0.6, 0.98) if mixed else rng.uniform(0.75, 1.0)  # real blobs are solid
         keep *= 1.0 - p_in * _logistic((rad - d) / rng.uniform(0.01, 0.04))
         region |= d <= rad
     return 1.0 - keep, region & g.inside
