@@ -5,6 +5,13 @@ with a clustered random background of failed dies and one geometric pattern whos
 map's mask. Grid sizes follow a WM-811K-like distribution (many small grids) drawn independently of the
 class, so the class cannot be read from the map shape. Parameter ranges were tuned against the real samples
 in ``shared/data`` (see ``waferlab.data.calibrate`` and ``benchmarks/synth_calibration.py``).
+
+The module-level ``*_P`` / ``*_MAX`` / ``*_MIN`` constants are the domain-randomisation knobs added for
+synthetic-to-real transfer (issue 14): thin, whole Edge-Ring rings (real median depth 1.0 die), thinner
+Edge-Loc arcs, faint broken scratches that often start at the rim, solid / lobed / near-rim Loc blobs, and
+background artefacts of every class (edge die loss, tiny clusters, probe-card sites). They only act on
+WM-811K-style maps; MixedWM38-style maps keep their own calibration. All draws come from the one seeded
+generator, so the same seed still gives identical maps.
 """
 
 from __future__ import annotations
