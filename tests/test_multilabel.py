@@ -1,0 +1,90 @@
+"""Multi-label (MixedWM38-style) metrics against hand-computed values, the report, the task config key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from waferlab.engine.config import build_config
+from waferlab.engine.metrics import compute_multilabel_metrics
+from waferlab.engine.report import render_multilabel_report, write_evaluation
+from waferlab.errors import WaferlabError
+
+# 4 maps x 3 labels. At threshold 0.5 the predictions are A / B+C / A / B.
+LABELS = ("A", "B", "C")
+Y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+P = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.6], [0.6, 0.4, 0.2], [0.1, 0.7, 0.3]])
+
+
+def test_multilabel_metrics_by_hand() -> None:
+    m = compute_multilabel_metrics(Y, P, LABELS)
+    # exact: map 0 right; map 1 has a false C, map 2 misses B, map 3 (no defect) has a false B
+    assert m["exact_match"] == pytest.approx(1 / 4)
+    assert m["hamming_loss"] == pytest.approx(3 / 12)
+    a, b, c = (m["per_label"][k] for k in LABELS)
+    # A: tp 2, no errors; its scores rank both positives (0.9, 0.6) first -> AP 1
+    assert (a["precision"], a["recall"], a["f1"], a["ap"]) == pytest.approx((1.0, 1.0, 1.0, 1.0))
+    # B: tp 1 (map 1), fp 1 (map 3), fn 1 (map 2); ranking 0.8+ 0.7- 0.4+ 0.2- -> AP = (1/1 + 2/3) / 2
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert b["ap"] == pytest.approx(5 / 6)
+    assert (b["support"], b["predicted"]) == (2, 2)
+    # C: never true, predicted once -> precision 0, the rest undefined, and left out of the macro averages
+    assert c == {"precision": 0.0, "recall": None, "f1": None, "ap": None, "support": 0, "predicted": 1}
+    assert m["labels_absent"] == ["C"]
+    assert m["mAP"] == pytest.approx((1 + 5 / 6) / 2)
+    assert m["macro_f1"] == pytest.approx(0.75) and m["macro_precision"] == pytest.approx(0.75)
+    # micro: tp 3, fp 2 (B on map 3, C on map 1), fn 1
+    assert m["micro_precision"] == pytest.approx(3 / 5) and m["micro_recall"] == pytest.approx(3 / 4)
+    assert m["micro_f1"] == pytest.approx(2 / 3)
+    assert m["exact_match_by_cardinality"] == {"0": {"n": 1, "exact_match": 0.0},
+                                               "1": {"n": 2, "exact_match": 0.5},
+                                               "2": {"n": 1, "exact_match": 0.0}}
+    assert m["label_cardinality"] == pytest.approx(1.0) and m["predicted_cardinality"] == pytest.approx(1.25)
+    json.dumps(m)  # JSON-ready: no NaN, no numpy scalars
+
+
+def test_multilabel_threshold_and_perfect() -> None:
+    m = compute_multilabel_metrics(Y, P, LABELS, threshold=0.65)  # A now only on map 0: recall 1/2
+    assert m["per_label"]["A"]["recall"] == pytest.approx(0.5) and m["per_label"]["A"]["ap"] == 1.0
+    assert m["per_label"]["C"]["precision"] is None  # absent and never predicted
+    perfect = compute_multilabel_metrics(Y, Y * 0.9 + 0.05, LABELS)
+    assert perfect["exact_match"] == 1.0 and perfect["mAP"] == 1.0 and perfect["hamming_loss"] == 0.0
+
+
+@pytest.mark.parametrize("y, p, message", [
+    (Y[:, :2], P, "multi-hot rows"),
+    (Y * 2, P, "0 and 1"),
+    (Y, P[:3], "shape"),
+    (Y, P * 4 - 2, "not logits"),
+    (Y, np.where(P > 0.85, np.nan, P), "non-finite"),
+    (Y[:0], P[:0], "N = 0"),
+])
+def test_multilabel_bad_input(y, p, message) -> None:
+    with pytest.raises(WaferlabError, match=message):
+        compute_multilabel_metrics(y, p, LABELS)
+
+
+def test_multilabel_report_and_metrics_json(tmp_path: Path) -> None:
+    m = compute_multilabel_metrics(Y, P, LABELS)
+    write_evaluation(m, tmp_path, "toy multi-label", {"model": "toy", "task": "multilabel"})
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["task"] == "multilabel" and record["protocol"]["model"] == "toy"
+    assert record["mAP"] == pytest.approx(m["mAP"])
+    text = (tmp_path / "report.md").read_text()
+    assert text == render_multilabel_report(m, "toy multi-label", {"model": "toy", "task": "multilabel"})
+    assert "| Exact-match ratio (whole label set right) | 0.2500 |" in text
+    assert "| B | 0.5000 | 0.5000 | 0.5000 | 0.8333 | 2 | 2 |" in text
+    assert "| C | 0.0000 | — | — | — | 0 | 1 |" in text
+    assert "excluded from mAP and macro averages): C." in text
+
+
+def test_task_config_key() -> None:
+    assert build_config(overrides={"task": "multilabel", "loss": "asl"}).task == "multilabel"
+    assert build_config().task == "multiclass"
+    with pytest.raises(WaferlabError, match="config task: unknown value 'multi'"):
+        build_config(sets=["task=multi"])
+    with pytest.raises(WaferlabError, match="linear head"):
+        build_config(sets=["task=multilabel", "head=cosine"])
