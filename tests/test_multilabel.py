@@ -88,3 +88,19 @@ def test_task_config_key() -> None:
         build_config(sets=["task=multi"])
     with pytest.raises(WaferlabError, match="linear head"):
         build_config(sets=["task=multilabel", "head=cosine"])
+
+
+def test_prepared_data_keeps_and_requires_multi_hot(tmp_path: Path) -> None:
+    from waferlab.data.cache import load_cache, prepare, save_cache
+    from waferlab.data.synth import generate
+    from waferlab.data.table import MIXED38_TYPES
+
+    table = generate(12, seed=3, mixed=True)
+    p = prepare(table, 32)
+    save_cache(p, tmp_path / "c.npz")
+    back = load_cache(tmp_path / "c.npz").subset(np.arange(5, 12))
+    assert back.multi_label_names == MIXED38_TYPES
+    np.testing.assert_array_equal(back.require_multi_hot(), table.multi_hot[5:])
+    plain = prepare(generate(4, seed=3), 32)
+    with pytest.raises(WaferlabError, match="needs multi-hot labels"):
+        plain.require_multi_hot()
