@@ -104,3 +104,107 @@ def test_prepared_data_keeps_and_requires_multi_hot(tmp_path: Path) -> None:
     plain = prepare(generate(4, seed=3), 32)
     with pytest.raises(WaferlabError, match="needs multi-hot labels"):
         plain.require_multi_hot()
+
+
+# ------------------------------------------------------------------------------------ training end to end
+ML_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~200 synthetic MixedWM38-style maps (multi-hot labels) prepared at 32 px."""
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+
+    path = tmp_path_factory.mktemp("mixed") / "mixed32.npz"
+    save_cache(prepare(generate(200, seed=5, mixed=True), ML_SIZE), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CI-sized multilabel run (32 px, 200 maps, 1 epoch) through the CLI and the multilabel preset."""
+    from waferlab.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "mixed"
+    code = main(["train", "--model", "mobilenetv2_100", "--data", str(mixed_cache), "--out", str(run),
+                 "--config", "multilabel", "--epochs", "1", "--image-size", str(ML_SIZE),
+                 "--batch-size", "32", "--no-progress", "--set", "precise_bn_batches=2"])
+    assert code == 0
+    return run
+
+
+def test_multilabel_training_end_to_end(mixed_run: Path) -> None:
+    import yaml
+
+    from waferlab.data.cache import load_cache
+    from waferlab.data.splits import assign_splits
+    from waferlab.data.table import MIXED38_TYPES
+    from waferlab.engine.predict import PredictOptions, predict
+    from waferlab.engine.run import Run
+
+    for name in ("model.safetensors", "config.yaml", "classes.json", "curves.csv", "metrics.json",
+                 "report.md"):
+        assert (mixed_run / name).is_file(), name
+    cfg = yaml.safe_load((mixed_run / "config.yaml").read_text())
+    assert cfg["task"] == "multilabel" and cfg["loss"] == "asl"
+    assert tuple(json.loads((mixed_run / "classes.json").read_text())) == MIXED38_TYPES
+    metrics = json.loads((mixed_run / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["protocol"]["task"] == "multilabel"
+    assert set(metrics["per_label"]) == set(MIXED38_TYPES)
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["mAP"] <= 1.0
+    assert "## Multi-label metrics" in (mixed_run / "report.md").read_text()
+    # the kept weights, through the one prediction function, reproduce metrics.json: sigmoid per label
+    run = Run.open(mixed_run)
+    assert run.spec().task == "multilabel"
+    p = load_cache(cfg["data"])
+    test = np.flatnonzero(assign_splits(p, cfg["split"], cfg["fractions"], seed=cfg["seed"]) == "test")
+    pred = predict(run.load_model(), p.maps[test], run.spec(), PredictOptions(batch_size=64))
+    np.testing.assert_allclose(pred.probs, 1 / (1 + np.exp(-pred.logits)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pred.probs.sum(1), 1.0)  # independent sigmoids, not a softmax
+    again = compute_multilabel_metrics(p.multi_hot[test], pred.probs, MIXED38_TYPES)
+    assert metrics["n"] == len(test)
+    assert again["exact_match"] == pytest.approx(metrics["exact_match"])
+    assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
+
+
+def test_evaluate_multilabel_run_on_real_mixedwm38(mixed_run: Path, shared_data: Path,
+                                                   tmp_path: Path) -> None:
+    from waferlab.cli import main
+
+    real = shared_data / "gowwi07_wafermap_ai_png224_e3cf70a" / "samples_mixed38"
+    assert main(["evaluate", str(mixed_run), "--data", str(real), "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n"] == 30 and m["task"] == "multilabel"
+    # no real sample has them (a file name's "Random" means Scratch, data.md S.2)
+    assert m["labels_absent"] == ["Near-full", "Random"]
+    assert m["per_label"]["Scratch"]["support"] == 21 and m["per_label"]["Loc"]["support"] == 15
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from waferlab.cli import main
+
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_multilabel_user_errors_are_one_line(mixed_run: Path, mixed_cache: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+
+    single = tmp_path / "single.npz"
+    save_cache(prepare(generate(20, seed=1), ML_SIZE), single)
+    train = ["train", "--model", "mobilenetv2_100", "--epochs", "1", "--no-progress"]
+    line = _cli_error([*train, "--data", str(mixed_cache), "--out", str(tmp_path / "a"), "--config",
+                       "multilabel", "--loss", "weighted_ce"], capsys)
+    assert "multiclass loss but the task is multilabel" in line and not (tmp_path / "a").exists()
+    line = _cli_error([*train, "--data", str(single), "--out", str(tmp_path / "b"), "--config", "multilabel"],
+                      capsys)
+    assert str(single) in line and "needs multi-hot labels" in line
+    line = _cli_error(["evaluate", str(mixed_run), "--data", str(single), "--out",
+                       str(tmp_path / "c"), "--no-progress"], capsys)
+    assert "needs multi-hot labels" in line and not (tmp_path / "c").exists()

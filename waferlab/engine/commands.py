@@ -116,6 +116,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.data, args.out, batch_size=args.batch_size, device=args.device,
                            progress=args.progress)
+    if metrics.get("task") == "multilabel":
+        from waferlab.engine.metrics import multilabel_summary
+
+        print(f"{multilabel_summary(metrics)} -> {args.out}", file=sys.stderr)
+        return 0
     print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
           f"balanced accuracy {metrics['balanced_accuracy']:.4f}  (n={metrics['n']}) -> {args.out}",
           file=sys.stderr)

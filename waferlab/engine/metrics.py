@@ -385,3 +385,13 @@ def compute_multilabel_metrics(
         "predicted_cardinality": float(pred.sum(axis=1).mean()),
         "per_label": per_label,
     }
+
+
+def multilabel_summary(metrics: dict[str, Any]) -> str:
+    """One line of a multi-label result for the terminal: exact match, mAP, macro-F1, n."""
+    def num(key: str) -> str:
+        value = metrics.get(key)
+        return "—" if value is None else f"{value:.4f}"
+
+    return (f"exact match {num('exact_match')}  mAP {num('mAP')}  macro-F1 {num('macro_f1')}  "
+            f"(n={metrics['n']})")
