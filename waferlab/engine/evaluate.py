@@ -63,7 +63,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     multilabel = info.task == "multilabel"
     if multilabel:  # every map is labelled: an all-zero row is a map without defect
         keep = np.arange(len(p))
-        hot = p.require_multi_hot("evaluating a multilabel run")
+        hot = p.require_multi_hot(str(data), "evaluating a multilabel run")
         y = map_multi_hot(tuple(p.multi_label_names), hot, info.class_names, str(data))
     else:
         keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
