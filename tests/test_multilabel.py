@@ -208,3 +208,23 @@ def test_multilabel_user_errors_are_one_line(mixed_run: Path, mixed_cache: Path,
     line = _cli_error(["evaluate", str(mixed_run), "--data", str(single), "--out",
                        str(tmp_path / "c"), "--no-progress"], capsys)
     assert "needs multi-hot labels" in line and not (tmp_path / "c").exists()
+
+
+def test_two_multilabel_sources_join_by_class_name(tmp_path: Path) -> None:
+    """Each source's mixture vocabulary differs; joined labels must still name each row's own mixture."""
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+    from waferlab.engine.datamodule import load_split_data
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for path, seed, classes in ((a, 1, ["Center", "Loc+Scratch"]), (b, 2, ["Loc+Scratch", "Donut", "none"])):
+        save_cache(prepare(generate(40, seed=seed, mixed=True, classes=classes), ML_SIZE), path)
+    cfg = build_config("multilabel", {"model": "mobilenetv2_100", "data": [str(a), f"{b}:2"],
+                                      "image_size": ML_SIZE})
+    split = load_split_data(cfg)
+    p = split.data
+    assert split.class_names == p.multi_label_names and split.targets().shape == (80, 8)
+    names = np.array(p.class_names, dtype=object)[p.labels]
+    combos = ["+".join(t for t, on in zip(p.multi_label_names, row) if on) or "none" for row in p.multi_hot]
+    assert names.tolist() == combos
+    assert set(names) == {"Center", "Loc+Scratch", "Donut", "none"}
