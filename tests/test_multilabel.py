@@ -10,7 +10,7 @@ import pytest
 
 from waferlab.engine.config import build_config
 from waferlab.engine.metrics import compute_multilabel_metrics
-from waferlab.engine.report import render_multilabel_report, write_evaluation
+from waferlab.engine.report import compare_runs, render_multilabel_report, write_evaluation
 from waferlab.errors import WaferlabError
 
 # 4 maps x 3 labels. At threshold 0.5 the predictions are A / B+C / A / B.
@@ -151,6 +151,8 @@ def test_multilabel_training_end_to_end(mixed_run: Path) -> None:
     assert tuple(json.loads((mixed_run / "classes.json").read_text())) == MIXED38_TYPES
     metrics = json.loads((mixed_run / "metrics.json").read_text())
     assert metrics["task"] == "multilabel" and metrics["protocol"]["task"] == "multilabel"
+    assert "class_set" not in metrics["protocol"]  # it does not apply to multi-hot labels
+    assert "| multilabel (8 labels) |" in compare_runs([mixed_run])
     assert set(metrics["per_label"]) == set(MIXED38_TYPES)
     assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["mAP"] <= 1.0
     assert "## Multi-label metrics" in (mixed_run / "report.md").read_text()

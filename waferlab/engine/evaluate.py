@@ -83,8 +83,8 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     metrics["data"] = str(data)
     cfg = info.config
     card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(keep)),
-            "n_unlabeled_dropped": int(dropped), "class_set": cfg.get("class_set"),
-            "trained_on": cfg.get("data"), "image_size": info.image_size, "encoding": info.encoding,
-            "seed": cfg.get("seed"), **({"task": info.task} if multilabel else {})}
+            "n_unlabeled_dropped": int(dropped), "trained_on": cfg.get("data"), "image_size": info.image_size,
+            "encoding": info.encoding, "seed": cfg.get("seed"),
+            **({"task": info.task} if multilabel else {"class_set": cfg.get("class_set")})}
     write_evaluation(metrics, out, f"{info.model_name} evaluated on {Path(data).name}", card)
     return metrics

@@ -515,6 +515,8 @@ def _run_label_info(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
             value = value.get("name", json.dumps(value, sort_keys=True))
         info[key] = value
+    if record.get("task") == "multilabel":  # class_set does not apply: name the labels instead
+        info["class_set"] = f"multilabel ({len(record.get('label_names') or [])} labels)"
     return info
 
 

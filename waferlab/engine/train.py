@@ -212,8 +212,9 @@ def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any
     }
     if cfg.init:
         card["init"] = cfg.init
-    if cfg.task != "multiclass":
+    if cfg.task != "multiclass":  # class_set does not apply to multi-hot labels
         card["task"] = cfg.task
+        card.pop("class_set")
     if split is not None:
         card["n_train"], card["n_val"], card["n_test"] = len(split.train), len(split.val), len(split.test)
     card.update(extra)
