@@ -8,8 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from waferlab.engine.config import TASKS
 from waferlab.errors import WaferlabError
-from waferlab.losses import CircleLoss, FocalLoss, build_loss, class_weights
+from waferlab.losses import (
+    LOSS_NAMES,
+    LOSS_TASKS,
+    AsymmetricLoss,
+    CircleLoss,
+    FocalLoss,
+    build_loss,
+    check_loss_task,
+    class_weights,
+)
 from waferlab.models.heads import CosineClassifier
 
 
@@ -120,3 +130,61 @@ def test_build_loss_factory() -> None:
         build_loss("weighted_ce", 3)
     with pytest.raises(WaferlabError, match="shape"):
         build_loss("weighted_ce", 3, [1, 2])
+
+
+# ---------------------------------------------------------------------------------------- multi-label
+_ML_LOGITS = torch.tensor([[0.0, 2.0, -1.0], [-0.5, 0.0, 3.0]])
+_ML_TARGET = torch.tensor([[1, 0, 0], [0, 1, 1]])
+
+
+def test_asl_matches_hand_computation() -> None:
+    # L = -[y (1-p)^g+ log p + (1-y) p_m^g- log(1-p_m)], p_m = max(p - clip, 0);
+    # summed over labels, averaged over maps
+    # map 1: label 0 positive, p = 0.5:                (0.5)^1 * -log 0.5                 = 0.3465736
+    #        label 1 negative, p = 0.8807971, p_m = 0.8307971: 0.8307971^4 * -log 0.1692029 = 0.8464150
+    #        label 2 negative, p = 0.2689414, p_m = 0.2189414: 0.2189414^4 * -log 0.7810586 = 0.0005678
+    # map 2: label 0 negative, p = 0.3775407, p_m = 0.3275407: 0.3275407^4 * -log 0.6724593 = 0.0045672
+    #        label 1 positive, p = 0.5: 0.3465736
+    #        label 2 positive, p = 0.9525741: 0.0474259 * -log 0.9525741 = 0.0474259 * 0.0485873 = 0.0023043
+    expected = ((0.3465736 + 0.8464150 + 0.0005678) + (0.0045672 + 0.3465736 + 0.0023043)) / 2
+    loss = build_loss("asl", 3, gamma_pos=1.0, gamma_neg=4.0, clip=0.05)
+    assert isinstance(loss, AsymmetricLoss) and loss.expects == "logits"
+    assert loss(_ML_LOGITS, _ML_TARGET).item() == pytest.approx(expected, abs=2e-6)
+    assert expected == pytest.approx(0.7735007, abs=1e-6)
+
+
+def test_bce_matches_hand_computation_and_asl_reduces_to_it() -> None:
+    # -log sigmoid(x) for positives, -log(1 - sigmoid(x)) for negatives, summed per map, mean over the 2 maps
+    terms = [math.log(2), math.log(1 + math.exp(2.0)), math.log(1 + math.exp(-1.0)),
+             math.log(1 + math.exp(-0.5)), math.log(2), math.log(1 + math.exp(-3.0))]
+    expected = sum(terms) / 2
+    assert expected == pytest.approx(2.1745742, abs=1e-6)
+    assert build_loss("bce", 3)(_ML_LOGITS, _ML_TARGET).item() == pytest.approx(expected, rel=1e-6)
+    plain = build_loss("asl", 3, gamma_pos=0.0, gamma_neg=0.0, clip=0.0)
+    assert plain(_ML_LOGITS, _ML_TARGET).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_asl_down_weights_easy_negatives_and_has_gradients() -> None:
+    x = torch.tensor([[-3.0, 0.5, 4.0]], requires_grad=True)
+    y = torch.tensor([[0, 0, 1]])
+    asl, bce = build_loss("asl", 3), build_loss("bce", 3)
+    assert asl(x, y).item() < bce(x, y).item()
+    asl(x, y).backward()
+    assert x.grad[0, 0].item() == 0.0  # p = 0.047 < clip: the easy negative is discarded entirely
+    assert x.grad[0, 1].item() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_multilabel_loss_task_checks() -> None:
+    check_loss_task("asl", "multilabel")
+    check_loss_task("ce", "multiclass")
+    assert set(LOSS_TASKS.values()) == set(TASKS) and set(LOSS_TASKS) == set(LOSS_NAMES)
+    with pytest.raises(WaferlabError, match="multiclass loss but the task is multilabel"):
+        check_loss_task("weighted_ce", "multilabel")
+    with pytest.raises(WaferlabError, match="unknown task"):
+        check_loss_task("bce", "regression")
+    with pytest.raises(WaferlabError, match="unknown option"):
+        build_loss("asl", 3, gamma=2.0)
+    with pytest.raises(WaferlabError, match="clip"):
+        build_loss("asl", 3, clip=1.5)
+    with pytest.raises(WaferlabError, match="multi-hot"):
+        build_loss("bce", 3)(_ML_LOGITS, torch.tensor([0, 2]))

@@ -1,8 +1,10 @@
-"""Classification losses for imbalanced wafer-map classes: Circle, focal, (weighted) cross-entropy.
+"""Classification losses for imbalanced wafer-map classes: Circle, focal, (weighted) cross-entropy, and the
+multi-label losses (binary cross-entropy, asymmetric loss) for MixedWM38-style multi-hot labels.
 
 :func:`build_loss` is the factory the training engine calls. A loss whose ``expects`` attribute is
 ``"cosine"`` needs the model's cosine head (``create_model(..., head="cosine")``); the others take
-plain logits.
+plain logits. Each loss serves one task (:data:`LOSS_TASKS`): multiclass losses take class indices,
+multilabel losses take (N, K) multi-hot targets and one independent sigmoid per label.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from torch import nn
 from waferlab.errors import WaferlabError
 from waferlab.models.heads import DEFAULT_COSINE_SCALE
 
-LOSS_NAMES = ("ce", "weighted_ce", "focal", "circle")
+#: Every loss and the task it serves (``multiclass``: one class index per map, softmax; ``multilabel``: a
+#: multi-hot row per map, one sigmoid per label). The task names are ``waferlab.engine.config.TASKS``.
+LOSS_TASKS: dict[str, str] = {
+    "ce": "multiclass", "weighted_ce": "multiclass", "focal": "multiclass", "circle": "multiclass",
+    "bce": "multilabel", "asl": "multilabel",
+}
+LOSS_NAMES = tuple(LOSS_TASKS)
 WEIGHT_KINDS = ("inverse", "sqrt_inverse", "effective")
 
 
@@ -88,6 +96,71 @@ class FocalLoss(nn.Module):
         return (w * loss).sum() / w.sum()
 
 
+class AsymmetricLoss(nn.Module):
+    """Asymmetric loss for multi-label classification (Ridnik et al., ICCV 2021), on logits.
+
+    With p = sigmoid(x), shifted probability p_m = max(p - clip, 0) for negatives and targets y in {0,1}:
+    L = -[y (1 - p)^gamma_pos log p + (1 - y) p_m^gamma_neg log(1 - p_m)], summed over the labels and
+    averaged over the maps. gamma_pos = gamma_neg = clip = 0 gives :class:`MultiLabelBCE` exactly.
+    Deviations from the official ``AsymmetricLoss``: the mean over maps instead of the batch sum (so the
+    learning rate does not depend on the batch size); log p via ``logsigmoid`` instead of
+    ``log(clamp(p, 1e-8))`` (equal except beyond |logit| ~ 18). As in the official default
+    (``disable_torch_grad_focal_loss=True``) no gradient flows through the focusing weights.
+    """
+
+    def __init__(self, gamma_pos: float = 0.0, gamma_neg: float = 4.0, clip: float = 0.05) -> None:
+        super().__init__()
+        if not gamma_pos >= 0 or not gamma_neg >= 0:
+            raise WaferlabError(f"asl loss: gamma_pos and gamma_neg must be >= 0, "
+                                f"got {gamma_pos}, {gamma_neg}")
+        if not 0 <= clip < 1:
+            raise WaferlabError(f"asl loss: clip must be in [0, 1), got {clip}")
+        self.gamma_pos = float(gamma_pos)
+        self.gamma_neg = float(gamma_neg)
+        self.clip = float(clip)
+        self.expects = "logits"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        y = _multi_hot_target(target, x)
+        log_pos = F.logsigmoid(x)
+        if self.clip > 0:
+            log_neg = torch.log((torch.sigmoid(-x) + self.clip).clamp(max=1.0))  # log(1 - p_m)
+        else:
+            log_neg = F.logsigmoid(-x)
+        loss = y * log_pos + (1.0 - y) * log_neg
+        if self.gamma_pos > 0 or self.gamma_neg > 0:
+            with torch.no_grad():
+                p = torch.sigmoid(x)
+                p_m = (p - self.clip).clamp(min=0.0)
+                base = y * (1.0 - p) + (1.0 - y) * p_m  # 1 - p_t
+                gamma = y * self.gamma_pos + (1.0 - y) * self.gamma_neg
+                weight = base.pow(gamma)
+            loss = loss * weight
+        return -loss.sum(dim=1).mean()
+
+
+class MultiLabelBCE(nn.Module):
+    """Binary cross-entropy with one sigmoid per label, summed over labels and averaged over maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expects = "logits"
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        x = logits.float()
+        loss = F.binary_cross_entropy_with_logits(x, _multi_hot_target(target, x), reduction="none")
+        return loss.sum(dim=1).mean()
+
+
+def _multi_hot_target(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """(N, K) multi-hot targets as float on the logits' device; a class-index vector is an error."""
+    if target.shape != logits.shape:
+        raise WaferlabError(f"multi-label loss: targets of shape {tuple(target.shape)} do not match logits "
+                            f"{tuple(logits.shape)}; pass (N, K) multi-hot rows (task multilabel)")
+    return target.to(device=logits.device, dtype=logits.dtype)
+
+
 def _to_numpy(values: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
@@ -136,17 +209,36 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "weighted_ce": ("kind", "beta", "label_smoothing"),
     "focal": ("gamma", "kind", "beta"),
     "circle": ("gamma", "margin", "mode"),
+    "bce": (),
+    "asl": ("gamma_pos", "gamma_neg", "clip"),
 }
+
+
+def check_loss_task(name: str, task: str) -> None:
+    """Raise a one-line error unless loss ``name`` exists and serves ``task`` (before any data is read)."""
+    from waferlab.engine.config import TASKS
+
+    if task not in TASKS:
+        raise WaferlabError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if name not in LOSS_TASKS:
+        raise WaferlabError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)}")
+    if LOSS_TASKS[name] != task:
+        fits = ", ".join(n for n, t in LOSS_TASKS.items() if t == task)
+        raise WaferlabError(f"loss {name!r} is a {LOSS_TASKS[name]} loss but the task is {task}; "
+                            f"use one of {fits} (e.g. --loss {fits.split(', ')[0]})")
 
 
 def build_loss(name: str, num_classes: int,
                class_counts: Sequence[int] | np.ndarray | torch.Tensor | None = None, **kw: Any) -> nn.Module:
-    """Build a loss by name: ``ce``, ``weighted_ce`` (needs ``class_counts``), ``focal``, ``circle``.
+    """Build a loss by name: ``ce``, ``weighted_ce`` (needs ``class_counts``), ``focal``, ``circle``;
+    multi-label ``bce``, ``asl``.
 
     Options: ce ``label_smoothing``; weighted_ce ``kind`` (inverse|sqrt_inverse|effective), ``beta``,
     ``label_smoothing``; focal ``gamma`` and, with ``class_counts``, ``kind``/``beta`` (class-weighted
-    focal when ``kind`` is given); circle ``gamma`` (scale), ``margin``, ``mode`` (cosine|softmax).
-    The returned module has ``expects`` = ``"cosine"`` (needs the cosine head) or ``"logits"``.
+    focal when ``kind`` is given); circle ``gamma`` (scale), ``margin``, ``mode`` (cosine|softmax);
+    asl ``gamma_pos`` (0), ``gamma_neg`` (4), ``clip`` (0.05). For the multi-label losses ``num_classes``
+    is the number of labels and ``class_counts`` is not used. The returned module has ``expects`` =
+    ``"cosine"`` (needs the cosine head) or ``"logits"``; its task is ``LOSS_TASKS[name]``.
     """
     if name not in _OPTIONS:
         raise WaferlabError(f"unknown loss {name!r}; use one of {', '.join(LOSS_NAMES)}")
@@ -155,6 +247,8 @@ def build_loss(name: str, num_classes: int,
         allowed = ", ".join(_OPTIONS[name])
         raise WaferlabError(f"loss {name!r}: unknown option {unknown[0]!r} (allowed: {allowed})")
     weight = None
+    if LOSS_TASKS[name] == "multilabel":
+        return _build_multilabel(name, kw)
     if class_counts is not None:
         counts = _to_numpy(class_counts)
         if counts.shape != (num_classes,):
@@ -176,5 +270,15 @@ def build_loss(name: str, num_classes: int,
             return FocalLoss(gamma=float(kw.get("gamma", 2.0)), weight=weight)
         return CircleLoss(gamma=float(kw.get("gamma", DEFAULT_COSINE_SCALE)),
                           margin=float(kw.get("margin", 0.25)), mode=str(kw.get("mode", "cosine")))
+    except (TypeError, ValueError) as exc:
+        raise WaferlabError(f"loss {name!r}: bad option value ({exc})") from None
+
+
+def _build_multilabel(name: str, kw: dict[str, Any]) -> nn.Module:
+    try:
+        if name == "bce":
+            return MultiLabelBCE()
+        return AsymmetricLoss(gamma_pos=float(kw.get("gamma_pos", 0.0)),
+                              gamma_neg=float(kw.get("gamma_neg", 4.0)), clip=float(kw.get("clip", 0.05)))
     except (TypeError, ValueError) as exc:
         raise WaferlabError(f"loss {name!r}: bad option value ({exc})") from None

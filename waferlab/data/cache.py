@@ -100,6 +100,15 @@ class PreparedData:
             out[UNLABELED] = n_unlabeled
         return out
 
+    def require_multi_hot(self, where: str = "", what: str = "multi-label training") -> np.ndarray:
+        """The (N, K) multi-hot rows over ``multi_label_names``; without them a one-line error naming
+        ``where`` (default: the source)."""
+        if self.multi_hot is None:
+            raise WaferlabError(f"{where or self.source or 'data'}: {what} needs multi-hot labels "
+                                "(a MixedWM38 .npz, 'waferlab data synth --mixed', "
+                                "or images named mixed_<A>_<B>_<idx>.png)")
+        return np.asarray(self.multi_hot)
+
     def label_names(self) -> np.ndarray:
         """Class name of every row (``"unlabeled"`` for -1), as an object array."""
         names = np.array([*self.class_names, UNLABELED], dtype=object)

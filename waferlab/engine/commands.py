@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate`` to the top-level parser (help built from the declared lists)."""
     from waferlab.data.encode import ENCODINGS
     from waferlab.data.splits import CLASS_SETS, SPLIT_METHODS
+    from waferlab.engine.config import preset_names
     from waferlab.engine.optim import OPTIMIZERS, SCHEDULERS
     from waferlab.engine.run import RUN_LAYOUT
 
@@ -43,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "each optionally with a sampling weight, e.g. --data synth.pkl --data fab.pkl:3")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--config", default=None,
-                   help="preset name (default, attention-study, spanet) or a YAML file (default: default)")
+                   help=f"preset name ({', '.join(preset_names())}) or a YAML file (default: default); "
+                        "'multilabel' trains MixedWM38-style multi-hot labels")
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int, help="side length the maps are resized to")
     p.add_argument("--seed", type=int)
@@ -116,6 +118,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_run(args.run_dir, args.data, args.out, batch_size=args.batch_size, device=args.device,
                            progress=args.progress)
+    if metrics.get("task") == "multilabel":
+        from waferlab.engine.metrics import multilabel_summary
+
+        print(f"{multilabel_summary(metrics)} -> {args.out}", file=sys.stderr)
+        return 0
     print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
           f"balanced accuracy {metrics['balanced_accuracy']:.4f}  (n={metrics['n']}) -> {args.out}",
           file=sys.stderr)

@@ -19,6 +19,10 @@ PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 CHECKPOINTS = ("best", "last")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
 PRECISIONS = ("32", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64", "64-true")
+#: multiclass: one class per map (softmax, class-index labels); multilabel: several defect types per map
+#: (one sigmoid per label, the data's multi-hot rows, e.g. MixedWM38). Losses declare theirs in
+#: waferlab.losses.LOSS_TASKS.
+TASKS = ("multiclass", "multilabel")
 
 
 @dataclass
@@ -28,6 +32,7 @@ class TrainConfig:
     model: str = "resnet34"
     model_options: dict[str, Any] = field(default_factory=dict)
     head: str = "linear"
+    task: str = "multiclass"
     pretrained: str | None = None
     data: str | list[str] = ""  # one source, or a list of "PATH" / "PATH:WEIGHT" (weight: sampling share)
     init: str | None = None  # a finished run whose weights training starts from (fine-tuning)
@@ -242,10 +247,13 @@ def validate(cfg: TrainConfig) -> None:
     _number(cfg, "plateau_patience", int, 0)
     for name, choices in (("class_set", CLASS_SETS), ("encoding", ENCODINGS), ("split", SPLIT_METHODS),
                           ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("checkpoint", CHECKPOINTS),
-                          ("head", HEADS), ("plateau_monitor", PLATEAU_MONITORS)):
+                          ("head", HEADS), ("plateau_monitor", PLATEAU_MONITORS), ("task", TASKS)):
         _choice(cfg, name, tuple(choices))
     if cfg.plateau_factor >= 1:
         raise WaferlabError(f"config plateau_factor must be < 1, got {cfg.plateau_factor:g}")
+    if cfg.task == "multilabel" and cfg.head != "linear":
+        raise WaferlabError(f"config head: task multilabel needs the linear head (one sigmoid per label), "
+                            f"got {cfg.head!r}")
     if not isinstance(cfg.model, str) or not cfg.model:
         raise WaferlabError("config model: a model name is required (see 'waferlab models')")
     for name in ("model_options", "loss_options", "augment_options", "balance_targets"):

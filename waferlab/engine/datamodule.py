@@ -26,10 +26,18 @@ class SplitData:
     test: np.ndarray
     source: np.ndarray | None = None  # per row: index into ``weights`` (None: one source)
     weights: tuple[float, ...] = (1.0,)
+    task: str = "multiclass"
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(self.data.class_names)
+        """The model's output names: the classes, or for a multilabel task the multi-hot label names."""
+        return tuple(self.data.multi_label_names if self.task == "multilabel" else self.data.class_names)
+
+    def targets(self, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """What the loss and metrics compare with: class ids (N,), or multi-hot rows (N, K) if multilabel."""
+        if self.task == "multilabel":
+            return np.asarray(self.data.multi_hot[rows], dtype=np.int64)
+        return self.data.labels[rows]
 
     def epoch_rows(self, seed: int) -> np.ndarray:
         """Training rows of one epoch: each source's rows ``weight`` times (a fraction: a seeded share)."""
@@ -56,6 +64,9 @@ def _load_source(src: DataSource, cfg: TrainConfig, resize: bool) -> Any:
         raise WaferlabError(f"data not found: {src.path}")
     p = load_cache(src.path) if is_cache(src.path) and not resize else load_prepared(
         src.path, cfg.image_size, progress=cfg.bars)
+    if cfg.task == "multilabel":  # every map counts (all-zero = no defect); class_set does not apply
+        p.require_multi_hot(str(src.path), "task multilabel")
+        return p
     return select_classes(p, cfg.class_set)
 
 
@@ -73,15 +84,24 @@ def _split_source(p: Any, cfg: TrainConfig, where: str) -> tuple[Any, np.ndarray
 
 
 def _concat(parts: list[Any]) -> Any:
-    """Several prepared sources (same size and class set) as one; lots stay distinct per source."""
+    """Several prepared sources (same size and class set) as one; lots stay distinct per source.
+
+    Multi-hot labels are kept when every source has them under the same label names."""
     first = parts[0]
     cat = np.concatenate
-    return replace(first, maps=cat([p.maps for p in parts]), labels=cat([p.labels for p in parts]),
+    hot = None
+    if all(p.multi_hot is not None and p.multi_label_names == first.multi_label_names for p in parts):
+        hot = cat([p.multi_hot for p in parts])
+    # one class vocabulary by name (identical after select_classes; a multilabel task's mixture names differ)
+    names = tuple(dict.fromkeys(n for p in parts for n in p.class_names))
+    ids = {n: i for i, n in enumerate(names)}
+    labels = [np.array([ids[n] for n in p.class_names] + [-1], dtype=np.int64)[p.labels] for p in parts]
+    return replace(first, maps=cat([p.maps for p in parts]), labels=cat(labels), class_names=names,
                    split=cat([p.split for p in parts]),
                    lot=cat([np.array([f"{i}:{lot}" for lot in p.lot], dtype=object)
                             for i, p in enumerate(parts)]),
                    wafer_index=cat([p.wafer_index for p in parts]),
-                   orig_shape=cat([p.orig_shape for p in parts]), multi_hot=None, masks=None,
+                   orig_shape=cat([p.orig_shape for p in parts]), multi_hot=hot, masks=None,
                    source="+".join(p.source or "data" for p in parts))
 
 
@@ -100,10 +120,13 @@ def load_split_data(cfg: TrainConfig) -> SplitData:
         p = _concat([q for q, _ in loaded])
         parts = np.concatenate([a for _, a in loaded])
         source = np.concatenate([np.full(len(q), i) for i, (q, _) in enumerate(loaded)])
+        if cfg.task == "multilabel" and p.multi_hot is None:
+            raise WaferlabError("task multilabel: the --data sources name their multi-hot labels differently "
+                                f"({'; '.join(', '.join(q.multi_label_names) for q, _ in loaded)})")
     train, val, test = (np.flatnonzero(parts == name) for name in ("train", "val", "test"))
     if cfg.balance_targets:
         p, train, source = _balance(p, train, cfg, source)
-    return SplitData(p, train, val, test, source, tuple(s.weight for s in sources))
+    return SplitData(p, train, val, test, source, tuple(s.weight for s in sources), cfg.task)
 
 
 def _balance(p: Any, train: np.ndarray, cfg: TrainConfig, source: np.ndarray | None
@@ -146,7 +169,8 @@ class WaferDataModule(L.LightningDataModule):
         self.split = split if split is not None else load_split_data(cfg)
         self.epoch_rows = self.split.epoch_rows(cfg.seed)
         self.maps = torch.from_numpy(np.ascontiguousarray(self.split.data.maps))
-        self.labels = torch.from_numpy(self.split.data.labels.astype(np.int64))
+        targets = self.split.targets()  # class ids, or multi-hot rows (float for the multi-label losses)
+        self.labels = torch.from_numpy(targets.astype(np.float32 if targets.ndim == 2 else np.int64))
         self.augmenter = _augmenter(cfg)
 
     @property
@@ -159,7 +183,10 @@ class WaferDataModule(L.LightningDataModule):
         return torch.as_tensor(np.asarray(self.split.train, dtype=np.int64))
 
     def class_counts(self) -> np.ndarray:
-        """Maps per class as the model sees them in one training epoch (for class-weighted losses)."""
+        """Maps per class (multilabel: per label) as the model sees them in one training epoch (for
+        class-weighted losses; its length is the number of model outputs)."""
+        if self.split.task == "multilabel":
+            return self.split.targets(self.epoch_rows).sum(axis=0)
         return np.bincount(self.split.data.labels[self.epoch_rows], minlength=len(self.class_names))
 
     def setup(self, stage: str) -> None:
@@ -227,4 +254,4 @@ def describe(split: SplitData, cfg: TrainConfig) -> str:
     names = "+".join(Path(s.path).name + (f":{s.weight:g}" if s.weight != 1 else "")
                      for s in data_sources(cfg.data))
     return (f"{names}: {len(split.train)} training maps ({len(split.val)} val, {len(split.test)} test), "
-            f"{len(split.class_names)} classes")
+            f"{len(split.class_names)} {'labels' if split.task == 'multilabel' else 'classes'}")

@@ -28,11 +28,29 @@ def map_labels(data_classes: tuple[str, ...], labels: np.ndarray, run_classes: t
     return keep, lut[labels[keep]]
 
 
+def map_multi_hot(data_names: tuple[str, ...], multi_hot: np.ndarray, run_names: tuple[str, ...],
+                  where: str) -> np.ndarray:
+    """The data's multi-hot columns reordered to a multilabel run's labels, matched by NAME.
+
+    A run label the data lacks, or a data label with maps that the run does not know, is a one-line error.
+    """
+    missing = [n for n in run_names if n not in data_names]
+    if missing:
+        raise WaferlabError(f"{where}: the data has no label column for {', '.join(missing)} "
+                            f"(its labels: {', '.join(data_names)})")
+    col = {n: j for j, n in enumerate(data_names)}
+    unknown = [n for n in data_names if n not in run_names and multi_hot[:, col[n]].any()]
+    if unknown:
+        raise WaferlabError(f"{where}: labels the run does not know: {', '.join(unknown)} "
+                            f"(the run's labels: {', '.join(run_names)})")
+    return np.asarray(multi_hot, dtype=np.int64)[:, [col[n] for n in run_names]]
+
+
 def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_size: int = 256,
                  device: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` on every labelled map of ``data``; metrics/report go to ``out``."""
     from waferlab.data.cache import load_prepared
-    from waferlab.engine.metrics import compute_metrics
+    from waferlab.engine.metrics import compute_metrics, compute_multilabel_metrics
     from waferlab.engine.predict import PredictOptions, predict_probs
     from waferlab.engine.report import write_evaluation
     from waferlab.engine.run import Run
@@ -42,7 +60,13 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     if not Path(data).exists():
         raise WaferlabError(f"data not found: {data}")
     p = load_prepared(data, info.image_size, progress=progress)
-    keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    multilabel = info.task == "multilabel"
+    if multilabel:  # every map is labelled: an all-zero row is a map without defect
+        keep = np.arange(len(p))
+        hot = p.require_multi_hot(str(data), "evaluating a multilabel run")
+        y = map_multi_hot(tuple(p.multi_label_names), hot, info.class_names, str(data))
+    else:
+        keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
     opts = PredictOptions(device=device, batch_size=batch_size, progress=progress)
     model = run.load_model()
     dropped = len(p) - len(keep)
@@ -51,13 +75,16 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     if len(keep) == 0:
         raise WaferlabError(f"{data}: no labelled maps to evaluate")
     probs = predict_probs(model, p.maps[keep], run.spec(), opts)
-    metrics = compute_metrics(y, probs, info.class_names)
+    if multilabel:
+        metrics = compute_multilabel_metrics(y, probs, info.class_names)
+    else:
+        metrics = compute_metrics(y, probs, info.class_names)
     metrics["run_dir"] = str(run_dir)
     metrics["data"] = str(data)
     cfg = info.config
     card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(keep)),
-            "n_unlabeled_dropped": int(dropped), "class_set": cfg.get("class_set"),
-            "trained_on": cfg.get("data"), "image_size": info.image_size, "encoding": info.encoding,
-            "seed": cfg.get("seed")}
+            "n_unlabeled_dropped": int(dropped), "trained_on": cfg.get("data"), "image_size": info.image_size,
+            "encoding": info.encoding, "seed": cfg.get("seed"),
+            **({"task": info.task} if multilabel else {"class_set": cfg.get("class_set")})}
     write_evaluation(metrics, out, f"{info.model_name} evaluated on {Path(data).name}", card)
     return metrics

@@ -252,3 +252,146 @@ def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, 
     ]
     cells.sort(key=lambda c: (-c[2], -c[3], c[0], c[1]))
     return cells[:k]
+
+
+# ------------------------------------------------------------------------------------------ multi-label
+#: Default decision threshold on each label's sigmoid probability.
+MULTILABEL_THRESHOLD = 0.5
+#: The metrics a multi-label report leads with, in display order.
+MULTILABEL_HEADLINE_KEYS = (
+    "exact_match", "mAP", "macro_f1", "macro_precision", "macro_recall", "micro_f1", "hamming_loss",
+)
+
+
+def _as_multi_hot(y_true: Any, label_names: Sequence[str]) -> np.ndarray:
+    """Validate (N, K) multi-hot truth (0/1, K = number of label names) and return it as int64."""
+    y = np.asarray(_to_numpy(y_true))
+    if y.ndim != 2 or y.shape[1] != len(label_names):
+        raise WaferlabError(f"y_true must be (maps x {len(label_names)} labels) multi-hot rows, "
+                            f"got shape {tuple(y.shape)}")
+    if y.dtype.kind not in "biuf" or not np.all(np.isin(y, (0, 1))):
+        raise WaferlabError("y_true must hold multi-hot rows of 0 and 1")
+    return y.astype(np.int64)
+
+
+def _as_label_probs(probs: Any, n: int, k: int) -> np.ndarray:
+    """Validate (N, K) independent per-label probabilities in [0, 1] (sigmoid outputs, not logits)."""
+    p = np.asarray(_to_numpy(probs), dtype=np.float64)
+    if p.shape != (n, k):
+        raise WaferlabError(f"probs must have shape ({n}, {k}) like y_true, got {tuple(p.shape)}")
+    if not np.all(np.isfinite(p)):
+        row = int(np.argwhere(~np.isfinite(p))[0, 0])
+        raise WaferlabError(f"probs has a non-finite value (NaN or inf) in row {row}")
+    if np.any((p < 0) | (p > 1)):
+        row = int(np.argwhere((p < 0) | (p > 1))[0, 0])
+        raise WaferlabError(f"probs has a value outside [0, 1] in row {row}: pass sigmoid probabilities, "
+                            "not logits")
+    return p
+
+
+def _per_label(names: list[str], present: np.ndarray, precision: np.ndarray, recall: np.ndarray,
+               f1: np.ndarray, ap: np.ndarray, support: np.ndarray, predicted: np.ndarray
+               ) -> dict[str, dict[str, Any]]:
+    """The per-label entries, with ``None`` where a label absent from the truth leaves a ratio undefined."""
+    out: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(names):
+        if present[j]:
+            entry = {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
+                     "ap": float(ap[j])}
+        else:
+            entry = {"precision": 0.0 if predicted[j] else None, "recall": None, "f1": None, "ap": None}
+        entry["support"] = int(support[j])
+        entry["predicted"] = int(predicted[j])
+        out[name] = entry
+    return out
+
+
+def compute_multilabel_metrics(
+    y_true_multi_hot: Any,
+    probs: Any,
+    label_names: Sequence[str],
+    threshold: float = MULTILABEL_THRESHOLD,
+) -> dict[str, Any]:
+    """Every metric of a multi-label classifier (e.g. MixedWM38's 8 defect types) from multi-hot truth and
+    per-label sigmoid probabilities; a label is predicted when its probability is >= ``threshold``.
+
+    * ``exact_match``: share of maps whose whole predicted label set equals the true set (subset
+      accuracy; a map with no defect counts only when nothing is predicted), also per number of true
+      labels in ``exact_match_by_cardinality``; ``hamming_loss``: share of wrong label decisions.
+    * ``per_label``: precision, recall, F1 at the threshold, ``ap`` (average precision: area under the
+      label's precision-recall curve over all thresholds, torchmetrics = scikit-learn's definition),
+      ``support`` (maps with the label) and ``predicted``. A label absent from ``y_true`` has recall,
+      F1 and AP ``None`` and precision 0.0 if it was predicted, else ``None`` (as in
+      :func:`compute_metrics`); a present, never-predicted label has precision 0.0.
+    * ``mAP`` and ``macro_*`` average over the labels PRESENT in ``y_true`` (absent ones are listed in
+      ``labels_absent``); ``micro_*`` pool every label decision.
+    """
+    import torch
+    from torchmetrics.functional.classification import multilabel_average_precision, multilabel_stat_scores
+
+    names = [str(c) for c in label_names]
+    k = len(names)
+    if k == 0 or len(set(names)) != k:
+        raise WaferlabError(f"label_names must be distinct and non-empty, got {names}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
+        raise WaferlabError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    y = _as_multi_hot(y_true_multi_hot, names)
+    n = len(y)
+    if n == 0:
+        raise WaferlabError("no maps to evaluate (N = 0): the evaluation split is empty")
+    p = _as_label_probs(probs, n, k)
+    pred = (p >= threshold).astype(np.int64)
+    pt, yt = torch.from_numpy(p), torch.from_numpy(y)
+    # integer counts (tp, fp, tn, fn, support) from torchmetrics; ratios below in float64 with explicit 0/0
+    stats = multilabel_stat_scores(torch.from_numpy(pred), yt, num_labels=k, threshold=0.5, average=None,
+                                   ignore_index=None).numpy().reshape(k, 5).astype(np.float64)
+    tp, fp, fn = stats[:, 0], stats[:, 1], stats[:, 3]
+    support = y.sum(axis=0)
+    present = support > 0
+    import warnings
+
+    with warnings.catch_warnings():  # an absent label's AP is undefined: set to None below, not warned
+        warnings.filterwarnings("ignore", message=".*No positive samples.*")
+        ap = multilabel_average_precision(pt, yt, num_labels=k, average=None, thresholds=None).numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
+        recall = np.where(present, tp / np.maximum(tp + fn, 1), np.nan)
+        f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    per_label = _per_label(names, present, precision, recall, f1, ap, support, pred.sum(axis=0))
+    exact = (pred == y).all(axis=1)
+    cardinality = y.sum(axis=1)
+    by_card = {str(c): {"n": int((cardinality == c).sum()),
+                        "exact_match": float(exact[cardinality == c].mean())}
+               for c in np.unique(cardinality).tolist()}
+    s_tp, s_fp, s_fn = tp.sum(), fp.sum(), fn.sum()
+    macro = present.any()
+    return {
+        "task": "multilabel",
+        "n": n,
+        "label_names": names,
+        "threshold": float(threshold),
+        "exact_match": float(exact.mean()),
+        "exact_match_by_cardinality": by_card,
+        "hamming_loss": float((pred != y).mean()),
+        "mAP": float(ap[present].mean()) if macro else None,
+        "macro_precision": float(precision[present].mean()) if macro else None,
+        "macro_recall": float(recall[present].mean()) if macro else None,
+        "macro_f1": float(f1[present].mean()) if macro else None,
+        "micro_precision": float(s_tp / (s_tp + s_fp)) if s_tp + s_fp > 0 else 0.0,
+        "micro_recall": float(s_tp / (s_tp + s_fn)) if s_tp + s_fn > 0 else None,
+        "micro_f1": float(2 * s_tp / (2 * s_tp + s_fp + s_fn)) if s_tp + s_fp + s_fn > 0 else None,
+        "labels_absent": [c for c, ok in zip(names, present) if not ok],
+        "label_cardinality": float(cardinality.mean()),
+        "predicted_cardinality": float(pred.sum(axis=1).mean()),
+        "per_label": per_label,
+    }
+
+
+def multilabel_summary(metrics: dict[str, Any]) -> str:
+    """One line of a multi-label result for the terminal: exact match, mAP, macro-F1, n."""
+    def num(key: str) -> str:
+        value = metrics.get(key)
+        return "—" if value is None else f"{value:.4f}"
+
+    return (f"exact match {num('exact_match')}  mAP {num('mAP')}  macro-F1 {num('macro_f1')}  "
+            f"(n={metrics['n']})")

@@ -10,20 +10,31 @@ import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+)
 
 from waferlab.engine.config import TrainConfig
 from waferlab.errors import WaferlabError
 
 
 class WaferClassifier(L.LightningModule):
-    """Trains ``model`` with ``cfg``'s loss and optimizer; logs loss, macro-F1 and accuracy per epoch."""
+    """Trains ``model`` with ``cfg``'s loss and optimizer; logs loss, macro-F1 and accuracy per epoch.
+
+    For ``task: multilabel`` the targets are multi-hot rows, each output is one label's logit, macro-F1 is
+    over the labels at sigmoid >= 0.5 and "accuracy" is the exact-match ratio (whole label set right).
+    """
 
     def __init__(self, model: nn.Module, cfg: TrainConfig, class_counts: np.ndarray,
                  criterion: nn.Module | None = None) -> None:
         super().__init__()
-        from waferlab.losses import build_loss
+        from waferlab.losses import build_loss, check_loss_task
 
+        if criterion is None:
+            check_loss_task(cfg.loss, cfg.task)
         self.model = model
         self.cfg = cfg
         self.num_classes = int(len(class_counts))
@@ -35,8 +46,13 @@ class WaferClassifier(L.LightningModule):
                                 f"use {'--set head=cosine' if expects == 'cosine' else 'a linear head'}")
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
-        self.val_f1 = MulticlassF1Score(self.num_classes, average="macro")
-        self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
+        self.multilabel = cfg.task == "multilabel"
+        if self.multilabel:
+            self.val_f1 = MultilabelF1Score(self.num_classes, average="macro")
+            self.val_acc = MultilabelExactMatch(self.num_classes)
+        else:
+            self.val_f1 = MulticlassF1Score(self.num_classes, average="macro")
+            self.val_acc = MulticlassAccuracy(self.num_classes, average="micro")
         self.history: list[dict[str, float]] = []
         self._row_done_epoch = -1
 
@@ -60,9 +76,10 @@ class WaferClassifier(L.LightningModule):
         x, y = batch
         out = self(x)
         self.val_loss.update(self.criterion(out.float(), y), weight=len(y))
-        pred = out.argmax(1)
-        self.val_f1.update(pred, y)
-        self.val_acc.update(pred, y)
+        pred = torch.sigmoid(out.float()) if self.multilabel else out.argmax(1)
+        target = y.int() if self.multilabel else y
+        self.val_f1.update(pred, target)
+        self.val_acc.update(pred, target)
 
     def on_validation_epoch_end(self) -> None:
         f1 = self.val_f1.compute()

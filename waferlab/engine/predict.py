@@ -27,8 +27,9 @@ class InputSpec:
 
     image_size: int
     encoding: str
-    class_names: tuple[str, ...]
+    class_names: tuple[str, ...]  # the output names: classes, or labels of a multilabel run
     logit_scale: float = 1.0  # cosine heads output similarities; softmax(scale * cos) is the distribution
+    task: str = "multiclass"  # multiclass: probs = softmax; multilabel: one sigmoid per label
 
 
 @dataclass
@@ -53,7 +54,8 @@ class PredictOptions:
 
 @dataclass
 class Prediction:
-    """``logits`` (N, K) already multiplied by the logit scale, ``probs`` = softmax(logits / T)."""
+    """``logits`` (N, K) already multiplied by the logit scale; ``probs`` = softmax(logits / T), or for a
+    multilabel run sigmoid(logits / T) per label (rows then do not sum to 1)."""
 
     logits: np.ndarray
     probs: np.ndarray
@@ -143,7 +145,7 @@ def predict(model: nn.Module, maps: Any, spec: InputSpec,
         if handle is not None:
             handle.remove()
         model.train(was_training)
-    probs = softmax(logits / opts.temperature)
+    probs = probabilities(logits / opts.temperature, spec.task)
     features = torch.cat(feats).cpu().numpy() if feats else (np.zeros((0, 0), np.float32) if opts.features
                                                                       else None)
     return Prediction(logits=logits, probs=probs, features=features)
@@ -153,6 +155,22 @@ def predict_probs(model: nn.Module, maps: Any, spec: InputSpec, options: Predict
                   ) -> np.ndarray:
     """Class probabilities (N, K) float32: :func:`predict`'s ``probs``."""
     return predict(model, maps, spec, options).probs
+
+
+def probabilities(logits: np.ndarray, task: str) -> np.ndarray:
+    """The task's probabilities of (scaled, tempered) logits: softmax rows, or one sigmoid per label."""
+    if task == "multilabel":
+        return sigmoid(logits)
+    if task != "multiclass":
+        raise WaferlabError(f"predict: unknown task {task!r}")
+    return softmax(logits)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Element-wise logistic function in float32, without overflow for large negative logits."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

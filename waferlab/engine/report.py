@@ -39,6 +39,18 @@ HEADLINE_ROWS = (
     ("none_precision", "None precision"),
     ("false_alarm_rate", "False-alarm rate (none → defect)"),
 )
+#: Headline rows of a multi-label report: (metrics key, label).
+MULTILABEL_HEADLINE_ROWS = (
+    ("exact_match", "Exact-match ratio (whole label set right)"),
+    ("mAP", "mAP (macro average precision)"),
+    ("macro_f1", "Macro F1"),
+    ("macro_precision", "Macro precision"),
+    ("macro_recall", "Macro recall"),
+    ("micro_f1", "Micro F1"),
+    ("hamming_loss", "Hamming loss"),
+    ("label_cardinality", "True labels per map"),
+    ("predicted_cardinality", "Predicted labels per map"),
+)
 #: Columns of :func:`compare_runs`: (metrics key, header).
 COMPARE_COLUMNS = (
     ("macro_f1", "macro-F1"),
@@ -376,6 +388,47 @@ def render_report(metrics: dict[str, Any], title: str, protocol: dict[str, Any] 
     return "\n".join(lines).rstrip() + "\n"
 
 
+def render_multilabel_section(metrics: dict[str, Any]) -> str:
+    """Markdown of the multi-label part of a report: headline, exact match by cardinality, per-label table."""
+    names = list(metrics["label_names"])
+    lines = ["## Multi-label metrics", ""]
+    rows = [(label, metrics.get(key)) for key, label in MULTILABEL_HEADLINE_ROWS if key in metrics]
+    lines += [markdown_table(rows, ["metric", "value"], align=["l", "r"])]
+    notes = [f"A label is predicted when its sigmoid probability is >= {metrics['threshold']:g}; "
+             "AP and mAP are threshold-free.",
+             "mAP and macro averages are taken over the labels present in the evaluation set."]
+    if metrics.get("labels_absent"):
+        notes.append(f"Absent from the evaluation set (recall, F1 and AP undefined, excluded from mAP and "
+                     f"macro averages): {', '.join(metrics['labels_absent'])}.")
+    lines += [f"- {n}" for n in notes] + [""]
+    by_card = metrics.get("exact_match_by_cardinality") or {}
+    if by_card:
+        lines += ["### Exact match by number of true defect types", ""]
+        lines += [markdown_table([(int(c), v["n"], v["exact_match"]) for c, v in by_card.items()],
+                                 ["true types", "maps", "exact match"], align=["r", "r", "r"])]
+    per = metrics["per_label"]
+    lines += ["### Per-label metrics", ""]
+    lines += [markdown_table(
+        [(c, per[c]["precision"], per[c]["recall"], per[c]["f1"], per[c]["ap"], per[c]["support"],
+          per[c]["predicted"]) for c in names],
+        ["label", "precision", "recall", "F1", "AP", "support", "predicted"],
+        align=["l", "r", "r", "r", "r", "r", "r"],
+    )]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_multilabel_report(metrics: dict[str, Any], title: str,
+                             protocol: dict[str, Any] | None = None) -> str:
+    """The Markdown text of a multi-label evaluation report: protocol card, then the multi-label section."""
+    names = list(metrics["label_names"])
+    card = _ordered_protocol(protocol or {})
+    card.append(("maps evaluated", metrics["n"]))
+    card.append(("labels", f"{len(names)}: {', '.join(names)}"))
+    lines = [f"# {title}", "", "## Protocol", "",
+             markdown_table(card, ["", "value"], floatfmt=".6g", align=["l", "l"])]
+    return "\n".join(lines) + "\n" + render_multilabel_section(metrics)
+
+
 def write_evaluation(
     metrics: dict[str, Any],
     out_dir: str | os.PathLike[str],
@@ -388,7 +441,12 @@ def write_evaluation(
     ``metrics`` is :func:`waferlab.engine.metrics.compute_metrics` output; ``protocol`` (split,
     class set, image size, encoding, seed, data source, ...) is shown as the report's protocol card
     and stored under ``"protocol"`` in metrics.json, with ``"title"``, so runs can be compared.
+    Multi-label metrics (:func:`~waferlab.engine.metrics.compute_multilabel_metrics`, ``task`` =
+    ``"multilabel"``) get metrics.json and report.md only (no confusion matrix or reliability figure).
     """
+    if metrics.get("task") == "multilabel":
+        _write_multilabel_evaluation(metrics, out_dir, title, protocol)
+        return
     for key in ("class_names", "per_class", "confusion_matrix", "confusion_matrix_normalized", "n"):
         if key not in metrics:
             raise WaferlabError(f"metrics lack '{key}': pass the output of compute_metrics")
@@ -412,6 +470,19 @@ def write_evaluation(
     record = {"title": title, "protocol": dict(protocol or {}), **metrics}
     write_json(out / "metrics.json", record)
     write_text(out / "report.md", render_report(metrics, title, protocol, figures))
+
+
+def _write_multilabel_evaluation(metrics: dict[str, Any], out_dir: str | os.PathLike[str], title: str,
+                                 protocol: dict[str, Any] | None) -> None:
+    for key in ("label_names", "per_label", "exact_match", "threshold", "n"):
+        if key not in metrics:
+            raise WaferlabError(f"metrics lack '{key}': pass the output of compute_multilabel_metrics")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise WaferlabError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "metrics.json", {"title": title, "protocol": dict(protocol or {}), **metrics})
+    write_text(out / "report.md", render_multilabel_report(metrics, title, protocol))
 
 
 # ----------------------------------------------------------------------------------------- compare
@@ -444,6 +515,8 @@ def _run_label_info(run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
             value = value.get("name", json.dumps(value, sort_keys=True))
         info[key] = value
+    if record.get("task") == "multilabel":  # class_set does not apply: name the labels instead
+        info["class_set"] = f"multilabel ({len(record.get('label_names') or [])} labels)"
     return info
 
 

@@ -29,6 +29,7 @@ class RunInfo:
     config: dict[str, Any] = field(default_factory=dict)
     logit_scale: float = 1.0
     run_dir: str = ""
+    task: str = "multiclass"  # multilabel: class_names are the labels, each with its own sigmoid
 
 
 def logit_scale_of(cfg: Any) -> float:
@@ -49,7 +50,7 @@ RUN_LAYOUT: dict[str, str] = {
     "run.json": "format version, status (running/finished), start and end times",
     "model.safetensors": "the kept weights (best validation macro-F1 or the last epoch)",
     "config.yaml": "the fully resolved training config",
-    "classes.json": "class names, in output order",
+    "classes.json": "class names (a multilabel run: label names), in output order",
     "versions.json": "python, torch, lightning and waferlab versions, host",
     "seed": "the seed, one line",
     "curves.csv": "per-epoch train/val loss, val macro-F1 and accuracy, learning rate",
@@ -254,7 +255,7 @@ class Run:
         return RunInfo(model_name=cfg.model, class_names=tuple(classes), image_size=int(cfg.image_size),
                        encoding=cfg.encoding, in_chans=num_channels(cfg.encoding), head=cfg.head,
                        model_options=dict(cfg.model_options), config=values,
-                       logit_scale=logit_scale_of(cfg), run_dir=str(self.path))
+                       logit_scale=logit_scale_of(cfg), run_dir=str(self.path), task=cfg.task)
 
     def config_values(self) -> dict[str, Any]:
         """config.yaml as a plain dict (empty when absent); a corrupt file is a one-line error."""
@@ -283,10 +284,10 @@ class Run:
         return self.info.class_names
 
     def spec(self) -> InputSpec:
-        """The input contract of the run's model (size, encoding, classes, logit scale)."""
+        """The input contract of the run's model (size, encoding, classes, logit scale, task)."""
         i = self.info
         return InputSpec(image_size=i.image_size, encoding=i.encoding, class_names=i.class_names,
-                         logit_scale=i.logit_scale)
+                         logit_scale=i.logit_scale, task=i.task)
 
     def temperature(self) -> float:
         """The fitted temperature from calibration.json, 1 when the run has not been calibrated."""

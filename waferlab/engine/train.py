@@ -153,9 +153,11 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
     """
     from waferlab.engine.module import WaferClassifier
     from waferlab.io import seed_everything
+    from waferlab.losses import check_loss_task
     from waferlab.models import model_spec
 
-    model_spec(cfg.model)  # an unknown model fails before any data is read
+    model_spec(cfg.model)  # an unknown model or a loss of the wrong task fails before any data is read
+    check_loss_task(cfg.loss, cfg.task)
     if not cfg.out:
         raise WaferlabError("no output directory given (--out DIR)")
     rank_zero = _is_rank_zero()
@@ -210,6 +212,9 @@ def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any
     }
     if cfg.init:
         card["init"] = cfg.init
+    if cfg.task != "multiclass":  # class_set does not apply to multi-hot labels
+        card["task"] = cfg.task
+        card.pop("class_set")
     if split is not None:
         card["n_train"], card["n_val"], card["n_test"] = len(split.train), len(split.val), len(split.test)
     card.update(extra)
@@ -219,7 +224,7 @@ def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any
 def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: SplitData, chosen: str,
                              hw: Hardware) -> None:
     """Metrics of the kept weights on the test part (the val part if there is no test part)."""
-    from waferlab.engine.metrics import compute_metrics
+    from waferlab.engine.metrics import compute_metrics, compute_multilabel_metrics, multilabel_summary
     from waferlab.engine.predict import PredictOptions, predict
 
     part_name, rows = "test", split.test
@@ -228,12 +233,17 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
         _note(f"no test part: metrics.json is computed on the {part_name} part")
     options = PredictOptions(device=hw.device, batch_size=cfg.eval_batch_size)
     probs = predict(model, split.data.maps[rows], run.spec(), options).probs
-    metrics = compute_metrics(split.data.labels[rows], probs, run.class_names)
+    if cfg.task == "multilabel":
+        metrics = compute_multilabel_metrics(split.targets(rows), probs, run.class_names)
+        headline = multilabel_summary(metrics)
+    else:
+        metrics = compute_metrics(split.data.labels[rows], probs, run.class_names)
+        headline = f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
     metrics["evaluated_on"] = part_name
     card = protocol_card(cfg, split, evaluated_on=part_name, weights=chosen)
     names = "+".join(Path(s.path).name for s in data_sources(cfg.data))
     run.write_evaluation(metrics, f"{cfg.model} on {names} ({part_name} part)", card)
-    _note(f"{part_name} accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} -> {run.path}")
+    _note(f"{part_name} {headline} -> {run.path}")
     _after_training(run, model, split, options)
 
 
@@ -242,11 +252,11 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
 
     The place to fit what a deployed model needs from held-out data (calibration.json, thresholds.json,
     ood.json through ``run.write_json``); returns the :class:`~waferlab.engine.predict.Prediction` and the
-    labels, or ``None`` when the run has no validation part.
+    labels (multi-hot rows for a multilabel run), or ``None`` when the run has no validation part.
     """
     from waferlab.engine.predict import predict
 
     if len(split.val) == 0:
         return None
     val = predict(model, split.data.maps[split.val], run.spec(), replace(options, features=True))
-    return val, split.data.labels[split.val]
+    return val, split.targets(split.val)

@@ -1,0 +1,232 @@
+"""Multi-label (MixedWM38-style) metrics against hand-computed values, the report, the task config key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from waferlab.engine.config import build_config
+from waferlab.engine.metrics import compute_multilabel_metrics
+from waferlab.engine.report import compare_runs, render_multilabel_report, write_evaluation
+from waferlab.errors import WaferlabError
+
+# 4 maps x 3 labels. At threshold 0.5 the predictions are A / B+C / A / B.
+LABELS = ("A", "B", "C")
+Y = np.array([[1, 0, 0], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+P = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.6], [0.6, 0.4, 0.2], [0.1, 0.7, 0.3]])
+
+
+def test_multilabel_metrics_by_hand() -> None:
+    m = compute_multilabel_metrics(Y, P, LABELS)
+    # exact: map 0 right; map 1 has a false C, map 2 misses B, map 3 (no defect) has a false B
+    assert m["exact_match"] == pytest.approx(1 / 4)
+    assert m["hamming_loss"] == pytest.approx(3 / 12)
+    a, b, c = (m["per_label"][k] for k in LABELS)
+    # A: tp 2, no errors; its scores rank both positives (0.9, 0.6) first -> AP 1
+    assert (a["precision"], a["recall"], a["f1"], a["ap"]) == pytest.approx((1.0, 1.0, 1.0, 1.0))
+    # B: tp 1 (map 1), fp 1 (map 3), fn 1 (map 2); ranking 0.8+ 0.7- 0.4+ 0.2- -> AP = (1/1 + 2/3) / 2
+    assert (b["precision"], b["recall"], b["f1"]) == pytest.approx((0.5, 0.5, 0.5))
+    assert b["ap"] == pytest.approx(5 / 6)
+    assert (b["support"], b["predicted"]) == (2, 2)
+    # C: never true, predicted once -> precision 0, the rest undefined, and left out of the macro averages
+    assert c == {"precision": 0.0, "recall": None, "f1": None, "ap": None, "support": 0, "predicted": 1}
+    assert m["labels_absent"] == ["C"]
+    assert m["mAP"] == pytest.approx((1 + 5 / 6) / 2)
+    assert m["macro_f1"] == pytest.approx(0.75) and m["macro_precision"] == pytest.approx(0.75)
+    # micro: tp 3, fp 2 (B on map 3, C on map 1), fn 1
+    assert m["micro_precision"] == pytest.approx(3 / 5) and m["micro_recall"] == pytest.approx(3 / 4)
+    assert m["micro_f1"] == pytest.approx(2 / 3)
+    assert m["exact_match_by_cardinality"] == {"0": {"n": 1, "exact_match": 0.0},
+                                               "1": {"n": 2, "exact_match": 0.5},
+                                               "2": {"n": 1, "exact_match": 0.0}}
+    assert m["label_cardinality"] == pytest.approx(1.0) and m["predicted_cardinality"] == pytest.approx(1.25)
+    json.dumps(m)  # JSON-ready: no NaN, no numpy scalars
+
+
+def test_multilabel_threshold_and_perfect() -> None:
+    m = compute_multilabel_metrics(Y, P, LABELS, threshold=0.65)  # A now only on map 0: recall 1/2
+    assert m["per_label"]["A"]["recall"] == pytest.approx(0.5) and m["per_label"]["A"]["ap"] == 1.0
+    assert m["per_label"]["C"]["precision"] is None  # absent and never predicted
+    perfect = compute_multilabel_metrics(Y, Y * 0.9 + 0.05, LABELS)
+    assert perfect["exact_match"] == 1.0 and perfect["mAP"] == 1.0 and perfect["hamming_loss"] == 0.0
+
+
+@pytest.mark.parametrize("y, p, message", [
+    (Y[:, :2], P, "multi-hot rows"),
+    (Y * 2, P, "0 and 1"),
+    (Y, P[:3], "shape"),
+    (Y, P * 4 - 2, "not logits"),
+    (Y, np.where(P > 0.85, np.nan, P), "non-finite"),
+    (Y[:0], P[:0], "N = 0"),
+])
+def test_multilabel_bad_input(y, p, message) -> None:
+    with pytest.raises(WaferlabError, match=message):
+        compute_multilabel_metrics(y, p, LABELS)
+
+
+def test_multilabel_report_and_metrics_json(tmp_path: Path) -> None:
+    m = compute_multilabel_metrics(Y, P, LABELS)
+    write_evaluation(m, tmp_path, "toy multi-label", {"model": "toy", "task": "multilabel"})
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["task"] == "multilabel" and record["protocol"]["model"] == "toy"
+    assert record["mAP"] == pytest.approx(m["mAP"])
+    text = (tmp_path / "report.md").read_text()
+    assert text == render_multilabel_report(m, "toy multi-label", {"model": "toy", "task": "multilabel"})
+    assert "| Exact-match ratio (whole label set right) | 0.2500 |" in text
+    assert "| B | 0.5000 | 0.5000 | 0.5000 | 0.8333 | 2 | 2 |" in text
+    assert "| C | 0.0000 | — | — | — | 0 | 1 |" in text
+    assert "excluded from mAP and macro averages): C." in text
+
+
+def test_task_config_key() -> None:
+    assert build_config(overrides={"task": "multilabel", "loss": "asl"}).task == "multilabel"
+    assert build_config().task == "multiclass"
+    with pytest.raises(WaferlabError, match="config task: unknown value 'multi'"):
+        build_config(sets=["task=multi"])
+    with pytest.raises(WaferlabError, match="linear head"):
+        build_config(sets=["task=multilabel", "head=cosine"])
+
+
+def test_prepared_data_keeps_and_requires_multi_hot(tmp_path: Path) -> None:
+    from waferlab.data.cache import load_cache, prepare, save_cache
+    from waferlab.data.synth import generate
+    from waferlab.data.table import MIXED38_TYPES
+
+    table = generate(12, seed=3, mixed=True)
+    p = prepare(table, 32)
+    save_cache(p, tmp_path / "c.npz")
+    back = load_cache(tmp_path / "c.npz").subset(np.arange(5, 12))
+    assert back.multi_label_names == MIXED38_TYPES
+    np.testing.assert_array_equal(back.require_multi_hot(), table.multi_hot[5:])
+    plain = prepare(generate(4, seed=3), 32)
+    with pytest.raises(WaferlabError, match="needs multi-hot labels"):
+        plain.require_multi_hot()
+
+
+# ------------------------------------------------------------------------------------ training end to end
+ML_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def mixed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~200 synthetic MixedWM38-style maps (multi-hot labels) prepared at 32 px."""
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+
+    path = tmp_path_factory.mktemp("mixed") / "mixed32.npz"
+    save_cache(prepare(generate(200, seed=5, mixed=True), ML_SIZE), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CI-sized multilabel run (32 px, 200 maps, 1 epoch) through the CLI and the multilabel preset."""
+    from waferlab.cli import main
+
+    run = tmp_path_factory.mktemp("runs") / "mixed"
+    code = main(["train", "--model", "mobilenetv2_100", "--data", str(mixed_cache), "--out", str(run),
+                 "--config", "multilabel", "--epochs", "1", "--image-size", str(ML_SIZE),
+                 "--batch-size", "32", "--no-progress", "--set", "precise_bn_batches=2"])
+    assert code == 0
+    return run
+
+
+def test_multilabel_training_end_to_end(mixed_run: Path) -> None:
+    import yaml
+
+    from waferlab.data.cache import load_cache
+    from waferlab.data.splits import assign_splits
+    from waferlab.data.table import MIXED38_TYPES
+    from waferlab.engine.predict import PredictOptions, predict
+    from waferlab.engine.run import Run
+
+    for name in ("model.safetensors", "config.yaml", "classes.json", "curves.csv", "metrics.json",
+                 "report.md"):
+        assert (mixed_run / name).is_file(), name
+    cfg = yaml.safe_load((mixed_run / "config.yaml").read_text())
+    assert cfg["task"] == "multilabel" and cfg["loss"] == "asl"
+    assert tuple(json.loads((mixed_run / "classes.json").read_text())) == MIXED38_TYPES
+    metrics = json.loads((mixed_run / "metrics.json").read_text())
+    assert metrics["task"] == "multilabel" and metrics["protocol"]["task"] == "multilabel"
+    assert "class_set" not in metrics["protocol"]  # it does not apply to multi-hot labels
+    assert "| multilabel (8 labels) |" in compare_runs([mixed_run])
+    assert set(metrics["per_label"]) == set(MIXED38_TYPES)
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and 0.0 <= metrics["mAP"] <= 1.0
+    assert "## Multi-label metrics" in (mixed_run / "report.md").read_text()
+    # the kept weights, through the one prediction function, reproduce metrics.json: sigmoid per label
+    run = Run.open(mixed_run)
+    assert run.spec().task == "multilabel"
+    p = load_cache(cfg["data"])
+    test = np.flatnonzero(assign_splits(p, cfg["split"], cfg["fractions"], seed=cfg["seed"]) == "test")
+    pred = predict(run.load_model(), p.maps[test], run.spec(), PredictOptions(batch_size=64))
+    np.testing.assert_allclose(pred.probs, 1 / (1 + np.exp(-pred.logits)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pred.probs.sum(1), 1.0)  # independent sigmoids, not a softmax
+    again = compute_multilabel_metrics(p.multi_hot[test], pred.probs, MIXED38_TYPES)
+    assert metrics["n"] == len(test)
+    assert again["exact_match"] == pytest.approx(metrics["exact_match"])
+    assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
+
+
+def test_evaluate_multilabel_run_on_real_mixedwm38(mixed_run: Path, shared_data: Path,
+                                                   tmp_path: Path) -> None:
+    from waferlab.cli import main
+
+    real = shared_data / "gowwi07_wafermap_ai_png224_e3cf70a" / "samples_mixed38"
+    assert main(["evaluate", str(mixed_run), "--data", str(real), "--out", str(tmp_path),
+                 "--no-progress"]) == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n"] == 30 and m["task"] == "multilabel"
+    # no real sample has them (a file name's "Random" means Scratch, data.md S.2)
+    assert m["labels_absent"] == ["Near-full", "Random"]
+    assert m["per_label"]["Scratch"]["support"] == 21 and m["per_label"]["Loc"]["support"] == 15
+
+
+def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from waferlab.cli import main
+
+    assert main(argv) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_multilabel_user_errors_are_one_line(mixed_run: Path, mixed_cache: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+
+    single = tmp_path / "single.npz"
+    save_cache(prepare(generate(20, seed=1), ML_SIZE), single)
+    train = ["train", "--model", "mobilenetv2_100", "--epochs", "1", "--no-progress"]
+    line = _cli_error([*train, "--data", str(mixed_cache), "--out", str(tmp_path / "a"), "--config",
+                       "multilabel", "--loss", "weighted_ce"], capsys)
+    assert "multiclass loss but the task is multilabel" in line and not (tmp_path / "a").exists()
+    line = _cli_error([*train, "--data", str(single), "--out", str(tmp_path / "b"), "--config", "multilabel"],
+                      capsys)
+    assert str(single) in line and "needs multi-hot labels" in line
+    line = _cli_error(["evaluate", str(mixed_run), "--data", str(single), "--out",
+                       str(tmp_path / "c"), "--no-progress"], capsys)
+    assert "needs multi-hot labels" in line and not (tmp_path / "c").exists()
+
+
+def test_two_multilabel_sources_join_by_class_name(tmp_path: Path) -> None:
+    """Each source's mixture vocabulary differs; joined labels must still name each row's own mixture."""
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+    from waferlab.engine.datamodule import load_split_data
+
+    a, b = tmp_path / "a.npz", tmp_path / "b.npz"
+    for path, seed, classes in ((a, 1, ["Center", "Loc+Scratch"]), (b, 2, ["Loc+Scratch", "Donut", "none"])):
+        save_cache(prepare(generate(40, seed=seed, mixed=True, classes=classes), ML_SIZE), path)
+    cfg = build_config("multilabel", {"model": "mobilenetv2_100", "data": [str(a), f"{b}:2"],
+                                      "image_size": ML_SIZE})
+    split = load_split_data(cfg)
+    p = split.data
+    assert split.class_names == p.multi_label_names and split.targets().shape == (80, 8)
+    names = np.array(p.class_names, dtype=object)[p.labels]
+    combos = ["+".join(t for t, on in zip(p.multi_label_names, row) if on) or "none" for row in p.multi_hot]
+    assert names.tolist() == combos
+    assert set(names) == {"Center", "Loc+Scratch", "Donut", "none"}
