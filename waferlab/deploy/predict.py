@@ -59,10 +59,15 @@ class Chunk:
 # ------------------------------------------------------------------------------------------------ checks
 def output_format(path: str | Path) -> str:
     """csv / parquet / jsonl from the file's extension; another extension is a one-line error."""
+    import importlib.util
+
     fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
         raise WaferlabError(f"{path}: unsupported output extension {Path(path).suffix or '(none)'!r}; "
                             f"use one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise WaferlabError(f"{path}: writing .parquet needs pyarrow (pip install 'waferlab[parquet]'); "
+                            f"or write .csv / .jsonl")
     return fmt
 
 
@@ -363,18 +368,18 @@ class RowWriter:
             self._pq.write_table(table.cast(self._pq.schema))
         self.n += len(frame)
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Flush and close; ``ok`` False (an error happened) only releases the file."""
         if self._fh is not None:
             self._fh.close()
-        if self.fmt == "parquet":
-            if self._pq is None:  # no rows at all: still a valid, empty file with the columns
-                import pandas as pd
-                import pyarrow as pa
-                import pyarrow.parquet as pq
+        if self.fmt != "parquet":
+            return
+        if self._pq is not None:
+            self._pq.close()
+        elif ok:  # no rows at all: still a valid, empty file with the columns
+            import pandas as pd
 
-                pq.write_table(pa.Table.from_pandas(pd.DataFrame(columns=list(COLUMNS))), str(self.path))
-            else:
-                self._pq.close()
+            pd.DataFrame(columns=list(COLUMNS)).to_parquet(self.path, index=False)
 
 
 def predict_file(job: PredictJob) -> dict[str, Any]:
@@ -392,7 +397,7 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
     summary = {"maps": 0, "unknown": 0, "defect": 0, "low_confidence": 0}
     with atomic_path(job.out) as tmp, tqdm(total=total, desc="predict", unit="map", disable=not job.progress,
                                           smoothing=0.1) as bar:
-        writer = RowWriter(tmp, fmt)
+        writer, ok = RowWriter(tmp, fmt), False
         try:
             for c, probs, ood in infer_stream(job, backend, chunks):
                 frame = rows_frame(c, probs, ood, contract)
@@ -404,8 +409,9 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
                 summary["defect"] += int(frame["defect"].sum())
                 summary["low_confidence"] += int((frame["prob"] < LOW_CONFIDENCE).sum())
                 bar.update(len(frame))
+            ok = True
         finally:
-            writer.close()
+            writer.close(ok)
     if gallery is not None:
         gallery.write(job.gallery, model=_cam_model(job, backend), contract=contract)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
