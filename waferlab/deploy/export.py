@@ -66,8 +66,9 @@ class DeployGraph(nn.Module):
         self.temperature = float(contract.temperature)
         self.method = trust.scorer.method
         if self.method == "mahalanobis":
-            self.register_buffer("means", torch.as_tensor(trust.scorer.means, dtype=torch.float32))
-            self.register_buffer("precision", torch.as_tensor(trust.scorer.precision, dtype=torch.float32))
+            w = np.asarray(trust.scorer.whitener, np.float64)
+            self.register_buffer("whitener", torch.as_tensor(w, dtype=torch.float32))
+            self.register_buffer("wmeans", torch.as_tensor(trust.scorer.means @ w, dtype=torch.float32))
 
     def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from waferlab.data.encode import encode
@@ -91,10 +92,8 @@ class DeployGraph(nn.Module):
             f = store[0].float()
             f = f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1)
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            fp = f @ self.precision
-            quad = (fp * f).sum(dim=1, keepdim=True) - 2 * fp @ self.means.T
-            quad = quad + ((self.means @ self.precision) * self.means).sum(dim=1)[None, :]
-            score = quad.clamp_min(0.0).min(dim=1).values
+            z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
+            score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values
         return logits, probs, score
 
 

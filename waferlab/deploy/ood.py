@@ -47,7 +47,7 @@ class OODScorer:
     method: str
     temperature: float = 1.0
     means: np.ndarray | None = None  # (K', D) class means of the normalised features (mahalanobis)
-    precision: np.ndarray | None = None  # (D, D) inverse shared covariance (mahalanobis)
+    whitener: np.ndarray | None = None  # (D, D) W with W W^T = inverse shared covariance (mahalanobis)
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -68,31 +68,31 @@ class OODScorer:
             return (-z.max(axis=1)).astype(np.float32)
         if self.method == "energy":
             return (-self.temperature * _logsumexp(z / self.temperature)).astype(np.float32)
-        if features is None or self.means is None or self.precision is None:
+        if features is None or self.means is None or self.whitener is None:
             raise WaferlabError("mahalanobis unknown-pattern score needs features and fitted statistics")
         f = normalise(np.asarray(features, dtype=np.float64))
-        d = mahalanobis_min(f, self.means, self.precision)
+        d = mahalanobis_min(f, self.means, self.whitener)
         return d.astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "temperature": self.temperature, **self.info}
-        if self.means is not None and self.precision is not None:
-            out["means"] = np.round(self.means, 7).tolist()
-            out["precision"] = np.round(self.precision, 7).tolist()
+        if self.means is not None and self.whitener is not None:
+            out["means"] = self.means.astype(np.float32).tolist()
+            out["whitener"] = self.whitener.astype(np.float32).tolist()
         return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], where: str) -> OODScorer:
         try:
             means = np.asarray(obj["means"], np.float64) if "means" in obj else None
-            prec = np.asarray(obj["precision"], np.float64) if "precision" in obj else None
-            info = {k: v for k, v in obj.items() if k not in ("method", "temperature", "means", "precision")}
+            prec = np.asarray(obj["whitener"], np.float64) if "whitener" in obj else None
+            info = {k: v for k, v in obj.items() if k not in ("method", "temperature", "means", "whitener")}
             scorer = cls(str(obj["method"]), float(obj.get("temperature", 1.0)), means, prec, info)
         except (KeyError, TypeError, ValueError) as exc:
             raise WaferlabError(f"{where}: field {exc}: unreadable unknown-pattern statistics") from None
         if scorer.needs_features and (means is None or prec is None or means.ndim != 2
                                       or prec.shape != (means.shape[1], means.shape[1])):
-            raise WaferlabError(f"{where}: field 'means'/'precision': missing or inconsistent shapes")
+            raise WaferlabError(f"{where}: field 'means'/'whitener': missing or inconsistent shapes")
         return scorer
 
 
@@ -101,23 +101,24 @@ def normalise(f: np.ndarray) -> np.ndarray:
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
-def mahalanobis_min(f: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """min over classes k of (f - mu_k)^T P (f - mu_k), for every row of ``f``."""
-    fp = f @ precision
-    quad_f = np.einsum("nd,nd->n", fp, f)
-    quad_m = np.einsum("kd,kd->k", means @ precision, means)
-    cross = fp @ means.T
-    return np.maximum(quad_f[:, None] - 2 * cross + quad_m[None, :], 0.0).min(axis=1)
+def mahalanobis_min(f: np.ndarray, means: np.ndarray, whitener: np.ndarray) -> np.ndarray:
+    """min over classes k of ||(f - mu_k) W||^2, for every row of ``f`` (differences of whitened vectors:
+    the expanded form f'Pf - 2f'Pmu + mu'Pmu cancels catastrophically in float32)."""
+    z = f @ whitener
+    zm = means @ whitener
+    return np.min([((z - m) ** 2).sum(axis=1) for m in zm], axis=0)
 
 
 def fit_gaussian(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class means and the inverse of the shared within-class (shrunk) covariance of normalised features."""
+    """Class means of the normalised features and a whitener W of their shared within-class (shrunk)
+    covariance C: W W^T = C^-1 (from C's eigendecomposition)."""
     f = normalise(np.asarray(features, dtype=np.float64))
     classes = np.unique(labels)
     means = np.stack([f[labels == k].mean(axis=0) for k in classes])
     centred = f - means[np.searchsorted(classes, labels)]
-    cov = ledoit_wolf(centred)
-    return means, np.linalg.pinv(cov, hermitian=True)
+    lam, vec = np.linalg.eigh(ledoit_wolf(centred))
+    lam = np.maximum(lam, lam.max() * 1e-10)
+    return means, vec / np.sqrt(lam)[None, :]
 
 
 def fit_scorer(method: str, logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None,
@@ -132,7 +133,7 @@ def fit_scorer(method: str, logits: np.ndarray, labels: np.ndarray, features: np
         return scorer, scorer.score(logits)
     if features is None or len(features) == 0:
         raise WaferlabError("mahalanobis unknown-pattern score: no features to fit")
-    scorer.means, scorer.precision = fit_gaussian(features, labels)
+    scorer.means, scorer.whitener = fit_gaussian(features, labels)
     scores = np.empty(len(labels), np.float32)
     fold = np.random.default_rng(seed).permutation(len(labels)) % 2
     for k in (0, 1):
