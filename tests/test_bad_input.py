@@ -357,3 +357,82 @@ def test_bad_input_is_one_line_exit_2_nothing_written(name: str, command: str, t
         assert needle in line, (needle, line)
     assert list(out_dir.iterdir()) == []  # nothing written, not even a temporary file
     assert not (src_dir / "pwned").exists()
+
+
+# ------------------------------------------------------------------------------------------------ deploy
+@pytest.fixture(scope="module")
+def deploy_setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A calibrated run (random weights) with its ONNX export, and a small source to predict."""
+    from deploy_util import calibrated_run, synth_file
+
+    tmp = tmp_path_factory.mktemp("deploy_bad")
+    run = calibrated_run(tmp, n_cal=45)
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    return {"run": run, "data": synth_file(tmp / "fab.npz", 12, seed=3)}
+
+
+def _run_copy(setup: dict[str, Path], d: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(setup["run"], d / "run_copy"))
+
+
+def _run_without_weights(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    run = _run_copy(setup, d)
+    (run / "model.safetensors").unlink()
+    return [str(run)], ("run_copy", "model.safetensors missing")
+
+
+def _run_without_thresholds(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    run = _run_copy(setup, d)
+    (run / "thresholds.json").unlink()
+    return [str(run)], (str(run / "thresholds.json"), "missing", "waferlab calibrate")
+
+
+def _onnx_of_another_run(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    run = _run_copy(setup, d)  # recalibrated after the export: the exported file no longer fits the run
+    th = json.loads((run / "thresholds.json").read_text())
+    th["ood_threshold"] *= 2
+    (run / "thresholds.json").write_text(json.dumps(th))
+    onnx = run / "exports" / "model.onnx"
+    return [str(run), "--backend", "onnx"], (str(onnx), "'fingerprint'", "another run")
+
+
+def _onnx_without_metadata(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    import onnx
+
+    proto = onnx.load(str(setup["run"] / "exports" / "model.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(d / "plain.onnx"))
+    return [str(d / "plain.onnx")], (str(d / "plain.onnx"), "'waferlab'", "no waferlab metadata")
+
+
+# (builder -> (predict arguments before --data, substrings of the one error line)), output in the out dir
+DEPLOY_CASES = {
+    "run_without_weights": _run_without_weights,
+    "run_without_thresholds": _run_without_thresholds,
+    "onnx_of_another_run": _onnx_of_another_run,
+    "onnx_without_metadata": _onnx_without_metadata,
+}
+
+
+@pytest.mark.parametrize("name", [*DEPLOY_CASES, "unwritable_output"])
+def test_deploy_bad_input_is_one_line_exit_2_nothing_written(name: str, deploy_setup: dict[str, Path],
+                                                             tmp_path: Path, capsys) -> None:
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "pred.csv"
+    if name == "unwritable_output":
+        (out_dir / "blocker").write_text("a file where a folder should be")
+        out = out_dir / "blocker" / "pred.csv"
+        head, needles = [str(deploy_setup["run"])], (str(out), "cannot write", "not a directory")
+    else:
+        head, needles = DEPLOY_CASES[name](deploy_setup, tmp_path)
+    gallery = out_dir / "gallery.html"
+    rc, lines = _run(["predict", *head, "--data", str(deploy_setup["data"]), "--out", str(out),
+                      "--gallery", str(gallery), "--no-progress"], capsys)
+    assert rc == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("waferlab: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert sorted(p.name for p in out_dir.iterdir()) == (["blocker"] if name == "unwritable_output" else [])

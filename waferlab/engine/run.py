@@ -63,6 +63,8 @@ RUN_LAYOUT: dict[str, str] = {
     "calibration.json": "temperature and ECE before/after, fitted on the validation part",
     "thresholds.json": "operating point (P(none) threshold) and unknown-pattern threshold",
     "ood.json": "statistics of the unknown-pattern score (e.g. class means / covariance summary)",
+    "trust.md": "report of calibration, operating point and unknown-pattern threshold",
+    "calibration.png": "reliability diagrams before and after temperature scaling",
     "timing.json": "training wall time and inference maps/s",
     "checkpoints/": "Lightning checkpoints: best.ckpt and last.ckpt (what --resume continues from)",
     "logs/": "Lightning CSV logs (and tb/ when tensorboard is installed)",

@@ -248,15 +248,28 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
 
 
 def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any:
-    """Hook after the final evaluation: validation-part predictions (logits, probs, pooled features), once.
+    """Validation-part predictions (logits, probs, pooled features), once, and what a deployed model needs
+    from them: calibration.json, thresholds.json and ood.json (``waferlab.deploy.trust.fit_trust``).
 
-    The place to fit what a deployed model needs from held-out data (calibration.json, thresholds.json,
-    ood.json through ``run.write_json``); returns the :class:`~waferlab.engine.predict.Prediction` and the
-    labels (multi-hot rows for a multilabel run), or ``None`` when the run has no validation part.
+    Returns the :class:`~waferlab.engine.predict.Prediction` and the labels, or ``None`` without a
+    validation part. Multi-label runs are not calibrated (a note says so).
     """
+    from waferlab.deploy.trust import fit_trust
     from waferlab.engine.predict import predict
 
     if len(split.val) == 0:
+        _note("no validation part: the run is not calibrated (waferlab calibrate RUN --data HELD_OUT)")
         return None
     val = predict(model, split.data.maps[split.val], run.spec(), replace(options, features=True))
-    return val, split.targets(split.val)
+    labels = split.targets(split.val)
+    if run.spec().task == "multilabel":
+        _note("multi-label run: calibration and thresholds are not fitted")
+        return val, labels
+    try:
+        summary = fit_trust(run, val, labels)
+    except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
+        _note(f"not calibrated ({exc}); run waferlab calibrate RUN --data HELD_OUT")
+        return val, labels
+    _note(f"calibrated on {len(labels)} validation maps: temperature "
+          f"{summary['calibration']['temperature']:.3g}")
+    return val, labels

@@ -1,0 +1,201 @@
+"""Throughput of ``waferlab predict`` end to end against the bare model, and ONNX Runtime against torch eager.
+
+Per model (random weights, calibrated on synthetic maps; speed does not depend on the weights' values):
+
+* end to end: an LSWMD-layout pickle -> CSV through :func:`waferlab.deploy.predict.predict_file` (read,
+  prepare, infer, unknown-pattern score, write), maps/s;
+* bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
+* ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``.
+
+``--scale N,M`` also runs predict on N-row (and M-row) files in fresh processes and reports wall time and
+peak resident memory, to show memory stays flat in the number of maps.
+
+    python benchmarks/predict_throughput.py --n 2000
+    python benchmarks/predict_throughput.py --models spanet --n 0 --scale 50000,100000 --scale-model spanet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def make_run(folder: Path, model: str, size: int) -> Path:
+    """A finished, calibrated run with random weights (what predict needs)."""
+    import torch
+
+    from waferlab.data.cache import prepare
+    from waferlab.data.readers import write_safe
+    from waferlab.data.synth import generate
+    from waferlab.data.table import WM811K_CLASSES
+    from waferlab.deploy.trust import fit_trust
+    from waferlab.engine.config import build_config
+    from waferlab.engine.predict import PredictOptions, predict
+    from waferlab.engine.run import Run
+    from waferlab.models import create_model
+
+    table = generate(180, seed=1)
+    write_safe(table, folder / "cal.npz")
+    cfg = build_config("default", {"model": model, "data": str(folder / "cal.npz"), "image_size": size,
+                                   "out": str(folder / model)})
+    run = Run.create(folder / model, overwrite=True)
+    run.write_start(cfg, WM811K_CLASSES)
+    torch.manual_seed(0)
+    net = create_model(model, num_classes=9, in_chans=3).eval()
+    run.write_weights(net)
+    run.mark("finished")
+    p = prepare(table, size)
+    val = predict(net, p.maps, run.spec(), PredictOptions(device="cpu", features=True))
+    fit_trust(run, val, p.labels)
+    return run.path
+
+
+def bare_torch(run_dir: Path, maps: np.ndarray, batch: int) -> float:
+    """maps/s of the model's forward alone on prepared, encoded tensors."""
+    import torch
+
+    from waferlab.data.encode import encode
+    from waferlab.engine.run import Run
+
+    model = Run.open(run_dir).load_model("cpu")
+    xs = [encode(torch.from_numpy(maps[i:i + batch]), "onehot") for i in range(0, len(maps), batch)]
+    with torch.no_grad():
+        model(xs[0])  # warm-up
+        t0 = time.perf_counter()
+        for x in xs:
+            model(x)
+    return len(maps) / (time.perf_counter() - t0)
+
+
+def bare_onnx(onnx: Path, maps: np.ndarray, batch: int) -> float:
+    from waferlab.deploy.export import open_session, run_session
+
+    session, _ = open_session(onnx)
+    run_session(session, maps[:batch], batch)
+    t0 = time.perf_counter()
+    run_session(session, maps, batch)
+    return len(maps) / (time.perf_counter() - t0)
+
+
+def end_to_end(run_dir: Path, src: Path, out: Path, backend: str, batch: int) -> float:
+    from waferlab.deploy.predict import PredictJob, predict_file
+
+    t0 = time.perf_counter()
+    s = predict_file(PredictJob(run=str(run_dir), data=str(src), out=str(out), backend=backend,
+                                batch_size=batch, devices=1, device="cpu", progress=False))
+    return s["maps"] / (time.perf_counter() - t0)
+
+
+def write_source(path: Path, rows: int) -> None:
+    """An LSWMD-layout pickle with realistic map sizes (benchmarks/data_scale.py's generator)."""
+    from data_scale import generate
+
+    generate(path, rows)
+
+
+def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
+    from waferlab.data.cache import prepare
+    from waferlab.data.readers import load_table
+    from waferlab.deploy.export import export_run
+
+    src = folder / f"lswmd_{args.n}.pkl"
+    write_source(src, args.n)
+    maps = prepare(load_table(src), args.size).maps
+    rows = []
+    for model in args.models.split(","):
+        run = make_run(folder, model, args.size)
+        onnx = export_run(run)
+        r = {"model": model, "size": args.size, "maps": args.n, "threads": args.threads}
+        r["bare_torch"] = bare_torch(run, maps, args.batch)
+        r["e2e_torch"] = end_to_end(run, src, folder / "out.csv", "torch", args.batch)
+        r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
+        r["e2e_onnx"] = end_to_end(run, src, folder / "out.csv", "onnx", args.batch)
+        rows.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+    return rows
+
+
+def scale(args: argparse.Namespace, folder: Path) -> list[dict]:
+    """predict on N-row files, each in a fresh process: wall time and peak RSS."""
+    run = make_run(folder, args.scale_model, args.size)
+    out = []
+    for n in [int(v) for v in args.scale.split(",")]:
+        src = folder / f"scale_{n}.pkl"
+        write_source(src, n)
+        cmd = [sys.executable, __file__, "--child", str(run), str(src), str(folder / "scale.csv"),
+               "--batch", str(args.batch)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            raise SystemExit(f"scale run failed: {proc.stderr[-2000:]}")
+        r = {"maps": n, "model": args.scale_model, "size": args.size, **json.loads(line[-1][7:]),
+             "file_mb": round(src.stat().st_size / 2**20)}
+        out.append(r)
+        print(json.dumps(r), file=sys.stderr, flush=True)
+        src.unlink()
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    from waferlab.deploy.predict import PredictJob, predict_file
+
+    run, src, dst = args.child
+    t0 = time.perf_counter()
+    s = predict_file(PredictJob(run=run, data=src, out=dst, batch_size=args.batch, devices=1, device="cpu",
+                                progress=False))
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB -> GB
+    print("RESULT " + json.dumps({"wall_s": round(wall, 1), "maps_per_s": round(s["maps"] / wall, 1),
+                                  "peak_rss_gb": round(peak, 2)}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet34,cbam,spanet")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--n", type=int, default=2000, help="maps of the throughput file (0: skip)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("WAFERLAB_THREADS", "2")))
+    parser.add_argument("--scale", default="", help="comma-separated row counts for the memory/scale runs")
+    parser.add_argument("--scale-model", default="spanet")
+    parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        child(args)
+        return
+    with tempfile.TemporaryDirectory(prefix="waferlab_predict_bench_") as tmp:
+        if args.n:
+            rows = throughput(args, Path(tmp))
+            print("| model | px | maps | bare torch maps/s | predict e2e maps/s | e2e / bare | "
+                  "bare ONNX maps/s | ONNX / torch | predict --backend onnx maps/s |")
+            print("|---|---|---|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['bare_torch']:.0f} | "
+                      f"{r['e2e_torch']:.0f} | "
+                      f"{r['e2e_torch'] / r['bare_torch']:.2f} | {r['bare_onnx']:.0f} | "
+                      f"{r['bare_onnx'] / r['bare_torch']:.2f}x | {r['e2e_onnx']:.0f} |")
+        if args.scale:
+            rows = scale(args, Path(tmp))
+            print("\n| maps | model | px | file MB | wall s | maps/s | peak RSS GB |")
+            print("|---|---|---|---|---|---|---|")
+            for r in rows:
+                print(f"| {r['maps']} | {r['model']} | {r['size']} | {r['file_mb']} | {r['wall_s']} | "
+                      f"{r['maps_per_s']} | {r['peak_rss_gb']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""ONNX export parity: for every registered model, onnxruntime's probabilities and unknown-pattern scores
+equal the torch prediction path (random weights, 32 px, a few maps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from waferlab.deploy.export import Contract, export_onnx, open_session, run_session
+from waferlab.deploy.ood import OODScorer, fit_gaussian
+from waferlab.deploy.trust import Trust
+from waferlab.engine.predict import InputSpec, PredictOptions, predict
+from waferlab.models import create_model, list_models
+
+SIZE = 32
+CLASSES = tuple(f"c{i}" for i in range(5))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_onnx_matches_torch(name: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=len(CLASSES), in_chans=3).eval()
+    spec = InputSpec(SIZE, "onehot", CLASSES, 1.0)
+    rng = np.random.default_rng(0)
+    maps = rng.integers(0, 3, (6, SIZE, SIZE), dtype=np.uint8)
+    base = predict(model, maps, spec, PredictOptions(device="cpu", features=True))
+    means, prec = fit_gaussian(base.features, np.arange(6) % 3)  # statistics of the right shapes
+    trust = Trust(temperature=1.7, none_threshold=None, ood_threshold=1.0,
+                  scorer=OODScorer("mahalanobis", 1.7, means, prec), fingerprint="test")
+    path = export_onnx(model, Contract.of(spec, trust, name), trust, tmp_path / f"{name}.onnx")
+    session, contract = open_session(path)
+    assert contract.class_names == CLASSES and contract.temperature == 1.7 and contract.image_size == SIZE
+    other = rng.integers(0, 3, (3, SIZE, SIZE), dtype=np.uint8)  # another batch size: the batch is dynamic
+    for batch in (maps, other):
+        ref = predict(model, batch, spec, PredictOptions(device="cpu", temperature=1.7, features=True))
+        _, probs, score = run_session(session, batch, batch_size=4)
+        assert np.abs(probs - ref.probs).max() <= 1e-4
+        np.testing.assert_allclose(score, trust.scorer.score(ref.logits, ref.features), rtol=1e-3, atol=1e-3)

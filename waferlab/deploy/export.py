@@ -1,0 +1,203 @@
+"""``waferlab export``: a run's model, calibration, operating point and unknown-pattern score, one ONNX file.
+
+The graph takes uint8 maps (N, S, S) with values 0/1/2, already nearest-resized to the run's size S (dynamic
+batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The input contract (size,
+encoding, class names, logit scale, temperature, thresholds, the run's fingerprint) is JSON in the model's
+metadata under :data:`META_KEY`, so the file alone is enough to deploy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from waferlab.deploy import EXPORT_FORMATS
+from waferlab.deploy.trust import Trust
+from waferlab.engine.predict import InputSpec
+from waferlab.errors import WaferlabError
+
+META_KEY = "waferlab"
+CONTRACT_VERSION = 1
+OUTPUTS = ("logits", "probs", "ood_score")
+OPSET = 17
+
+
+@dataclass
+class Contract:
+    """Everything a deployment needs to feed the model and read its outputs."""
+
+    image_size: int
+    encoding: str
+    class_names: tuple[str, ...]
+    logit_scale: float
+    temperature: float
+    none_threshold: float | None
+    ood_threshold: float
+    ood_method: str
+    fingerprint: str
+    model_name: str = ""
+    version: int = CONTRACT_VERSION
+
+    @property
+    def spec(self) -> InputSpec:
+        return InputSpec(self.image_size, self.encoding, tuple(self.class_names), self.logit_scale)
+
+    @classmethod
+    def of(cls, spec: InputSpec, trust: Trust, model_name: str = "") -> Contract:
+        return cls(spec.image_size, spec.encoding, tuple(spec.class_names), spec.logit_scale,
+                   trust.temperature, trust.none_threshold, trust.ood_threshold, trust.scorer.method,
+                   trust.fingerprint, model_name)
+
+
+class DeployGraph(nn.Module):
+    """uint8 maps -> (scaled logits, calibrated probs, unknown-pattern score); the exported computation."""
+
+    def __init__(self, model: nn.Module, contract: Contract, trust: Trust) -> None:
+        super().__init__()
+        self.model = model
+        self.encoding = contract.encoding
+        self.scale = float(contract.logit_scale)
+        self.temperature = float(contract.temperature)
+        self.method = trust.scorer.method
+        if self.method == "mahalanobis":
+            w = np.asarray(trust.scorer.whitener, np.float64)
+            self.register_buffer("whitener", torch.as_tensor(w, dtype=torch.float32))
+            self.register_buffer("wmeans", torch.as_tensor(trust.scorer.means @ w, dtype=torch.float32))
+
+    def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from waferlab.data.encode import encode
+
+        store: list[torch.Tensor] = []
+        handle = self.model.cam_target_layer.register_forward_hook(lambda _m, _i, out: store.append(out))
+        try:
+            out = self.model(encode(maps, self.encoding))
+        finally:
+            handle.remove()
+        logits = out.float().reshape(out.shape[0], -1) * self.scale
+        z = logits / self.temperature
+        probs = torch.softmax(z, dim=1)
+        if self.method == "msp":
+            score = 1.0 - probs.max(dim=1).values
+        elif self.method == "maxlogit":
+            score = -logits.max(dim=1).values
+        elif self.method == "energy":
+            score = -self.temperature * torch.logsumexp(z, dim=1)
+        else:
+            f = store[0].float()
+            f = f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1)
+            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
+            score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values
+        return logits, probs, score
+
+
+def export_onnx(model: nn.Module, contract: Contract, trust: Trust, out: str | Path) -> Path:
+    """Write the ONNX file (dynamic batch, contract in the metadata) atomically; returns its path."""
+    import io
+    import warnings
+
+    import onnx
+
+    from waferlab.io import atomic_path
+
+    out = Path(out)
+    graph = DeployGraph(model.cpu().eval(), contract, trust).eval()
+    example = torch.zeros((2, contract.image_size, contract.image_size), dtype=torch.uint8)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (example,), buf, dynamo=False, input_names=["maps"],
+                          output_names=list(OUTPUTS), opset_version=OPSET,
+                          dynamic_axes={name: {0: "batch"} for name in ("maps", *OUTPUTS)})
+    proto = onnx.load_from_string(buf.getvalue())
+    meta = proto.metadata_props.add()
+    meta.key, meta.value = META_KEY, json.dumps(asdict(contract))
+    proto.doc_string = (f"waferlab {contract.model_name}: uint8 maps (N,{contract.image_size},"
+                        f"{contract.image_size}) 0/1/2 -> logits, calibrated probs, unknown-pattern score")
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+    return out
+
+
+def read_contract(path: str | Path, session: Any) -> Contract:
+    """The contract in an ONNX file's metadata; a file without it is a one-line error."""
+    meta = session.get_modelmeta().custom_metadata_map
+    if META_KEY not in meta:
+        raise WaferlabError(f"{path}: field {META_KEY!r}: no waferlab metadata in the ONNX file (not written "
+                            f"by 'waferlab export'); its input contract is unknown")
+    try:
+        obj = json.loads(meta[META_KEY])
+        if int(obj.get("version", 0)) > CONTRACT_VERSION:
+            raise WaferlabError(f"{path}: field {META_KEY!r}: contract version {obj.get('version')} is newer "
+                                f"than this waferlab reads ({CONTRACT_VERSION})")
+        obj["class_names"] = tuple(obj["class_names"])
+        return Contract(**obj)
+    except WaferlabError:
+        raise
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+        raise WaferlabError(f"{path}: field {META_KEY!r}: unreadable waferlab metadata ({exc})") from None
+
+
+def open_session(path: str | Path, threads: int | None = None) -> tuple[Any, Contract]:
+    """An onnxruntime session of an exported file and its contract."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise WaferlabError(f"{path}: ONNX file not found")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=_providers(ort))
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        why = " ".join(str(exc).split())[:200]
+        raise WaferlabError(f"{path}: not a loadable ONNX model ({why})") from None
+    contract = read_contract(path, session)
+    names = [o.name for o in session.get_outputs()]
+    if tuple(names) != OUTPUTS:
+        raise WaferlabError(f"{path}: outputs {names}, expected {list(OUTPUTS)}")
+    return session, contract
+
+
+def _providers(ort: Any) -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def run_session(session: Any, maps: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, probs, ood_score) of uint8 maps at the contract's size, batch by batch."""
+    outs: list[list[np.ndarray]] = [[], [], []]
+    for start in range(0, len(maps), batch_size):
+        res = session.run(None, {"maps": np.ascontiguousarray(maps[start:start + batch_size])})
+        for acc, arr in zip(outs, res):
+            acc.append(arr)
+    if not outs[0]:
+        return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+    return tuple(np.concatenate(o) for o in outs)  # type: ignore[return-value]
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> Path:
+    """Export a calibrated run (``waferlab export``); default output ``RUN/exports/model.onnx``."""
+    from waferlab.deploy.trust import load_trust
+    from waferlab.engine.run import Run
+
+    if fmt not in EXPORT_FORMATS:
+        raise WaferlabError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    run = Run.open(run_dir)
+    trust = load_trust(run)
+    target = Path(out) if out else run.file("exports/") / "model.onnx"
+    if target.suffix.lower() != ".onnx":
+        raise WaferlabError(f"{target}: the output of --format onnx must end in .onnx")
+    from waferlab.deploy.predict import check_writable
+
+    check_writable(target)
+    contract = Contract.of(run.spec(), trust, run.info.model_name)
+    return export_onnx(run.load_model("cpu"), contract, trust, target)

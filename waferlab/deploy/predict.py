@@ -1,0 +1,438 @@
+"""``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
+
+The source is read once (a pickle must be loaded whole); each chunk of maps is then prepared (nearest-resized
+to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Output: one row
+per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML gallery. With several
+devices one worker process per device infers chunks while the parent reads, prepares and writes in order.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from waferlab.errors import WaferlabError
+
+OUTPUT_FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
+BACKENDS = ("torch", "onnx")
+#: Calibrated top probability below which a map counts as low-confidence (gallery, summary).
+LOW_CONFIDENCE = 0.5
+#: Output columns in order (identity, prediction, top 3, operating point, unknown pattern, truth).
+COLUMNS = ("row", "lot", "wafer", "pred_class", "prob", "top2_class", "top2_prob", "top3_class", "top3_prob",
+           "p_none", "defect", "unknown_score", "unknown", "true_label")
+
+
+@dataclass
+class PredictJob:
+    """One ``predict`` call: run (directory or .onnx), source, output file and how to run it."""
+
+    run: str
+    data: str
+    out: str
+    backend: str | None = None  # None: onnx for an .onnx file, torch for a run directory
+    gallery: str | None = None
+    batch_size: int = 256
+    chunk_size: int = 4096
+    devices: int | None = None  # None: every CUDA device (torch backend), else 1
+    device: str | None = None  # torch device for one process ("cpu", "cuda:0"); None = auto
+    progress: bool = True
+
+
+@dataclass
+class Chunk:
+    """Prepared maps of consecutive source rows with their identity and true labels."""
+
+    rows: np.ndarray
+    maps: np.ndarray
+    lot: np.ndarray
+    wafer: np.ndarray
+    labels: np.ndarray  # class names, "" where unlabelled
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def output_format(path: str | Path) -> str:
+    """csv / parquet / jsonl from the file's extension; another extension is a one-line error."""
+    import importlib.util
+
+    fmt = OUTPUT_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise WaferlabError(f"{path}: unsupported output extension {Path(path).suffix or '(none)'!r}; "
+                            f"use one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt == "parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise WaferlabError(f"{path}: writing .parquet needs pyarrow (pip install 'waferlab[parquet]'); "
+                            f"or write .csv / .jsonl")
+    return fmt
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early (one line, nothing created) when ``path`` cannot be written."""
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir():
+        raise WaferlabError(f"{path}: cannot write the output: it is a directory")
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise WaferlabError(f"{path}: cannot write the output: {anc} is not a directory")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".waferlab-check-", dir=anc)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise WaferlabError(f"{path}: cannot write the output ({exc.strerror or exc})") from None
+
+
+# ------------------------------------------------------------------------------------------------ backends
+@dataclass(frozen=True)
+class BackendSpec:
+    """How a (worker) process opens the model: picklable, so it can travel to a spawned process."""
+
+    run: str
+    backend: str
+    device: str | None
+    batch_size: int
+    threads: int | None = None
+
+
+class TorchBackend:
+    """The run's model through the engine's one prediction function, plus the unknown-pattern scorer."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        from waferlab.deploy.export import Contract
+        from waferlab.deploy.trust import load_trust
+        from waferlab.engine.run import Run
+
+        run = Run.open(spec.run)
+        self.trust = load_trust(run)
+        self.contract = Contract.of(run.spec(), self.trust, run.info.model_name)
+        self.model = run.load_model("cpu")
+        self.spec = spec
+
+    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from waferlab.engine.predict import PredictOptions, predict
+
+        opts = PredictOptions(device=self.spec.device, batch_size=self.spec.batch_size,
+                              temperature=self.trust.temperature, features=self.trust.scorer.needs_features)
+        pred = predict(self.model, maps, self.contract.spec, opts)
+        return pred.probs, self.trust.scorer.score(pred.logits, pred.features)
+
+
+class OnnxBackend:
+    """An exported file run by onnxruntime (the contract comes from the file's metadata)."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        from waferlab.deploy.export import open_session
+
+        self.session, self.contract = open_session(onnx_path(spec.run), spec.threads)
+        self.spec = spec
+
+    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from waferlab.deploy.export import run_session
+
+        _, probs, ood = run_session(self.session, maps, self.spec.batch_size)
+        return probs, ood
+
+
+def onnx_path(run: str | Path) -> Path:
+    """The ONNX file of ``run``: the path itself when it is a file, else ``RUN/exports/model.onnx``."""
+    p = Path(run)
+    return p if p.suffix.lower() == ".onnx" else p / "exports" / "model.onnx"
+
+
+def open_backend(spec: BackendSpec) -> TorchBackend | OnnxBackend:
+    return OnnxBackend(spec) if spec.backend == "onnx" else TorchBackend(spec)
+
+
+def resolve_backend(job: PredictJob) -> tuple[str, Any]:
+    """(backend, contract) after every check on the run/ONNX file, before any data is read."""
+    from waferlab.deploy.export import Contract, open_session
+    from waferlab.deploy.trust import load_trust
+    from waferlab.engine.run import Run
+
+    is_file = Path(job.run).suffix.lower() == ".onnx"
+    backend = job.backend or ("onnx" if is_file else "torch")
+    if backend not in BACKENDS:
+        raise WaferlabError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if is_file:
+        if backend != "onnx":
+            raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx (the torch backend needs "
+                                f"the run directory)")
+        return backend, open_session(job.run)[1]
+    run = Run.open(job.run)
+    trust = load_trust(run)
+    if backend == "torch":
+        return backend, Contract.of(run.spec(), trust, run.info.model_name)
+    path = onnx_path(job.run)
+    if not path.is_file():
+        raise WaferlabError(f"{path}: missing; run 'waferlab export {job.run} --format onnx' first")
+    contract = open_session(path)[1]
+    if contract.fingerprint != trust.fingerprint:
+        raise WaferlabError(f"{path}: field 'fingerprint': {contract.fingerprint!r} is not this run's "
+                            f"({trust.fingerprint!r}): exported from another run or before the run was "
+                            f"recalibrated; export it again")
+    return backend, contract
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> tuple[int, Iterator[Chunk]]:
+    """(number of maps, chunks of prepared maps) from any source the readers take, or a prepared cache."""
+    from waferlab.data.cache import is_cache, load_cache, prepare, resize_prepared
+    from waferlab.data.readers import load_table
+
+    if not Path(src).exists():
+        raise WaferlabError(f"{src}: no such file or directory")
+    if is_cache(src):
+        p = load_cache(src)
+
+        def from_cache() -> Iterator[Chunk]:
+            for start in range(0, len(p), chunk_size):
+                rows = np.arange(start, min(start + chunk_size, len(p)))
+                yield _chunk(rows, resize_prepared(p.subset(rows), size))
+        return len(p), from_cache()
+    if progress:
+        print(f"waferlab: reading {src} ...", file=sys.stderr)
+    table = load_table(src)
+
+    def from_table() -> Iterator[Chunk]:
+        for start in range(0, len(table), chunk_size):
+            rows = np.arange(start, min(start + chunk_size, len(table)))
+            yield _chunk(rows, prepare(table.subset(rows), size))
+    return len(table), from_table()
+
+
+def _chunk(rows: np.ndarray, p: Any) -> Chunk:
+    from waferlab.data.table import UNLABELED
+
+    names = p.label_names()
+    names = np.where(names == UNLABELED, "", names).astype(object)
+    return Chunk(rows=rows, maps=p.maps, lot=p.lot, wafer=p.wafer_index, labels=names)
+
+
+# ------------------------------------------------------------------------------------------------ inference
+def _worker(spec: BackendSpec, inq: Any, outq: Any) -> None:
+    """A worker process: open the model on its device, infer every chunk it is sent until ``None``."""
+    try:
+        import torch
+
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        backend = open_backend(spec)
+        while (item := inq.get()) is not None:
+            idx, maps = item
+            outq.put((idx, *backend.infer(maps)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
+        outq.put((-1, f"{type(exc).__name__}: {exc}", None))
+
+
+def _worker_specs(job: PredictJob, backend: str, n: int) -> list[BackendSpec]:
+    import torch
+
+    cuda = backend == "torch" and torch.cuda.is_available() and job.device in (None, "cuda")
+    threads = max(1, (os.cpu_count() or 1) // n)
+    return [BackendSpec(job.run, backend, f"cuda:{i}" if cuda else (job.device or "cpu"), job.batch_size,
+                        threads) for i in range(n)]
+
+
+def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk]
+                 ) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray]]:
+    """(chunk, calibrated probs, unknown scores) in source order, in this process or one per device."""
+    n = job.devices or _default_devices(backend)
+    if n <= 1:
+        model = open_backend(BackendSpec(job.run, backend, job.device, job.batch_size))
+        for c in chunks:
+            yield (c, *model.infer(c.maps))
+        return
+    yield from _parallel(_worker_specs(job, backend, n), chunks)
+
+
+def _default_devices(backend: str) -> int:
+    import torch
+
+    return torch.cuda.device_count() if backend == "torch" and torch.cuda.is_available() else 1
+
+
+def _parallel(specs: list[BackendSpec], chunks: Iterator[Chunk]) -> Iterator[tuple[Chunk, Any, Any]]:
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    inq, outq = ctx.Queue(maxsize=2 * len(specs)), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(s, inq, outq), daemon=True) for s in specs]
+    for p in procs:
+        p.start()
+    pending: dict[int, Chunk] = {}
+    done: dict[int, tuple[Any, Any]] = {}
+    next_out = 0
+
+    def collect(block: bool) -> None:
+        """Move finished results into ``done``: all that are ready, or (block) at least one."""
+        while True:
+            try:
+                idx, a, b = outq.get(timeout=1.0) if block else outq.get_nowait()
+            except queue.Empty:
+                if not block:
+                    return
+                if not any(p.is_alive() for p in procs):
+                    raise RuntimeError("predict: every worker process died") from None
+                continue
+            if idx < 0:
+                raise RuntimeError(f"predict worker failed: {a}")
+            done[idx] = (a, b)
+            if block:
+                return
+
+    try:
+        for i, c in enumerate(chunks):
+            pending[i] = c
+            while True:
+                try:
+                    inq.put((i, c.maps), timeout=1.0)
+                    break
+                except queue.Full:
+                    collect(block=False)
+            collect(block=False)
+            while next_out in done:
+                yield (pending.pop(next_out), *done.pop(next_out))
+                next_out += 1
+        for _ in procs:
+            inq.put(None)
+        while pending:
+            if next_out not in done:
+                collect(block=True)
+                continue
+            yield (pending.pop(next_out), *done.pop(next_out))
+            next_out += 1
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def rows_frame(c: Chunk, probs: np.ndarray, ood: np.ndarray, contract: Any) -> Any:
+    """One output row per map of the chunk (see :data:`COLUMNS`)."""
+    import pandas as pd
+
+    names = np.array(contract.class_names, dtype=object)
+    k = probs.shape[1]
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :3]
+    top = np.take_along_axis(probs, order, axis=1)
+    cols: dict[str, Any] = {"row": c.rows.astype(np.int64), "lot": c.lot.astype(str),
+                            "wafer": c.wafer.astype(np.int64), "pred_class": names[order[:, 0]],
+                            "prob": top[:, 0].astype(np.float32)}
+    for j in (1, 2):
+        cols[f"top{j + 1}_class"] = names[order[:, j]] if k > j else np.full(len(c.rows), "", object)
+        cols[f"top{j + 1}_prob"] = (top[:, j].astype(np.float32) if k > j
+                                    else np.zeros(len(c.rows), np.float32))
+    if "none" in contract.class_names and contract.none_threshold is not None:
+        p_none = probs[:, list(contract.class_names).index("none")]
+        cols["p_none"], cols["defect"] = p_none.astype(np.float32), p_none < contract.none_threshold
+    else:  # a defect-only run: every map it sees is taken for a defect
+        cols["p_none"], cols["defect"] = np.full(len(c.rows), np.nan, np.float32), np.ones(len(c.rows), bool)
+    cols["unknown_score"] = np.asarray(ood, np.float32)
+    cols["unknown"] = np.asarray(ood) > contract.ood_threshold
+    cols["true_label"] = c.labels.astype(str)
+    return pd.DataFrame(cols, columns=list(COLUMNS))
+
+
+class RowWriter:
+    """Appends frames to a csv / parquet / jsonl file (the caller makes the whole file atomic)."""
+
+    def __init__(self, path: Path, fmt: str) -> None:
+        self.path, self.fmt, self.n = path, fmt, 0
+        self._pq: Any = None
+        self._fh = None if fmt == "parquet" else open(path, "w", encoding="utf-8", newline="")  # noqa: SIM115
+
+    def write(self, frame: Any) -> None:
+        if self.fmt == "csv":
+            frame.to_csv(self._fh, header=self.n == 0, index=False, float_format="%.6g")
+        elif self.fmt == "jsonl":
+            frame.to_json(self._fh, orient="records", lines=True, double_precision=6)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if self._pq is None:
+                self._pq = pq.ParquetWriter(str(self.path), table.schema)
+            self._pq.write_table(table.cast(self._pq.schema))
+        self.n += len(frame)
+
+    def close(self, ok: bool = True) -> None:
+        """Flush and close; ``ok`` False (an error happened) only releases the file."""
+        if self._fh is not None:
+            self._fh.close()
+        if self.fmt != "parquet":
+            return
+        if self._pq is not None:
+            self._pq.close()
+        elif ok:  # no rows at all: still a valid, empty file with the columns
+            import pandas as pd
+
+            pd.DataFrame(columns=list(COLUMNS)).to_parquet(self.path, index=False)
+
+
+def predict_file(job: PredictJob) -> dict[str, Any]:
+    """Run ``job``: checks first (nothing written on a bad run/ONNX file/output path), then stream."""
+    from tqdm import tqdm
+
+    from waferlab.io import atomic_path
+
+    fmt = output_format(job.out)
+    check_writable(job.out)
+    gallery = _gallery_for(job)
+    backend, contract = resolve_backend(job)
+    t0 = time.perf_counter()
+    total, chunks = iter_chunks(job.data, contract.image_size, job.chunk_size, job.progress)
+    summary = {"maps": 0, "unknown": 0, "defect": 0, "low_confidence": 0}
+    with atomic_path(job.out) as tmp, tqdm(total=total, desc="predict", unit="map", disable=not job.progress,
+                                          smoothing=0.1) as bar:
+        writer, ok = RowWriter(tmp, fmt), False
+        try:
+            for c, probs, ood in infer_stream(job, backend, chunks):
+                frame = rows_frame(c, probs, ood, contract)
+                writer.write(frame)
+                if gallery is not None:
+                    gallery.offer(c, frame)
+                summary["maps"] += len(frame)
+                summary["unknown"] += int(frame["unknown"].sum())
+                summary["defect"] += int(frame["defect"].sum())
+                summary["low_confidence"] += int((frame["prob"] < LOW_CONFIDENCE).sum())
+                bar.update(len(frame))
+            ok = True
+        finally:
+            writer.close(ok)
+    if gallery is not None:
+        gallery.write(job.gallery, model=_cam_model(job, backend), contract=contract)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    return summary
+
+
+def _gallery_for(job: PredictJob) -> Any:
+    if not job.gallery:
+        return None
+    from waferlab.deploy.gallery import GallerySelection
+
+    if Path(job.gallery).suffix.lower() not in (".html", ".htm"):
+        raise WaferlabError(f"{job.gallery}: the gallery is an HTML page; give a .html file")
+    check_writable(job.gallery)
+    return GallerySelection()
+
+
+def _cam_model(job: PredictJob, backend: str) -> Any:
+    """The torch model for GradCAM overlays: from the run directory (an ONNX file alone has none)."""
+    if Path(job.run).suffix.lower() == ".onnx":
+        return None
+    from waferlab.engine.run import Run
+
+    return Run.open(job.run).load_model("cpu")
