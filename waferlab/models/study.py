@@ -10,6 +10,8 @@ pooling/flatten; ``classifier`` is the final Linear.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -19,6 +21,7 @@ from waferlab.models.attention import (
     GAD,
     GADS,
     GAU,
+    PAM_MODES,
     CBAMBasicBlock,
     DABasicBlock,
     DANetHead,
@@ -107,10 +110,11 @@ class DANet(nn.Module):
         attn_dropout: float = 0.1,
         hidden: int = 2048,
         grid: int = 7,
+        pam: str = "canonical",
     ):
         super().__init__()
         self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
-        self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
+        self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout, pam_mode=pam)
         self.pool = GridPool(grid)
         self.mlp = nn.Sequential(
             nn.Linear(128 * grid * grid, hidden),
@@ -143,9 +147,10 @@ class ExtraStageNet(_GapClassifier):
         pretrained: str | None = None,
         block: str = "cbam",
         dropout: float = 0.0,
+        pam: str = "canonical",
     ):
         super().__init__()
-        block_cls = {"cbam": CBAMBasicBlock, "da": DABasicBlock}[block]
+        block_cls = {"cbam": CBAMBasicBlock, "da": partial(DABasicBlock, pam_mode=pam)}[block]
         self.backbone = resnet34_backbone(in_chans, pretrained, dilated=False)
         self.layer5 = attention_stage(block_cls, 512, 512, blocks=2, stride=2)
         self._init_head(512, num_classes, dropout)
@@ -204,8 +209,12 @@ class PANDA(nn.Module):
     """PAN_DA (A.4.5): PAN branch (GAP -> Linear 64->K) and a DANet head on l4 (512 -> 128, GAP ->
     Linear 128->K); the concatenated 2K logits go through ``classifier`` (Linear 2K->K).
 
-    CAM layer: the PAN branch's last GAU.
+    CAM layer: the PAN branch's last GAU. No cosine head (``cosine_head_refusal``): the classifier reads
+    the two branches' logits, so cosine similarities there would compare logit vectors, not features.
     """
+
+    cosine_head_refusal = ("its classifier fuses the two branches' logits, so a cosine head there would "
+                           "compare logit vectors, not features; use head 'linear'")
 
     def __init__(
         self,
@@ -214,11 +223,12 @@ class PANDA(nn.Module):
         pretrained: str | None = None,
         dropout: float = 0.0,
         attn_dropout: float = 0.1,
+        pam: str = "canonical",
     ):
         super().__init__()
         self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
         self.decoder = PANDecoder()
-        self.danet = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
+        self.danet = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout, pam_mode=pam)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(dropout)
         self.fc_pan = nn.Linear(64, num_classes)
@@ -312,6 +322,13 @@ def _check_rates(model: str, **rates: float) -> None:
             raise WaferlabError(f"model {model!r}: option {key} must be a number in [0, 1), got {value!r}")
 
 
+def _check_pam(model: str, pam: object) -> str:
+    """The PAM option: the canonical DANet product or the study's literal one (``attention.PAM``)."""
+    if pam not in PAM_MODES:
+        raise WaferlabError(f"model {model!r}: option pam must be one of {', '.join(PAM_MODES)}, got {pam!r}")
+    return str(pam)
+
+
 @register("resnet34", family=FAMILY, description="torchvision ResNet34 + new Linear head (study reference)")
 def build_resnet34(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
     """torchvision ResNet34; options: dropout before the classifier."""
@@ -328,10 +345,13 @@ def build_danet(
     pretrained: str | None = None,
     dropout: float = 0.3,
     attn_dropout: float = 0.1,
+    pam: str = "canonical",
 ):
-    """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1)."""
+    """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1), pam
+    (canonical|literal: the study's channel/position-mixing product, see ``attention.PAM``)."""
     _check_rates("danet", dropout=dropout, attn_dropout=attn_dropout)
-    return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
+    return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout,
+                 pam=_check_pam("danet", pam))
 
 
 @register("cbam", family=FAMILY, description="ResNet34 + an extra stage of 2 CBAM BasicBlocks")
@@ -353,10 +373,12 @@ def build_pan(num_classes: int, in_chans: int = 3, pretrained: str | None = None
 @register(
     "cbam_da", family=FAMILY, description="ResNet34 + an extra stage of 2 BasicBlocks with DANet PAM+CAM"
 )
-def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0):
-    """CBAM_DA; options: dropout before the classifier."""
+def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
+                  pam: str = "canonical"):
+    """CBAM_DA; options: dropout before the classifier, pam (canonical|literal, see ``attention.PAM``)."""
     _check_rates("cbam_da", dropout=dropout)
-    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout)
+    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout,
+                         pam=_check_pam("cbam_da", pam))
 
 
 @register("pan_da", family=FAMILY, description="PAN and a DANet head on layer4, logits fused by a Linear")
@@ -366,10 +388,13 @@ def build_pan_da(
     pretrained: str | None = None,
     dropout: float = 0.0,
     attn_dropout: float = 0.1,
+    pam: str = "canonical",
 ):
-    """PAN_DA; options: dropout before both branch Linears, attn_dropout in the DANet head."""
+    """PAN_DA; options: dropout before both branch Linears, attn_dropout in the DANet head, pam
+    (canonical|literal, see ``attention.PAM``). Linear head only (see :class:`PANDA`)."""
     _check_rates("pan_da", dropout=dropout, attn_dropout=attn_dropout)
-    return PANDA(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
+    return PANDA(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout,
+                 pam=_check_pam("pan_da", pam))
 
 
 @register("pan_inverse", family=FAMILY, description="dilated ResNet34, bottom-up GAD fusion + FPA")
