@@ -50,7 +50,8 @@ def _run(model: nn.Module, in_chans: int, size: int) -> None:
 
 def test_registry_is_populated() -> None:
     for name in ("spanet", "se_resnet34", "eca_resnet34", "gc_resnet34", "ghostnet_100", "mobilenetv2_100",
-                 "mobilenetv3_large_100"):
+                 "mobilenetv3_large_100", "resnet50", "se_resnet50", "nl_resnet50", "snl_resnet50",
+                 "gc_resnet50"):
         assert name in MODELS
         assert model_spec(name).description
 
@@ -73,6 +74,10 @@ def test_model_contract(name: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_cosine_head(name: str) -> None:
     torch.manual_seed(0)
+    if name == "pan_da":  # its classifier reads logits (study.PANDA.cosine_head_refusal)
+        with pytest.raises(WaferlabError, match="cosine"):
+            create_model(name, num_classes=NUM_CLASSES, in_chans=3, head="cosine")
+        return
     model = create_model(name, num_classes=NUM_CLASSES, in_chans=3, head="cosine")
     assert is_cosine(model) and isinstance(model.classifier, CosineClassifier)
     assert sum(isinstance(m, CosineClassifier) for m in model.modules()) == 1
@@ -112,6 +117,14 @@ def test_models_command_prints_params_and_macs(capsys: pytest.CaptureFixture[str
     assert "MACs@128" in table and "spanet" in table
     assert main(["models", "--sizes", "16"]) == 2
     assert "waferlab: error:" in capsys.readouterr().err
+    # --variants lists each registered option set (SP&A-Net's attention types, ratios) with its exact size
+    assert main(["models", "--model", "spanet", "--sizes", "32", "--variants", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    none = create_model("spanet", 9, attention="none")
+    assert rows["spanet[attention=none]"]["params"] == count_params(none)
+    assert rows["spanet[r=0.25]"]["options"] == {"r": 0.25}
+    listed = [r for r in rows.values() if r.get("variant_of") == "spanet"]
+    assert len(listed) == len(model_spec("spanet").variants)
 
 
 def test_imagenet_without_network_is_one_line_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

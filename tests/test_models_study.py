@@ -89,10 +89,26 @@ def test_bad_options_are_user_errors() -> None:
 
 
 def test_cosine_head_on_study_model() -> None:
-    model = create_model("pan_da", num_classes=4, head="cosine").eval()
+    model = create_model("pan", num_classes=4, head="cosine").eval()
     with torch.no_grad():
         out = model(torch.rand(2, 3, 64, 64))
     assert out.shape == (2, 4) and out.abs().max() <= 1.0 + 1e-5
+    # PAN_DA's classifier reads the two branches' logits: a cosine head there is refused in one line
+    with pytest.raises(WaferlabError, match="head 'cosine' is not supported") as info:
+        create_model("pan_da", num_classes=4, head="cosine")
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["danet", "cbam_da", "pan_da"])
+def test_pam_option(name: str) -> None:
+    model = create_model(name, num_classes=3, pam="literal")
+    pams = [m for m in model.modules() if isinstance(m, PAM)]
+    assert pams and all(m.mode == "literal" for m in pams)
+    out = model(torch.rand(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    assert all(m.mode == "canonical" for m in create_model(name, 3).modules() if isinstance(m, PAM))
+    _one_line_error(lambda: create_model(name, 3, pam="literl"), "pam")
 
 
 def test_backbone_strides(tv_state) -> None:
@@ -258,6 +274,13 @@ def test_pam_and_cam_definitions() -> None:
     attn = torch.softmax(torch.einsum("nci,ncj->nij", q, k), dim=-1)
     expected_pam = torch.einsum("ncj,nij->nci", v, attn).view_as(x) + x
     torch.testing.assert_close(pam(x), expected_pam, rtol=1e-4, atol=1e-5)
+    # The study's literal PAM: bmm(attn, V^T) is (HW, C); its view(N, C, H, W) reads that memory as C x HW
+    literal = PAM(16, reduction=8, mode="literal")
+    literal.load_state_dict(pam.state_dict())
+    canonical_out = torch.einsum("ncj,nij->nci", v, attn)  # N, C, HW
+    mixed = canonical_out.transpose(1, 2).reshape_as(x)
+    torch.testing.assert_close(literal(x), mixed + x, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(literal(x), pam(x), atol=1e-3)
     # CAM: softmax over channels of (row max - energy), energy = X X^T
     energy = flat @ flat.transpose(1, 2)
     attn_c = torch.softmax(energy.max(dim=-1, keepdim=True).values - energy, dim=-1)
@@ -283,6 +306,61 @@ def test_fpa_sizes_and_tiny_maps() -> None:
     out = fpa.train()(torch.randn(2, 32, 2, 2))
     handle.remove()
     assert out.shape == (2, 32, 2, 2) and torch.isfinite(out).all() and seen == [(2, 2)]
+
+
+def _fpa_reference(fpa: FPA, x: torch.Tensor) -> torch.Tensor:
+    """FPA at 224 px (a 14x14 map) as the study computes it, by hand with torch.nn.functional on fpa's
+    weights (eval-mode BN): pyramid 14 -> 7 -> 4 -> 2, up 2 -> 4 (ConvT k4 s2 p1), 4 -> 7 (ConvT k4 s1 p0,
+    the study's stride-1 step) and 7 -> 14 (ConvT k4 s2 p1)."""
+    F = torch.nn.functional
+
+    def bn(y: torch.Tensor, m: torch.nn.BatchNorm2d) -> torch.Tensor:
+        return F.batch_norm(y, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+    def conv_bn(y: torch.Tensor, seq: torch.nn.Sequential, stride: int = 1) -> torch.Tensor:
+        conv = seq[0]
+        return bn(F.conv2d(y, conv.weight, conv.bias, stride, conv.kernel_size[0] // 2), seq[1])
+
+    def down(y: torch.Tensor, d) -> torch.Tensor:  # noqa: ANN001
+        return F.relu(bn(F.conv2d(y, d.conv.weight, None, 2, d.conv.kernel_size[0] // 2), d.bn))
+
+    def up(y: torch.Tensor, seq: torch.nn.Sequential, stride: int, padding: int) -> torch.Tensor:
+        return F.relu(bn(F.conv_transpose2d(y, seq[0].weight, None, stride, padding), seq[1]))
+
+    master = conv_bn(x, fpa.master)
+    gp = conv_bn(F.adaptive_avg_pool2d(x, 1), fpa.gp)
+    d1 = down(x, fpa.down1)
+    d2 = down(d1, fpa.down2)
+    d3 = down(d2, fpa.down3)
+    assert [t.shape[-1] for t in (d1, d2, d3)] == [7, 4, 2]
+    b1, b2, b3 = conv_bn(d1, fpa.conv7), conv_bn(d2, fpa.conv5), conv_bn(d3, fpa.conv3)
+    m2 = F.relu(b2 + up(b3, fpa.up3, 2, 1))
+    m1 = F.relu(b1 + up(m2, fpa.up2, 1, 0))  # 4 -> 7
+    mask = up(m1, fpa.up1, 2, 1)
+    return F.relu(master * mask + gp)
+
+
+def test_fpa_uses_the_study_stride1_convt_at_224() -> None:
+    torch.manual_seed(3)
+    fpa = FPA(32)
+    with torch.no_grad():
+        for m in fpa.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    fpa.eval()
+    x = torch.randn(2, 32, 14, 14)
+    with torch.no_grad():
+        torch.testing.assert_close(fpa(x), _fpa_reference(fpa, x), rtol=1e-4, atol=1e-5)
+        # where no step is n -> n + 3 the doubling ConvT stays (16x16: levels 8, 4, 2, every step doubles)
+        seen = []
+        handle = fpa.up2.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+        assert fpa(torch.randn(1, 32, 16, 16)).shape == (1, 32, 16, 16)
+        fpa(x)
+        handle.remove()
+        assert seen == [(8, 8)]  # the stride-1 step at 14x14 calls the ConvT functionally, not the module
 
 
 def test_fusion_blocks_follow_the_skip_size() -> None:

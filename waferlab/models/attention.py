@@ -1,11 +1,15 @@
-"""Attention modules of the attention-ResNet34 study (seeds.md A.4): DANet, CBAM, PAN and the study's own.
+"""Attention modules: the attention-ResNet34 study's (seeds.md A.4: DANet, CBAM, PAN and the study's own) and
+the blocks of SP&A-Net's ablation (seeds.md B.7: SE, NL, SNL, GC with a chosen normalisation).
 
-Every module here works at any spatial size: where the reference code fixed a size for 224 px inputs
-(FPA's stride-1 transposed conv, GAU's up-sampling choice, GADS's hard-coded sizes), the output is
-resized to the size of the map it is combined with instead, as each docstring says.
+Every study module works at any spatial size: where the reference code fixed a size for 224 px inputs
+(GAU's up-sampling choice, GADS's hard-coded sizes), the output is resized to the size of the map it is
+combined with instead, as each docstring says; FPA uses the study's own stride-1 transposed conv where the
+sizes are the ones it was made for (n -> n + 3, 4 -> 7 at 224 px) and resizes elsewhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +27,24 @@ def match_size(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 # DANet (A.4.1)
 
 
-class PAM(nn.Module):
-    """DANet position attention: softmax(QᵀK) over HW×HW positions re-weights V; γ·out + x, γ starts at 0."""
+#: How PAM applies its HW x HW attention to V: the canonical DANet product, or the study's literal one.
+PAM_MODES = ("canonical", "literal")
 
-    def __init__(self, channels: int, reduction: int = 8) -> None:
+
+class PAM(nn.Module):
+    """DANet position attention: softmax(QᵀK) over HW×HW positions re-weights V; γ·out + x, γ starts at 0.
+
+    ``mode="canonical"`` (default) computes out = V·attnᵀ, i.e. out[c, i] = Σ_j V[c, j]·attn[i, j], as in
+    DANet. ``mode="literal"`` reproduces the study's code: bmm(attn, Vᵀ) gives an (HW, C) matrix, which its
+    ``view(N, C, H, W)`` then reads in the wrong order, so channels and positions are mixed in the output
+    (a bug of the study, kept behind this option for reproduction only).
+    """
+
+    def __init__(self, channels: int, reduction: int = 8, mode: str = "canonical") -> None:
         super().__init__()
+        if mode not in PAM_MODES:
+            raise ValueError(f"PAM mode must be one of {PAM_MODES}, got {mode!r}")
+        self.mode = mode
         qk = max(1, channels // reduction)
         self.query_conv = nn.Conv2d(channels, qk, 1)
         self.key_conv = nn.Conv2d(channels, qk, 1)
@@ -40,7 +57,10 @@ class PAM(nn.Module):
         k = self.key_conv(x).flatten(2)  # N, C', HW
         attn = torch.softmax(torch.bmm(q, k), dim=-1)  # N, HW, HW
         v = self.value_conv(x).flatten(2)  # N, C, HW
-        out = torch.bmm(v, attn.transpose(1, 2)).view(n, c, h, w)
+        if self.mode == "literal":
+            out = torch.bmm(attn, v.transpose(1, 2)).reshape(n, c, h, w)  # (HW, C) memory read as (C, H, W)
+        else:
+            out = torch.bmm(v, attn.transpose(1, 2)).view(n, c, h, w)
         return self.gamma * out + x
 
 
@@ -72,6 +92,7 @@ class DANetHead(nn.Module):
         reduction: int = 4,
         pam_reduction: int = 8,
         dropout: float = 0.1,
+        pam_mode: str = "canonical",
     ) -> None:
         super().__init__()
         inter = in_channels // reduction
@@ -85,7 +106,7 @@ class DANetHead(nn.Module):
 
         self.conv5a = conv_bn_relu(in_channels, inter)
         self.conv5c = conv_bn_relu(in_channels, inter)
-        self.pam = PAM(inter, pam_reduction)
+        self.pam = PAM(inter, pam_reduction, pam_mode)
         self.cam = ChannelAttentionDA()
         self.conv51 = conv_bn_relu(inter, inter)
         self.conv52 = conv_bn_relu(inter, inter)
@@ -193,9 +214,10 @@ class DABasicBlock(_AttentionBasicBlock):
         stride: int = 1,
         downsample: nn.Module | None = None,
         pam_reduction: int = 4,
+        pam_mode: str = "canonical",
     ) -> None:
         super().__init__(inplanes, planes, stride, downsample)
-        self.pam = PAM(planes, pam_reduction)
+        self.pam = PAM(planes, pam_reduction, pam_mode)
         self.cam = ChannelAttentionDA()
 
     def attend(self, out: torch.Tensor) -> torch.Tensor:
@@ -203,7 +225,7 @@ class DABasicBlock(_AttentionBasicBlock):
 
 
 def attention_stage(
-    block: type[_AttentionBasicBlock], inplanes: int, planes: int, blocks: int = 2, stride: int = 2
+    block: Callable[..., _AttentionBasicBlock], inplanes: int, planes: int, blocks: int = 2, stride: int = 2
 ) -> nn.Sequential:
     """The extra stage CBAM/CBAM_DA append after layer4: ``blocks`` blocks, the first strided with a
     1x1-conv + BN downsample."""
@@ -255,9 +277,11 @@ class FPA(nn.Module):
     """Feature Pyramid Attention: a 7/5/3 conv pyramid gives a mask on the 1x1-conv master branch,
     plus a global-pooling branch: out = ReLU(master·mask + gp).
 
-    Changed from the study: every up-sampling is a transposed conv k4 s2 p1 (doubling) whose output is
-    bilinearly resized to the level it is added to when the sizes differ. The study instead used a
-    stride-1 ConvT k4 p0 for the 4->7 step, which only fits 14x14 inputs (224 px); this works for any.
+    Up-sampling: each step is a transposed conv with a 4x4 kernel. Where the target level is 3 px larger
+    than the source (4 -> 7 at 224 px, the case the study built it for) it runs as the study's stride-1
+    ConvT k4 p0 (n -> n + 3, exact); everywhere else as ConvT k4 s2 p1 (doubling) whose output is
+    bilinearly resized to the level it is added to when the sizes differ (changed from the study, whose
+    stride-1 step only fits 14x14 maps). Both use the same weights, so one model serves every input size.
     Pyramid levels halve only while >= 4 px (see ``_DownConv``), so 2x2 maps still work.
     """
 
@@ -283,10 +307,20 @@ class FPA(nn.Module):
         d2 = self.down2(d1)
         d3 = self.down3(d2)
         b1, b2, b3 = self.conv7(d1), self.conv5(d2), self.conv3(d3)
-        m2 = F.relu(b2 + match_size(self.up3(b3), b2))
-        m1 = F.relu(b1 + match_size(self.up2(m2), b1))
-        mask = match_size(self.up1(m1), master)
+        m2 = F.relu(b2 + _upsample_to(self.up3, b3, b2))
+        m1 = F.relu(b1 + _upsample_to(self.up2, m2, b1))
+        mask = _upsample_to(self.up1, m1, master)
         return F.relu(master * mask + gp)
+
+
+def _upsample_to(up: nn.Sequential, x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``up`` = ConvT(k4, s2, p1) + BN + ReLU applied to reach ``ref``'s size: as the study's stride-1 ConvT
+    (k4, p0, n -> n + 3) when ``ref`` is 3 px larger on both axes, else doubling and then resizing."""
+    convt = up[0]
+    if all(r == s + 3 for r, s in zip(ref.shape[-2:], x.shape[-2:], strict=True)):
+        y = F.conv_transpose2d(x, convt.weight, convt.bias, stride=1, padding=0)
+        return up[2](up[1](y))
+    return match_size(up(x), ref)
 
 
 class GAU(nn.Module):
@@ -381,3 +415,106 @@ class FeatureSum(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.relu(a + b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention blocks of SP&A-Net's ablation (seeds.md B.7, table r1): SE, NL, SNL, GC, each with a chosen
+# normalisation. SE, NL and GC are timm's modules; timm has no spectral non-local block, so SNL is here.
+
+#: Attention types of the ablation that come from other papers (SP&A-Net's own live in spanet.py).
+ABLATION_ATTENTIONS = ("se", "nl", "snl", "gc")
+#: Normalisations the ablation swaps into an attention block (table r1's BN / LN / GN columns).
+ATTN_NORMS = ("bn", "ln", "gn")
+#: Each block's own normalisation, used when none is asked for (SE has none).
+OWN_NORM = {"se": None, "nl": "bn", "snl": "bn", "gc": "ln"}
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups: the largest divisor of ``channels`` <= min(32, channels / 2), so every group holds
+    at least two channels (a one-channel group of a 1x1 context would normalise to zero)."""
+    limit = max(1, min(max_groups, channels // 2))
+    return max(g for g in range(1, limit + 1) if channels % g == 0)
+
+
+def norm2d(kind: str, channels: int, eps: float = 1e-5) -> nn.Module:
+    """A normalisation of (N, C, H, W) maps: ``bn`` BatchNorm2d, ``ln`` LayerNorm over the channels at each
+    position (timm LayerNorm2d), ``gn`` GroupNorm with :func:`group_count` groups."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels, eps=eps)
+    if kind == "ln":
+        from timm.layers import LayerNorm2d
+
+        return LayerNorm2d(channels, eps=eps)
+    if kind == "gn":
+        return nn.GroupNorm(group_count(channels), channels, eps=eps)
+    raise ValueError(f"norm must be one of {ATTN_NORMS}, got {kind!r}")
+
+
+class SpectralNonLocal(nn.Module):
+    """Spectral non-local block (SNL; Zhu et al., "Unifying Nonlocal Blocks for Neural Networks", ICCV
+    2021), as the official ``SNL_ICCV2021`` classification code builds it (``is_sys``, ``is_norm``, one unit).
+
+    Affinity: A = D^-1/2 · sym(ReLU(T)ᵀ ReLU(P)) · D^-1/2 over the H·W positions (T, P: 1x1 convs C -> C/2,
+    sym(M) = (M + Mᵀ)/2, D its row sums; rows summing to 0 stay 0). Output: x + ReLU(norm(W1·g + W2·(g·A))),
+    with g a 1x1 conv C -> C/2 and W1, W2 1x1 convs C/2 -> C (a first-order graph filter). The norm's scale
+    starts at 0, so the block starts as the identity (the official code zero-inits it in the inserted stage).
+    """
+
+    def __init__(self, channels: int, reduction: int = 2, norm: str = "bn", eps: float = 1e-5) -> None:
+        super().__init__()
+        planes = max(1, channels // reduction)
+        self.t = nn.Conv2d(channels, planes, 1, bias=False)
+        self.p = nn.Conv2d(channels, planes, 1, bias=False)
+        self.g = nn.Conv2d(channels, planes, 1, bias=False)
+        self.w1 = nn.Conv2d(planes, channels, 1, bias=False)
+        self.w2 = nn.Conv2d(planes, channels, 1, bias=False)
+        self.norm = norm2d(norm, channels, eps)
+        nn.init.zeros_(self.norm.weight)
+
+    def affinity(self, x: torch.Tensor) -> torch.Tensor:
+        """The symmetric, degree-normalised (N, HW, HW) affinity of the positions of ``x``."""
+        t = F.relu(self.t(x)).flatten(2)  # N, P, HW
+        p = F.relu(self.p(x)).flatten(2)
+        att = torch.bmm(t.transpose(1, 2), p)
+        att = (att + att.transpose(1, 2)) / 2
+        d = att.sum(dim=2)
+        d = torch.where(d > 0, d.clamp_min(torch.finfo(d.dtype).tiny).rsqrt(), torch.zeros_like(d))
+        return att * d.unsqueeze(1) * d.unsqueeze(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        att = self.affinity(x)
+        g = self.g(x)
+        spread = torch.bmm(g.flatten(2), att.transpose(1, 2)).view_as(g)  # out[c, i] = sum_j A[i, j] g[c, j]
+        return x + F.relu(self.norm(self.w1(g) + self.w2(spread)))
+
+
+def ablation_attention(kind: str, channels: int, norm: str | None = None, eps: float = 1e-5) -> nn.Module:
+    """One of :data:`ABLATION_ATTENTIONS` on ``channels`` channels, with ``norm`` (one of :data:`ATTN_NORMS`)
+    in place of the block's own normalisation (:data:`OWN_NORM`; ``None`` keeps it).
+
+    ``se``: timm SEModule, reduction 16, the norm (if any) after the reducing conv. ``nl``: timm
+    NonLocalAttn (embedded Gaussian, query/key/value C/8), the norm on its output projection, scale 0 at
+    start. ``snl``: :class:`SpectralNonLocal`, reduction 2. ``gc``: timm GlobalContext as in GCNet
+    (softmax attention pooling, C -> C/16 -> C bottleneck with the norm, fusion by addition, last conv 0).
+    """
+    if kind not in ABLATION_ATTENTIONS:
+        raise ValueError(f"attention must be one of {ABLATION_ATTENTIONS}, got {kind!r}")
+    norm = norm or OWN_NORM[kind]
+    if kind == "snl":
+        return SpectralNonLocal(channels, 2, norm or "bn", eps)
+    from timm.layers import GlobalContext, NonLocalAttn, SEModule
+
+    if kind == "se":
+        block: nn.Module = SEModule(channels, rd_ratio=1 / 16)
+        if norm is not None:
+            block.bn = norm2d(norm, block.fc1.out_channels, eps)
+        return block
+    if kind == "nl":
+        block = NonLocalAttn(channels)
+        block.norm = norm2d(norm or "bn", channels, eps)
+        nn.init.zeros_(block.norm.weight)
+        return block
+    block = GlobalContext(channels, fuse_add=True, fuse_scale=False, rd_ratio=1 / 16)  # gc
+    block.mlp_add.norm = norm2d(norm or "ln", block.mlp_add.fc1.out_channels, eps)
+    nn.init.zeros_(block.mlp_add.fc2.bias)  # GCNet zero-inits the whole last conv: the block starts as x
+    return block

@@ -17,6 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated input sizes in pixels for the MACs columns (default 64,224)")
     p.add_argument("--model", action="append", default=None, metavar="NAME",
                    help="only this model (repeatable; default: all)")
+    p.add_argument("--variants", action="store_true",
+                   help="also list each model's named option variants (e.g. SP&A-Net's attention types and "
+                        "composition ratios) with their exact trainable parameter counts")
     p.set_defaults(func=_models)
 
 
@@ -35,7 +38,7 @@ def _parse_sizes(text: str) -> list[int]:
 def _models(args: argparse.Namespace) -> int:
     import torch
 
-    from waferlab.models.profile import format_table, profile_models
+    from waferlab.models.profile import format_table, format_variants, profile_models, profile_variants
     from waferlab.models.registry import model_spec
 
     sizes = _parse_sizes(args.sizes)
@@ -43,8 +46,11 @@ def _models(args: argparse.Namespace) -> int:
         model_spec(name)  # a clear error for an unknown name before any work
     torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     rows = profile_models(args.model, sizes=sizes)
+    variants = profile_variants(args.model) if args.variants else []
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + variants, indent=2))
     else:
         print(format_table(rows, sizes))
+        if variants:
+            print("\n" + format_variants(variants))
     return 0

@@ -69,3 +69,25 @@ def format_table(rows: Sequence[dict[str, Any]], sizes: Sequence[int] = (64, 224
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def profile_variants(names: Sequence[str] | None = None, num_classes: int = 9,
+                     in_chans: int = 3) -> list[dict[str, Any]]:
+    """One row per registered variant (``ModelSpec.variants``) of ``names``: name, options, params."""
+    from waferlab.models.registry import create_model, list_models, model_spec
+
+    rows = []
+    for name in names if names is not None else list_models():
+        for label, options in model_spec(name).variants:
+            model = create_model(name, num_classes=num_classes, in_chans=in_chans, **options)
+            rows.append({"name": f"{name}[{label}]", "variant_of": name, "options": dict(options),
+                         "params": count_params(model)})
+    return rows
+
+
+def format_variants(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table of :func:`profile_variants` rows (exact parameter counts)."""
+    width = max([len("variant")] + [len(r["name"]) for r in rows])
+    lines = [f"{'variant'.ljust(width)}  {'params':>12}", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{r['name'].ljust(width)}  {r['params']:>12,}" for r in rows]
+    return "\n".join(lines)

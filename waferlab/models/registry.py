@@ -28,24 +28,27 @@ MODEL_MODULES = ("waferlab.models.study", "waferlab.models.spanet", "waferlab.mo
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registered model: its builder and a one-line description."""
+    """A registered model: its builder, a one-line description and named option sets worth listing
+    (``variants``: (label, options) pairs that ``waferlab models --variants`` prints with their size)."""
 
     name: str
     builder: Builder
     family: str
     description: str
+    variants: tuple[tuple[str, dict[str, object]], ...] = ()
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
-def register(name: str, *, family: str, description: str) -> Callable[[Builder], Builder]:
+def register(name: str, *, family: str, description: str,
+             variants: tuple[tuple[str, dict[str, object]], ...] = ()) -> Callable[[Builder], Builder]:
     """Decorator that registers ``builder(num_classes, in_chans, pretrained, **options)`` as ``name``."""
 
     def deco(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelSpec(name, builder, family, description)
+        _REGISTRY[name] = ModelSpec(name, builder, family, description, variants)
         return builder
 
     return deco
@@ -104,6 +107,9 @@ def create_model(
     if head == "cosine":
         from waferlab.models.heads import use_cosine_head
 
+        refusal = getattr(type(model), "cosine_head_refusal", None)  # a model whose classifier reads logits
+        if refusal:
+            raise WaferlabError(f"model {name!r}: head 'cosine' is not supported: {refusal}")
         use_cosine_head(model)
     elif head != "linear":
         raise WaferlabError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")

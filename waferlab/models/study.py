@@ -15,6 +15,8 @@ last GAU at stride 4 already. The defaults are the study's layouts.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -24,6 +26,7 @@ from waferlab.models.attention import (
     GAD,
     GADS,
     GAU,
+    PAM_MODES,
     CBAMBasicBlock,
     DABasicBlock,
     DANetHead,
@@ -119,10 +122,11 @@ class DANet(nn.Module):
         hidden: int = 2048,
         grid: int = 7,
         output_stride: int = 32,
+        pam: str = "canonical",
     ):
         super().__init__()
         self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=output_stride)
-        self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
+        self.head = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout, pam_mode=pam)
         self.pool = GridPool(grid)
         self.mlp = nn.Sequential(
             nn.Linear(128 * grid * grid, hidden),
@@ -157,9 +161,10 @@ class ExtraStageNet(_GapClassifier):
         block: str = "cbam",
         dropout: float = 0.0,
         output_stride: int = 64,
+        pam: str = "canonical",
     ):
         super().__init__()
-        block_cls = {"cbam": CBAMBasicBlock, "da": DABasicBlock}[block]
+        block_cls = {"cbam": CBAMBasicBlock, "da": partial(DABasicBlock, pam_mode=pam)}[block]
         study = output_stride == 64  # the study's layout; else layer5 at stride 1 on that backbone stride
         self.backbone = resnet34_backbone(in_chans, pretrained, output_stride=32 if study else output_stride)
         self.layer5 = attention_stage(block_cls, 512, 512, blocks=2, stride=2 if study else 1)
@@ -219,8 +224,12 @@ class PANDA(nn.Module):
     """PAN_DA (A.4.5): PAN branch (GAP -> Linear 64->K) and a DANet head on l4 (512 -> 128, GAP ->
     Linear 128->K); the concatenated 2K logits go through ``classifier`` (Linear 2K->K).
 
-    CAM layer: the PAN branch's last GAU.
+    CAM layer: the PAN branch's last GAU. No cosine head (``cosine_head_refusal``): the classifier reads
+    the two branches' logits, so cosine similarities there would compare logit vectors, not features.
     """
+
+    cosine_head_refusal = ("its classifier fuses the two branches' logits, so a cosine head there would "
+                           "compare logit vectors, not features; use head 'linear'")
 
     def __init__(
         self,
@@ -229,11 +238,12 @@ class PANDA(nn.Module):
         pretrained: str | None = None,
         dropout: float = 0.0,
         attn_dropout: float = 0.1,
+        pam: str = "canonical",
     ):
         super().__init__()
         self.backbone = resnet34_backbone(in_chans, pretrained, dilated=True)
         self.decoder = PANDecoder()
-        self.danet = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout)
+        self.danet = DANetHead(512, 128, reduction=4, pam_reduction=8, dropout=attn_dropout, pam_mode=pam)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(dropout)
         self.fc_pan = nn.Linear(64, num_classes)
@@ -338,6 +348,13 @@ def _check_stride(model: str, value: object, allowed: tuple[int, ...]) -> int:
     return int(value)
 
 
+def _check_pam(model: str, pam: object) -> str:
+    """The PAM option: the canonical DANet product or the study's literal one (``attention.PAM``)."""
+    if pam not in PAM_MODES:
+        raise WaferlabError(f"model {model!r}: option pam must be one of {', '.join(PAM_MODES)}, got {pam!r}")
+    return str(pam)
+
+
 @register("resnet34", family=FAMILY, description="torchvision ResNet34 + new Linear head (study reference)")
 def build_resnet34(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
                    output_stride: int = 32):
@@ -357,13 +374,14 @@ def build_danet(
     dropout: float = 0.3,
     attn_dropout: float = 0.1,
     output_stride: int = 32,
+    pam: str = "canonical",
 ):
     """DANet; options: dropout (MLP, 0.3), attn_dropout (Dropout2d in the head, 0.1), output_stride
-    (32, 16, 8)."""
+    (32, 16, 8), pam (canonical|literal: the study's channel/position-mixing product, ``attention.PAM``)."""
     _check_rates("danet", dropout=dropout, attn_dropout=attn_dropout)
     stride = _check_stride("danet", output_stride, OUTPUT_STRIDES)
     return DANet(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout,
-                 output_stride=stride)
+                 output_stride=stride, pam=_check_pam("danet", pam))
 
 
 @register("cbam", family=FAMILY, description="ResNet34 + an extra stage of 2 CBAM BasicBlocks")
@@ -389,11 +407,13 @@ def build_pan(num_classes: int, in_chans: int = 3, pretrained: str | None = None
     "cbam_da", family=FAMILY, description="ResNet34 + an extra stage of 2 BasicBlocks with DANet PAM+CAM"
 )
 def build_cbam_da(num_classes: int, in_chans: int = 3, pretrained: str | None = None, dropout: float = 0.0,
-                  output_stride: int = 64):
-    """CBAM_DA; options: dropout before the classifier, output_stride (64 = the study's, 32, 16, 8)."""
+                  output_stride: int = 64, pam: str = "canonical"):
+    """CBAM_DA; options: dropout before the classifier, output_stride (64 = the study's, 32, 16, 8), pam
+    (canonical|literal, see ``attention.PAM``)."""
     _check_rates("cbam_da", dropout=dropout)
     stride = _check_stride("cbam_da", output_stride, EXTRA_STAGE_STRIDES)
-    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout, output_stride=stride)
+    return ExtraStageNet(num_classes, in_chans, pretrained, block="da", dropout=dropout, output_stride=stride,
+                         pam=_check_pam("cbam_da", pam))
 
 
 @register("pan_da", family=FAMILY, description="PAN and a DANet head on layer4, logits fused by a Linear")
@@ -403,10 +423,13 @@ def build_pan_da(
     pretrained: str | None = None,
     dropout: float = 0.0,
     attn_dropout: float = 0.1,
+    pam: str = "canonical",
 ):
-    """PAN_DA; options: dropout before both branch Linears, attn_dropout in the DANet head."""
+    """PAN_DA; options: dropout before both branch Linears, attn_dropout in the DANet head, pam
+    (canonical|literal, see ``attention.PAM``). Linear head only (see :class:`PANDA`)."""
     _check_rates("pan_da", dropout=dropout, attn_dropout=attn_dropout)
-    return PANDA(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout)
+    return PANDA(num_classes, in_chans, pretrained, dropout=dropout, attn_dropout=attn_dropout,
+                 pam=_check_pam("pan_da", pam))
 
 
 @register("pan_inverse", family=FAMILY, description="dilated ResNet34, bottom-up GAD fusion + FPA")
