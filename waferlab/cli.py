@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "waferlab.models.commands",
     "waferlab.engine.commands",
     "waferlab.explain.commands",
+    "waferlab.study.commands",
     "waferlab.demo",
 )
 
