@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -339,7 +340,9 @@ def protocol_card(records: list[RunRecord], spec: StudySpec) -> list[tuple[str, 
     protos = [r.metrics.get("protocol", {}) for r in records if r.finished]
     rows = [("study", spec.name), ("base config", spec.config)]
     for key, label in CARD_KEYS:
-        values = list(dict.fromkeys(str(p.get(key)) for p in protos if key in p))
+        values = list(
+            dict.fromkeys(re.sub(r" \([0-9.]+\)$", "", str(p.get(key))) for p in protos if key in p)
+        )
         if values:
             rows.append((label, values[0] if len(values) == 1 else "varies: " + ", ".join(values)))
     if protos:
@@ -457,25 +460,30 @@ def build_context(
 
 
 def main_table(summary) -> dict[str, Any]:
-    """Headers and rows of the headline table: metrics (mean ± std, 95 % CI for the first two) and costs."""
-    headers = ["model", "seeds"]
-    for key, label in METRICS:
-        headers.append(label + (" (%)" if key in PERCENT else ""))
-        if key in ("macro_f1", "accuracy"):
-            headers.append(f"{label} 95 % CI")
+    """Headline table: metrics as mean ± std (with the 95 % CI under macro-F1 and accuracy), then costs.
+
+    Every cell is ``{"text", "sub"}``; ``sub`` (the CI) is shown under the text in HTML, after it in Markdown.
+    """
+    headers = ["model", "seeds"] + [label + (" (%)" if key in PERCENT else "") for key, label in METRICS]
     headers += [label for _, label in COSTS]
     rows = []
     for _, row in summary.iterrows():
-        cells = [row["group"], str(int(row["n_seeds"]))]
+        cells = [{"text": str(row["group"]), "sub": ""}, {"text": str(int(row["n_seeds"])), "sub": ""}]
         for key, _ in METRICS:
-            cells.append(fmt_metric(key, _num(row.get(f"{key}_mean")), _num(row.get(f"{key}_std"))))
-            if key in ("macro_f1", "accuracy"):
-                cells.append(fmt_ci(key, _num(row.get(f"{key}_ci_lo")), _num(row.get(f"{key}_ci_hi"))))
+            text = fmt_metric(key, _num(row.get(f"{key}_mean")), _num(row.get(f"{key}_std")))
+            ci = fmt_ci(key, _num(row.get(f"{key}_ci_lo")), _num(row.get(f"{key}_ci_hi")))
+            cells.append(
+                {"text": text, "sub": f"CI {ci}" if key in ("macro_f1", "accuracy") and ci != "—" else ""}
+            )
+        speed = _num(row["maps_per_s"])
         cells += [
-            format_count(_num(row["params"])),
-            format_count(_num(row["macs"])),
-            format_seconds(_num(row["train_seconds"])),
-            "—" if _num(row["maps_per_s"]) is None else f"{row['maps_per_s']:,.0f}",
+            {"text": t, "sub": ""}
+            for t in (
+                format_count(_num(row["params"])),
+                format_count(_num(row["macs"])),
+                format_seconds(_num(row["train_seconds"])),
+                "—" if speed is None else f"{speed:,.0f}",
+            )
         ]
         rows.append(cells)
     return {"headers": headers, "rows": rows}
@@ -524,12 +532,13 @@ def sig_matrix(sig: Significance) -> dict[str, Any]:
         for b in range(len(sig.groups)):
             c = sig.cell(a, b)
             if c is None:
-                row.append({"text": "", "cls": "diag"})
+                row.append({"text": "", "cls": "diag", "title": ""})
             else:
                 p = "< 0.001" if c["p"] < 0.001 else f"{c['p']:.3f}"
                 row.append(
                     {
                         "text": f"{c['diff']:+.2f} (p {p})",
+                        "title": f"McNemar (pooled over seeds, Holm): p {c['p_mcnemar']:.3g}",
                         "cls": ("better" if c["better"] else "worse") if c["real"] else "noise",
                     }
                 )
@@ -543,6 +552,47 @@ def sig_matrix(sig: Significance) -> dict[str, Any]:
         "resamples": BOOTSTRAP_RESAMPLES,
         "alpha": ALPHA,
     }
+
+
+def pairs_frame(sig: Significance):  # -> pandas.DataFrame
+    """One row per pair of groups: macro-F1 difference (a − b), its bootstrap CI, both tests (raw, Holm)."""
+    import pandas as pd
+
+    rows = []
+    for (a, b), r in sig.pairs.items():
+        rows.append(
+            {
+                "a": sig.groups[a],
+                "b": sig.groups[b],
+                "macro_f1_diff": r.diff,
+                "ci_lo": r.lo,
+                "ci_hi": r.hi,
+                "p_bootstrap": r.p_bootstrap,
+                "p_bootstrap_holm": sig.p_adj[(a, b)],
+                "a_right_b_wrong": r.discordant_a,
+                "b_right_a_wrong": r.discordant_b,
+                "p_mcnemar": r.p_mcnemar,
+                "p_mcnemar_holm": sig.p_mcnemar_adj[(a, b)],
+                "seeds": " ".join(map(str, sig.seeds)),
+                "n_maps": sig.n_maps,
+            }
+        )
+    columns = [
+        "a",
+        "b",
+        "macro_f1_diff",
+        "ci_lo",
+        "ci_hi",
+        "p_bootstrap",
+        "p_bootstrap_holm",
+        "a_right_b_wrong",
+        "b_right_a_wrong",
+        "p_mcnemar",
+        "p_mcnemar_holm",
+        "seeds",
+        "n_maps",
+    ]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def status_rows(records: list[RunRecord]) -> list[list[str]]:
@@ -608,7 +658,9 @@ def write_report(study: str | Path, report_dir: str | Path | None = None, progre
     write_text(out / "runs.csv", runs.to_csv(index=False))
     write_text(out / "summary.csv", summary.to_csv(index=False))
     groups = list(dict.fromkeys(r.cell.group for r in records))
-    context = build_context(study, out, spec, records, runs, summary, significance(records, groups))
+    sig = significance(records, groups)
+    write_text(out / "pairs.csv", pairs_frame(sig).to_csv(index=False))
+    context = build_context(study, out, spec, records, runs, summary, sig)
     context["compare_runs"] = _compare_runs_md(records)
     write_text(out / "report.md", _render("report.md.j2", context))
     write_text(out / "report.html", _render("report.html.j2", context))
@@ -631,8 +683,18 @@ def summary_text(report_html: Path) -> str:
 
     summary = pd.read_csv(report_html.parent / "summary.csv")
     table = main_table(summary)
-    keep = [0, 1, 2, 4, 6, len(table["headers"]) - 4, len(table["headers"]) - 2, len(table["headers"]) - 1]
-    rows = [[table["headers"][i] for i in keep]] + [[r[i] for i in keep] for r in table["rows"]]
+    n = len(table["headers"])
+    keep = [
+        0,
+        1,
+        2,
+        3,
+        4,
+        n - 4,
+        n - 2,
+        n - 1,
+    ]  # model, seeds, macro-F1, accuracy, bal. acc., params, time, speed
+    rows = [[table["headers"][i] for i in keep]] + [[r[i]["text"] for i in keep] for r in table["rows"]]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(keep))]
     lines = [
         "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

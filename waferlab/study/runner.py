@@ -354,6 +354,8 @@ def run_explain(spec: StudySpec, planned: list[PlannedCell], out: Path, data: st
         str(settings["per_class"]),
         "--score-per-class",
         str(settings["score_per_class"]),
+        "--steps",
+        str(settings["steps"]),
         "--no-progress",
     ]
     if not settings["road"]:

@@ -12,7 +12,7 @@ A spec is a YAML file or a preset name (``waferlab/configs/studies/<name>.yaml``
         adam: {optimizer: adam, lr: 0.0001}
         nag: {config: spanet}
       seed: [60, 61]           # the seed axis: cells that differ only in it form a group
-    explain: {methods: [gradcam, gradcam++], per_class: 1, score_per_class: 20, road: false}
+    explain: {methods: [gradcam, gradcam++], per_class: 1, score_per_class: 20, steps: 20, road: false}
 
 A named variant of an axis that is itself a config key and does not set it sets the key to its label
 (``model: {resnet34: {}, spanet: {config: spanet}}``). Cell names come from the axis labels:
@@ -37,6 +37,7 @@ EXPLAIN_DEFAULTS: dict[str, Any] = {
     "methods": ["gradcam", "gradcam++"],
     "per_class": 1,
     "score_per_class": 20,
+    "steps": 20,
     "road": False,
 }
 #: Keys passed to ``waferlab train`` as their own flags (readable commands); the rest go through ``--set``.
@@ -291,7 +292,7 @@ def _parse_explain(raw: Any, source: str) -> dict[str, Any] | None:
         raise WaferlabError(
             f"{source}: field 'explain.methods': unknown method {bad[0]!r}; use {', '.join(METHODS)}"
         )
-    for key in ("per_class", "score_per_class"):
+    for key in ("per_class", "score_per_class", "steps"):
         if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
             raise WaferlabError(
                 f"{source}: field 'explain.{key}': expected an integer >= 1, got {out[key]!r}"
