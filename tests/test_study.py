@@ -236,6 +236,17 @@ def test_verdict_says_when_the_best_and_the_rest_are_within_noise() -> None:
     assert "significantly better than every other model" in text
 
 
+def test_workers_get_one_gpu_each_or_a_share_of_the_cpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from waferlab.study.runner import worker_envs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert worker_envs(3) == [{"CUDA_VISIBLE_DEVICES": g} for g in ("2", "5", "2")]
+    assert worker_envs(1) == [{}]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert worker_envs(3) == [{"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}] * 3
+
+
 def test_format_seconds() -> None:
     from waferlab.study.report import format_seconds
 

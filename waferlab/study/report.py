@@ -247,6 +247,12 @@ def fig_acc_vs_params(summary) -> bytes:
             row["group"], (row["params"] / 1e6, mean), textcoords="offset points", xytext=(6, 4), fontsize=8
         )
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("parameters (millions, log scale)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs parameters", fontsize=10)
@@ -355,6 +361,11 @@ def protocol_card(records: list[RunRecord], spec: StudySpec) -> list[tuple[str, 
     return rows
 
 
+def _method_rank(name: str, methods: list[str]) -> tuple[int, str]:
+    """Order CAM grids as the methods were asked for (GradCAM before GradCAM++), unknown ones last."""
+    return (methods.index(name) if name in methods else len(methods), name)
+
+
 def _explanations(study: Path, fig_dir: Path) -> dict[str, Any] | None:
     """The CAM grids and the faithfulness / localisation scores of ``waferlab explain --json``."""
     import json
@@ -364,7 +375,9 @@ def _explanations(study: Path, fig_dir: Path) -> dict[str, Any] | None:
     if not scores.is_file():
         return None
     doc = json.loads(scores.read_text(encoding="utf-8"))
-    images = sorted(ex.glob("compare_*.png")) or sorted(ex.glob("*/study_grid.png"))
+    methods = doc.get("methods") or []
+    compare = sorted(ex.glob("compare_*.png"), key=lambda p: _method_rank(p.stem[len("compare_"):], methods))
+    images = compare or sorted(ex.glob("*/study_grid.png"))
     figures = []
     for img in images:
         name = f"cam_{img.parent.name}_{img.name}" if img.name == "study_grid.png" else img.name

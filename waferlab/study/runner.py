@@ -188,11 +188,11 @@ def gpu_ids() -> list[str]:
 
 def worker_envs(workers: int) -> list[dict[str, str]]:
     """Per worker: CUDA_VISIBLE_DEVICES (one GPU each, round robin) or an equal share of the CPU threads."""
+    if workers == 1:
+        return [{}]  # one cell at a time: it may use every device (e.g. DDP over all GPUs), as configured
     gpus = gpu_ids()
     if gpus:
         return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(workers)]
-    if workers == 1:
-        return [{}]
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = str(max(1, cpus // workers))
     return [{"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads} for _ in range(workers)]
