@@ -49,6 +49,7 @@ class RunRecord:
     metrics: dict[str, Any] | None = None
     curves: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float | None = None
+    cpu_seconds: float | None = None  # the training subprocess's CPU time (comparable on a shared machine)
     class_names: tuple[str, ...] = ()
     pred: dict[str, Any] | None = None  # y_true, y_pred, test_index, maps_per_s, params, macs, device
     note: str | None = None
@@ -66,7 +67,8 @@ def collect(study: Path, spec: StudySpec, cells_state: dict[str, Any]) -> list[R
     for cell in spec.cells():
         run = Run(study / "runs" / cell.name)
         state = cells_state.get(cell.name, {})
-        rec = RunRecord(cell, run.path, "pending", train_seconds=state.get("train_seconds"))
+        rec = RunRecord(cell, run.path, "pending", train_seconds=state.get("train_seconds"),
+                        cpu_seconds=state.get("cpu_seconds"))
         if run.path.is_dir() and run.is_finished():
             rec.status = "finished"
             rec.metrics = run.read_metrics()
@@ -227,6 +229,7 @@ def runs_frame(records: list[RunRecord], spec: StudySpec):  # -> pandas.DataFram
                 "params": pred.get("params"),
                 "macs": pred.get("macs"),
                 "train_seconds": rec.train_seconds if rec.finished else None,
+                "train_cpu_seconds": rec.cpu_seconds if rec.finished else None,
                 "maps_per_s": pred.get("maps_per_s"),
                 "run_dir": str(rec.run_dir),
             }

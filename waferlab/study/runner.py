@@ -79,6 +79,9 @@ class StudyState:
             if "add_seconds" in values:
                 entry["train_seconds"] = entry.get("train_seconds", 0.0) + values.pop("add_seconds")
                 entry["attempts"] = entry.get("attempts", 0) + 1
+            if values.get("add_cpu") is not None:  # CPU time: what the wall time would be alone on one core
+                entry["cpu_seconds"] = entry.get("cpu_seconds", 0.0) + values["add_cpu"]
+            values.pop("add_cpu", None)
             entry.update(values)
             write_json(self.path, self.data)
 
@@ -267,17 +270,13 @@ class _Runner:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
             with self.lock:
                 self.procs.add(proc)
-            rc = proc.wait()
+            rc, cpu = _wait(proc)
             with self.lock:
                 self.procs.discard(proc)
         seconds = time.perf_counter() - start
-        if rc == 0:
-            self.state.update(pc.cell.name, status="finished", error=None, add_seconds=seconds)
-            status = "finished"
-        else:
-            text = log.read_text(encoding="utf-8", errors="replace")[-20000:]
-            self.state.update(pc.cell.name, status="failed", error=error_line(text, rc), add_seconds=seconds)
-            status = "failed"
+        error = None if rc == 0 else error_line(_tail(log), rc)
+        status = "finished" if rc == 0 else "failed"
+        self.state.update(pc.cell.name, status=status, error=error, add_seconds=seconds, add_cpu=cpu)
         with self.lock:
             self.done += 1
             done = self.done
@@ -291,6 +290,19 @@ class _Runner:
             flush=True,
         )
         return status
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(encoding="utf-8", errors="replace")[-20000:]
+
+
+def _wait(proc: subprocess.Popen) -> tuple[int, float | None]:
+    """Wait for a child; its exit code and CPU seconds (user + system; None where wait4 is missing)."""
+    if not hasattr(os, "wait4"):
+        return proc.wait(), None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def emit_commands(planned: list[PlannedCell], spec: StudySpec) -> str:
@@ -372,7 +384,7 @@ def run_explain(spec: StudySpec, planned: list[PlannedCell], out: Path, data: st
             stderr=subprocess.STDOUT,
             env={**os.environ, **worker_envs(1)[0]},
         ).returncode
-    error = None if rc == 0 else error_line(log.read_text(encoding="utf-8", errors="replace")[-20000:], rc)
+    error = None if rc == 0 else error_line(_tail(log), rc)
     state.set(
         "explain",
         {
