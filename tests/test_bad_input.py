@@ -436,3 +436,26 @@ def test_deploy_bad_input_is_one_line_exit_2_nothing_written(name: str, deploy_s
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert sorted(p.name for p in out_dir.iterdir()) == (["blocker"] if name == "unwritable_output" else [])
+
+
+# `waferlab study run`: a bad spec or missing data is one line, exit 2, and the study folder is not created
+STUDY_CASES = {
+    "unknown_spec_key": ("axes: {seed: [0]}\nsettings: {}\n", [], ("study.yaml", "unknown key 'settings'")),
+    "bad_config_key": ("axes: {lrr: [0.1]}\n", [], ("cell lrr-0.1", "unknown config key 'lrr'")),
+    "no_data": ("axes: {seed: [0]}\n", [], ("names no data", "--data")),
+    "data_not_found": ("axes: {seed: [0]}\n", ["--data", "nope.npz"], ("data not found: nope.npz",)),
+    "bad_workers": ("axes: {seed: [0]}\n", ["--data", ".", "--workers", "0"], ("--workers must be >= 1",)),
+}
+
+
+@pytest.mark.parametrize("name", list(STUDY_CASES))
+def test_bad_study_input_is_one_line_exit_2_nothing_written(name: str, tmp_path: Path, capsys) -> None:
+    text, extra, needles = STUDY_CASES[name]
+    spec = tmp_path / "study.yaml"
+    spec.write_text(text)
+    out = tmp_path / "out"
+    rc, lines = _run(["study", "run", str(spec), "--out", str(out), *extra], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists()

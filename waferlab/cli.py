@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "waferlab.engine.commands",
     "waferlab.explain.commands",
     "waferlab.deploy.commands",
+    "waferlab.study.commands",
     "waferlab.demo",
 )
 
