@@ -15,8 +15,13 @@ throughput is forward + backward + SGD step in eager mode.
 
 Noise: the CPU is shared, so each (model, backend) is timed ``--repeats`` times, the rounds interleaved
 across models and backends, and the median maps/s is reported with the min-max range; the SP&A-Net /
-ResNet34 ratios divide medians. Each thread count in ``--threads`` (default 1) is a separate table: on
-an oversubscribed machine two intra-op threads can be far slower than one (every op waits for both).
+ResNet34 ratios divide medians. Each thread count in ``--threads`` (default 1) is a separate table.
+
+Threads on a shared CPU: with OpenMP's default active waiting, two torch threads on an oversubscribed
+2-core machine ran SP&A-Net 7x slower than with passive waiting (every one of its ~300 small ops ends in a
+thread rendezvous, and a spinning thread burns the time slice the other one needs). This script therefore
+sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it) and turns ONNX Runtime's spinning off;
+export ``OMP_WAIT_POLICY=ACTIVE`` to measure the default behaviour.
 
     python benchmarks/model_zoo.py                        # spanet (+fused) vs resnet34, 1 thread, ~2 minutes
     python benchmarks/model_zoo.py --threads 1,2 --models all --backends eager,onnx
@@ -25,22 +30,27 @@ an oversubscribed machine two intra-op threads can be far slower than one (every
 
 from __future__ import annotations
 
-import argparse
-import copy
-import io
-import json
 import os
-import statistics
-import time
-import warnings
-from collections.abc import Callable
 
-import torch
-from tqdm import tqdm
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch loads OpenMP: before the import
 
-from waferlab.io import write_json
-from waferlab.models import create_model, list_models, model_spec
-from waferlab.models.profile import count_macs, count_params
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from waferlab.io import write_json  # noqa: E402
+from waferlab.models import create_model, list_models, model_spec  # noqa: E402
+from waferlab.models.profile import count_macs, count_params  # noqa: E402
+
+PASSIVE = os.environ["OMP_WAIT_POLICY"].upper() == "PASSIVE"
 
 BACKENDS = ("eager", "channels_last", "compile", "onnx")
 DEFAULT_BACKENDS = ("eager", "channels_last", "onnx")
@@ -66,6 +76,8 @@ def onnx_runner(model: torch.nn.Module, x: torch.Tensor, threads: int) -> Callab
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    if PASSIVE:  # ONNX Runtime's own thread pool: no spinning either
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
     feed = {session.get_inputs()[0].name: x.numpy()}
     return lambda: session.run(None, feed)
@@ -146,8 +158,8 @@ def measure(names: list[str], backends: list[str], threads: int, args: argparse.
 def print_table(rows: list[dict], backends: list[str], threads: int, args: argparse.Namespace) -> None:
     """The per-model table and the SP&A-Net / ResNet34 ratio per backend."""
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"\n{args.size} px, batch {args.batch}, {threads} thread(s), load average {load:.1f}; "
-          "median maps/s (min-max) over interleaved rounds")
+    print(f"\n{args.size} px, batch {args.batch}, {threads} thread(s), OMP_WAIT_POLICY="
+          f"{os.environ['OMP_WAIT_POLICY']}, load average {load:.1f}; median maps/s (min-max) over rounds")
     cols = ["train"] + backends
     print(f"{'model':<22}{'params M':>9}{'MACs M':>8}" + "".join(f"{c:>22}" for c in cols))
     for r in rows:
@@ -199,7 +211,8 @@ def main() -> None:
         results[str(threads)] = rows
     if args.json:
         write_json(args.json, {"batch": args.batch, "size": args.size, "backends": backends,
-                               "torch": torch.__version__, "results": results})
+                               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "torch": torch.__version__,
+                               "results": results})
         print(json.dumps({"written": args.json}))
 
 

@@ -104,9 +104,10 @@ def test_pam_option(name: str) -> None:
     model = create_model(name, num_classes=3, pam="literal")
     pams = [m for m in model.modules() if isinstance(m, PAM)]
     assert pams and all(m.mode == "literal" for m in pams)
-    out = model(torch.rand(2, 3, 32, 32))
-    out.sum().backward()
-    assert out.shape == (2, 3) and torch.isfinite(out).all()
+    for size in (32, 64):
+        out = model(torch.rand(2, 3, size, size))
+        out.sum().backward()
+        assert out.shape == (2, 3) and torch.isfinite(out).all()
     assert all(m.mode == "canonical" for m in create_model(name, 3).modules() if isinstance(m, PAM))
     _one_line_error(lambda: create_model(name, 3, pam="literl"), "pam")
 

@@ -109,6 +109,8 @@ class DANet(nn.Module):
     Changed from the study: the 128-channel map is adaptive-average-pooled to ``grid`` x ``grid``
     (7, the map size at 224 px, where the pooling is the identity; ``GridPool``) before the flatten,
     so the MLP's input size (128·7·7 = 6272) no longer depends on the input size.
+    PAM computes DANet's canonical V·attnᵀ; the study's code computed attn·Vᵀ and then a view that mixes
+    channels and positions, available as ``pam="literal"`` (see :class:`waferlab.models.attention.PAM`).
     CAM layer: the head's final 1x1 conv.
     """
 
