@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 #: Defaults: synthetic maps, epochs per cell, map side (overriding the preset's), parallel cells.
-DEMO_N, DEMO_EPOCHS, DEMO_SIZE = 1500, 4, 32
+DEMO_N, DEMO_EPOCHS, DEMO_SIZE = 1200, 4, 32
 #: Two single-threaded cells use 2 cores better than one two-threaded cell at 32 px (and overlap start-up).
 DEMO_WORKERS = min(2, os.cpu_count() or 1)
 

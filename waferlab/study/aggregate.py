@@ -24,15 +24,15 @@ METRICS = (
     ("macro_f1", "macro-F1"),
     ("accuracy", "accuracy"),
     ("balanced_accuracy", "balanced acc."),
-    ("defect_vs_none_recall", "defect-vs-none recall"),
+    ("defect_vs_none_recall", "defect recall"),
     ("ece", "ECE"),
 )
 #: Cost columns (runs.csv key, label).
 COSTS = (
     ("params", "parameters"),
     ("macs", "MACs"),
-    ("train_seconds", "training wall time"),
-    ("maps_per_s", "inference maps/s"),
+    ("train_seconds", "train time"),
+    ("maps_per_s", "maps/s"),
 )
 #: Warm-up maps predicted before the timed pass (excluded from maps/s).
 WARMUP_MAPS = 64
