@@ -132,8 +132,8 @@ def _cams(model: Any, items: list[dict[str, Any]], contract: Any) -> list[str]:
     names = list(contract.class_names)
     maps = np.stack([it["map"] for it in items])
     targets = [names.index(it["pred_class"]) for it in items]
-    res = compute_cams(model, maps, contract.encoding, ("gradcam",), targets=targets, batch_size=32,
-                       device="cpu", image_size=contract.image_size)
+    res = compute_cams(model, maps, contract.spec, ("gradcam",), targets=targets, batch_size=32,
+                       device="cpu")
     return [_png(_overlay(m, c), "JPEG") for m, c in zip(maps, res.cams["gradcam"])]
 
 

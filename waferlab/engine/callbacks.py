@@ -76,7 +76,9 @@ class PreciseBN(L.Callback):
         for m in bns:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the recalibration batches
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _rank(), 7727))
+        # the same rows every epoch: with unchanged weights the statistics (and validation) are unchanged,
+        # so model selection sees the weights' progress, not the draw of recalibration batches
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, _rank(), 7727))
         rows = rows[torch.randperm(len(rows), generator=gen)][: self.batches * self.batch_size]
         for chunk in rows.split(self.batch_size):
             if len(chunk) > 1:

@@ -131,7 +131,7 @@ def _load_test_part(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(maps, labels, row indexes) of a run's test part, re-derived from its config (seeded split)."""
     from waferlab.engine.config import config_from_dict
-    from waferlab.engine.train import load_split_data
+    from waferlab.engine.datamodule import load_split_data
 
     values = {**config, "progress": False}
     if not Path(str(values.get("data", ""))).exists() and fallback_data:
