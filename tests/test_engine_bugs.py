@@ -190,3 +190,13 @@ def test_several_weighted_sources_and_init_from_a_run(synth_pkl: Path, tmp_path:
     a, b = Run.open(first).read_weights(), Run.open(tuned).read_weights()
     assert b["classifier.weight"].shape[0] == 8 and a["classifier.weight"].shape[0] == 9
     assert Run.open(tuned).config().init == str(first)
+
+
+def test_a_misspelt_device_is_one_user_error_for_every_command() -> None:
+    """The one device rule turns a bad name into a WaferlabError (predict/evaluate printed a traceback)."""
+    from waferlab.engine.predict import resolve_device
+    from waferlab.errors import WaferlabError
+
+    with pytest.raises(WaferlabError, match="invalid device 'cdua'"):
+        resolve_device("cdua")
+    assert resolve_device("cpu").type == "cpu"

@@ -560,12 +560,12 @@ def test_cli_errors_are_one_line(trained_run, tmp_path, capsys):
 
 def test_test_part_explains_only_the_runs_held_out_maps(trained_run, tmp_path):
     from waferlab.engine.config import config_from_dict
-    from waferlab.engine.run import Run, read_run_info
+    from waferlab.engine.run import Run
     from waferlab.engine.train import load_split_data
     from waferlab.explain.runner import ExplainSettings, _test_part, explain_runs
 
     run, data = trained_run
-    info = read_run_info(run)
+    info = Run.open(run).info
     split = load_split_data(config_from_dict({**info.config, "progress": False}))
     summary = explain_runs([str(run)], str(data), str(tmp_path / "tp"),
                            ExplainSettings(methods="gradcam", per_class=0, test_part=True, progress=False))

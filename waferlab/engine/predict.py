@@ -69,7 +69,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise WaferlabError(f"--device: invalid device {device!r} ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise WaferlabError(f"device {device!r} requested but no CUDA device is available")
     return dev

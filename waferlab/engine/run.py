@@ -333,12 +333,3 @@ CURVE_COLUMNS = ("epoch", "train_loss", "val_loss", "val_macro_f1", "val_accurac
 
 
 # Kept for callers not yet moved to :class:`Run` (explain): thin aliases, no logic of their own.
-def read_run_info(run_dir: str | Path) -> RunInfo:
-    """``Run.open(run_dir).info``."""
-    return Run.open(run_dir).info
-
-
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunInfo]:
-    """``(Run.open(run_dir).load_model(device), Run.open(run_dir).info)``."""
-    run = Run.open(run_dir)
-    return run.load_model(device), run.info

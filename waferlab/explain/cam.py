@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from waferlab.engine.predict import InputSpec, PredictOptions, predict_probs
+from waferlab.engine.predict import InputSpec, PredictOptions, predict_probs, resolve_device
 from waferlab.errors import WaferlabError
 from waferlab.explain.methods import METHOD_TITLES, METHODS  # noqa: F401  (re-exported)
 
@@ -39,16 +39,6 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
         if name not in METHODS:
             raise WaferlabError(f"unknown CAM method {name!r}; choose from {', '.join(METHODS)}")
     return list(dict.fromkeys(names))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The engine's device rule (``None``/``"auto"``: CUDA when available); a bad name is a user error."""
-    from waferlab.engine.predict import resolve_device as engine_device
-
-    try:
-        return engine_device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise WaferlabError(f"--device: invalid device {device!r} ({exc})") from None
 
 
 def as_maps(maps: np.ndarray | torch.Tensor | Sequence[np.ndarray], size: int | None = None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from waferlab.errors import WaferlabError
 from waferlab.explain.cam import compute_cams, parse_methods, probabilities, resolve_device
 from waferlab.explain.faithfulness import DEFAULT_STEPS
 from waferlab.explain.figures import GridRow, plot_comparison, plot_map_overlays, plot_study_grid
+from waferlab.explain.scores import DEFAULT_ROAD_MAPS
 
 #: Methods of the attention study's figure.
 STUDY_METHODS = ("gradcam", "gradcam++")
@@ -72,7 +73,7 @@ class ExplainSettings:
     score_per_class: int = DEFAULT_SCORE_PER_CLASS
     steps: int = DEFAULT_STEPS
     road: bool = True
-    road_maps: int = 32
+    road_maps: int = DEFAULT_ROAD_MAPS
     progress: bool = True
 
     def check(self) -> list[str]:
