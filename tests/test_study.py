@@ -134,6 +134,18 @@ def test_t_interval_against_hand_computed_values() -> None:
     assert one.mean == 0.9 and one.std is None and one.lo is None
 
 
+def test_t_interval_is_clipped_to_the_metric_range() -> None:
+    """Two seeds (t = 12.71) at 0.95 and 0.99: the raw interval 0.97 +/- 0.254 leaves [0, 1]; clipped, it ends
+    at 1.0 while the lower end keeps its raw value."""
+    from waferlab.study.stats import t_interval
+
+    raw = t_interval([0.95, 0.99])
+    half = 12.706205 * (0.04 / math.sqrt(2)) / math.sqrt(2)
+    assert raw.hi == pytest.approx(0.97 + half, abs=1e-6) and raw.hi > 1.0
+    clipped = t_interval([0.95, 0.99], bounds=(0.0, 1.0))
+    assert clipped.hi == 1.0 and clipped.lo == pytest.approx(0.97 - half, abs=1e-6)
+
+
 def _record(
     name: str, group_model: str, seed: int, macro_f1: float, accuracy: float, status: str = "finished"
 ):
@@ -234,6 +246,14 @@ def test_verdict_says_when_the_best_and_the_rest_are_within_noise() -> None:
     pair = {(0, 1): PairedResult(0.01, 0.005, 0.03, 0.001, 9, 0, 0.004)}
     text = verdict(summary, Significance(["m1", "m2"], pair, {(0, 1): 0.001}, {(0, 1): 0.004}, [1, 2], 20))
     assert "significantly better than every other model" in text
+    # m1's seed interval 72.00 +/- 12.71 overlaps m2's (71.00 +/- 12.71): the verdict must say so ...
+    assert "over training seeds the 95 % interval of m2 still overlaps" in text
+    # ... and not when the seeds agree tightly
+    tight = [_record("a", "m1", 1, 0.800, 0.8), _record("b", "m1", 2, 0.801, 0.8),
+             _record("c", "m2", 1, 0.700, 0.8), _record("d", "m2", 2, 0.701, 0.8)]
+    text = verdict(summary_frame(runs_frame(tight, spec), spec),
+                   Significance(["m1", "m2"], pair, {(0, 1): 0.001}, {(0, 1): 0.004}, [1, 2], 20))
+    assert "significantly better" in text and "overlaps" not in text
 
 
 def test_workers_get_one_gpu_each_or_a_share_of_the_cpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,6 +27,8 @@ METRICS = (
     ("defect_vs_none_recall", "defect recall"),
     ("ece", "ECE"),
 )
+#: The range of every metric column (recalls, F1s, accuracies, ECE): their intervals are clipped to it.
+RATE_BOUNDS = (0.0, 1.0)
 #: Cost columns (runs.csv key, label).
 COSTS = (
     ("params", "parameters"),
@@ -254,7 +256,8 @@ def summary_frame(runs, spec: StudySpec):  # -> pandas.DataFrame
         row["n_seeds"] = len(part)
         row["seeds"] = " ".join(str(s) for s in part["seed"])
         for col in value_cols:
-            iv = t_interval([float(v) for v in part[col] if v is not None and pd.notna(v)])
+            vals = [float(v) for v in part[col] if v is not None and pd.notna(v)]
+            iv = t_interval(vals, bounds=RATE_BOUNDS)  # every metric column is a rate in [0, 1]
             row.update(
                 {
                     f"{col}_mean": iv.mean if iv.n else None,

@@ -177,9 +177,29 @@ def verdict(summary, sig: Significance) -> str:
             "cannot rank these models."
         )
     if not noise:
-        return text + f" It is significantly better than every other model ({how.replace('≥', '<')})."
+        return (
+            text + f" It is significantly better than every other model ({how.replace('≥', '<')})."
+            + _seed_caveat(done, best, below)
+        )
     return (
         text + f" Within noise of it ({how}): {', '.join(noise)}. Significantly below it: {', '.join(below)}."
+        + _seed_caveat(done, best, below)
+    )
+
+
+def _seed_caveat(done, best, below: list[str]) -> str:
+    """The paired tests hold the trained models fixed; say so when the seed intervals still overlap."""
+    lo = _num(best["macro_f1_ci_lo"])
+    if lo is None:
+        return ""
+    his = {g: _num(hi) for g, hi in zip(done["group"], done["macro_f1_ci_hi"])}
+    overlap = [g for g in below if his.get(g) is not None and his[g] >= lo]
+    if not overlap:
+        return ""
+    return (
+        f" Those tests hold each trained model fixed (noise of the test maps); over training seeds the 95 % "
+        f"interval of {', '.join(overlap)} still overlaps the best's, so with {int(best['n_seeds'])} seeds a "
+        "retrained model may rank differently: add seeds before claiming the ranking."
     )
 
 

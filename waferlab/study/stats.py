@@ -37,8 +37,14 @@ class Interval:
     hi: float | None
 
 
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
-    """Mean +/- t_{(1+c)/2, n-1} * s / sqrt(n); with one value the std and interval are undefined (None)."""
+def t_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE, bounds: tuple[float, float] | None = None
+) -> Interval:
+    """Mean +/- t_{(1+c)/2, n-1} * s / sqrt(n); with one value the std and interval are undefined (None).
+
+    ``bounds`` clips the interval to the metric's range (a rate cannot leave [0, 1]; with 2 seeds
+    t = 12.7 makes the raw interval wider than the range), so a printed interval never claims the impossible.
+    """
     from scipy import stats
 
     x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
@@ -50,7 +56,10 @@ def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Inter
         return Interval(1, mean, None, None, None)
     std = float(x.std(ddof=1))
     half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * std / math.sqrt(n)
-    return Interval(n, mean, std, mean - half, mean + half)
+    lo, hi = mean - half, mean + half
+    if bounds is not None:
+        lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
+    return Interval(n, mean, std, lo, hi)
 
 
 def macro_f1_from_confusion(cm: np.ndarray) -> np.ndarray:
