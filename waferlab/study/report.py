@@ -306,10 +306,20 @@ def fig_curves(records: list[RunRecord], groups: list[str]) -> bytes:
                 )
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
+        if key == "train_loss" and _spans_decades(records, key):
+            ax.set_yscale("log")  # losses of different scales (Circle loss vs CE) would flatten each other
+            ax.set_ylabel(f"{label} (log scale)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Training curves (one line per seed)", fontsize=10)
     return _png(fig)
+
+
+def _spans_decades(records: list[RunRecord], key: str) -> bool:
+    """True when the positive values of a curve span more than a factor of 10 across all runs."""
+    vals = [row.get(key, np.nan) for r in records for row in r.curves]
+    pos = [v for v in vals if np.isfinite(v) and v > 0]
+    return bool(pos) and max(pos) > 10 * min(pos)
 
 
 def fig_confusions(records: list[RunRecord], groups: list[str]) -> bytes:
