@@ -343,7 +343,10 @@ def build_models(planned: list[PlannedCell], progress: bool = False) -> dict[str
                                      in_chans=num_channels(cfg.encoding), pretrained=None, head=cfg.head,
                                      **cfg.model_options)
             except WaferlabError as exc:
-                raise WaferlabError(f"cell {p.cell.name}: {exc}") from None
+                hint = "" if p.cell.variant is None else (
+                    f" (if factor {p.cell.variant[0]!r} does not apply to row {p.cell.row!r}, list the "
+                    f"row in the spec's vary.{p.cell.variant[0]}.not_for)")
+                raise WaferlabError(f"cell {p.cell.name}: {exc}{hint}") from None
             built[key] = count_params(model)
         out[p.cell.name] = built[key]
     return out

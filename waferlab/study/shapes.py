@@ -61,7 +61,8 @@ def ablation(spec: StudySpec, summary) -> dict[str, Any] | None:
         out = [{"text": row_name, "cls": ""}]
         for f, v in columns:
             entry = cells[(f, v)]
-            record = {"row": row_name, "factor": f, "variant": v, "status": "n/a", "group": None}
+            record = {"row": row_name, "factor": f, "variant": v, "status": "not applicable",
+                      "group": None}
             if entry is None:
                 out.append({"text": NA_TEXT, "cls": "na"})
             else:
