@@ -321,7 +321,7 @@ def emit_commands(planned: list[PlannedCell], spec: StudySpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_models(planned: list[PlannedCell], progress: bool = False) -> dict[str, int]:
+def build_models(planned: list[PlannedCell]) -> dict[str, int]:
     """Build every cell's model once (random init, no weights loaded) and count its parameters: a dry run
     catches a misspelt or inapplicable model option before any training. Cell name -> parameters."""
     from waferlab.data.encode import num_channels
@@ -336,8 +336,6 @@ def build_models(planned: list[PlannedCell], progress: bool = False) -> dict[str
         cfg = cell_config(p.cell)
         key = yaml_value([cfg.model, cfg.head, cfg.class_set, cfg.encoding, cfg.model_options])
         if key not in built:
-            if progress:
-                print(f"waferlab study: building {p.cell.name}'s model ({cfg.model})", file=sys.stderr)
             try:
                 model = create_model(cfg.model, num_classes=len(CLASS_SETS.get(cfg.class_set, range(9))),
                                      in_chans=num_channels(cfg.encoding), pretrained=None, head=cfg.head,
@@ -444,7 +442,7 @@ def run_study(spec: StudySpec, opts: StudyOptions) -> dict[str, Any]:
     data = study_data(spec, opts.data, required=not opts.dry_run)
     planned = plan(spec, out, data, opts.only)
     if opts.dry_run:
-        return {"text": dry_run_table(planned, build_models(planned, opts.progress)), "planned": planned}
+        return {"text": dry_run_table(planned, build_models(planned)), "planned": planned}
     write_study_file(spec, out, data)
     if opts.emit_commands:
         return {"text": emit_commands(planned, spec), "planned": planned}

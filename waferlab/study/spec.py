@@ -348,11 +348,12 @@ def _parse_vary(raw: Any, axes: dict[str, dict[str, dict[str, Any]]], source: st
         if isinstance(not_for, str):
             not_for = [not_for]
         if not isinstance(not_for, list):
-            raise WaferlabError(f"{where}.{NOT_FOR}: expected a list of row labels, got {not_for!r}")
+            raise WaferlabError(f"{source}: field 'vary.{factor}.{NOT_FOR}': expected a list of row labels, "
+                                f"got {not_for!r}")
         unknown = [str(x) for x in not_for if _label(x) not in known]
         if unknown:
-            raise WaferlabError(f"{where}.{NOT_FOR}: {unknown[0]!r} is no label of the axes; labels: "
-                                f"{', '.join(sorted(known)) or '(none)'}")
+            raise WaferlabError(f"{source}: field 'vary.{factor}.{NOT_FOR}': {unknown[0]!r} is no label of "
+                                f"the axes; labels: {', '.join(sorted(known)) or '(none)'}")
         variants = {}
         for label, settings in values.items():
             if label == NOT_FOR:
