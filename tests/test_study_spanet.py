@@ -242,15 +242,16 @@ def test_sweep_rule_passes_and_fails_on_a_constructed_summary() -> None:
 
 
 def test_peers_preset_end_to_end_draws_one_line_per_family(tmp_path: Path, data: Path) -> None:
-    cells = ["spanet-s__seed-0", "spanet-m__seed-0", "spanet-l__seed-0", "ghostnet-s__seed-0",
-             "mobilenetv3-s__seed-0", "mobilenetv2-s__seed-0", "gc-resnet-s__seed-0"]
+    # every family once, SP&A-Net at two sizes (a line); the rest of the 15 cells only in the dry run above
+    cells = ["spanet-s__seed-0", "spanet-l__seed-0", "ghostnet-s__seed-0", "mobilenetv3-s__seed-0",
+             "mobilenetv2-s__seed-0", "gc-resnet-s__seed-0"]
     out = _run("spanet-peers", tmp_path / "peers", data, cells, [])
     fams = pd.read_csv(out / "report" / "families.csv")
     assert list(dict.fromkeys(fams["family"])) == ["spanet", "ghostnet_100", "mobilenetv3_large_100",
                                                    "mobilenetv2_100", "gc_resnet34"]
     sp = fams[fams["family"] == "spanet"]
-    assert list(sp["width"]) == [0.72, 0.94, 1.21] and sp["params"].is_monotonic_increasing
-    assert sp["accuracy_mean"].notna().all() and fams["accuracy_mean"].notna().sum() == 7
+    assert list(sp["width"]) == [0.72, 0.94, 1.21] and list(sp["accuracy_mean"].notna()) == [True, False, True]
+    assert sp["params"].iloc[0] < sp["params"].iloc[2] and fams["accuracy_mean"].notna().sum() == 6
     table = _section((out / "report" / "report.md").read_text(), "Model families at several sizes")
     assert table[1][:4] == ["spanet", "1", "spanet-s", "0.72"] and len(table) == 1 + 15
     md = (out / "report" / "report.md").read_text()

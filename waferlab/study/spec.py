@@ -34,9 +34,15 @@ Every row gets a ``base`` cell (its own settings) and, per factor that applies t
 named ``<row>__<factor>-<variant>``. A variant whose settings the row already has (here ``ln`` when the row
 sets ``attn_norm: ln``) IS the base: no cell, the report shows the base cell in that column; a variant that
 resolves to the base's exact config through the base config file is refused (it would train an identical
-run). Rows in ``not_for`` get no cell for the factor (``n/a`` in the report).
+run). Rows in ``not_for`` get no cell for the factor (``n/a`` in the report); a model option a row does not
+take is caught by ``study run --dry-run``, which builds every cell's model.
 
-    report: {min_defect_recall: 0.99}   # optional: mark groups whose defect recall exceeds this (a rule)
+Report settings (optional)::
+
+    report: {min_defect_recall: 0.99}   # the sweep table marks the values whose mean defect recall exceeds it
+
+``study run --set KEY=VALUE`` merges into ``set:`` (axis and vary values still win) and ``--only GLOB`` runs
+the cells whose names match (see :func:`select_cells`).
 """
 
 from __future__ import annotations
