@@ -445,6 +445,21 @@ STUDY_CASES = {
     "no_data": ("axes: {seed: [0]}\n", [], ("names no data", "--data")),
     "data_not_found": ("axes: {seed: [0]}\n", ["--data", "nope.npz"], ("data not found: nope.npz",)),
     "bad_workers": ("axes: {seed: [0]}\n", ["--data", ".", "--workers", "0"], ("--workers must be >= 1",)),
+    "vary_unknown_row": ("axes: {model: [spanet]}\nvary: {f: {not_for: [nope], a: {lr: 0.1}}}\n", [],
+                         ("'vary.f.not_for'", "'nope' is no label of the axes")),
+    "vary_bad_variant": ("vary: {f: {a: 3}}\n", [],
+                         ("vary.f", "variant 'a'", "expected a mapping of settings")),
+    "vary_repeats_base": ("axes: {seed: [0]}\nvary: {opt: {adamw: {optimizer: adamw}}}\n", [],
+                          ("cell opt-adamw__seed-0", "its base's exact config", "'default'")),
+    "bad_report_rule": ("report: {min_defect_recall: 99}\n", [], ("report.min_defect_recall", "(0, 1)")),
+    "only_matches_nothing": ("axes: {seed: [0]}\n", ["--data", ".", "--only", "nope*"],
+                             ("--only 'nope*' matches no cell",)),
+    "bad_set_key": ("axes: {seed: [0]}\n", ["--set", "lrr=1"], ("--set", "unknown config key 'lrr'")),
+    "dry_run_misspelt_option": ("axes: {model: {x: {model: spanet, model_options: {attentoin: code}}}}\n",
+                                ["--dry-run"], ("cell x:", "'attentoin'")),
+    "dry_run_factor_not_for_row": ("axes: {model: {r50: {model: resnet50}}}\n"
+                                   "vary: {flatten: {gap: {model_options: {flatten: gap}}}}\n", ["--dry-run"],
+                                   ("cell r50__flatten-gap:", "'flatten'", "vary.flatten.not_for")),
 }
 
 

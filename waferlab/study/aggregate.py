@@ -29,6 +29,8 @@ METRICS = (
 )
 #: The range of every metric column (recalls, F1s, accuracies, ECE): their intervals are clipped to it.
 RATE_BOUNDS = (0.0, 1.0)
+#: Further metrics kept in runs.csv / summary.csv (the sweep table's macro precision and recall).
+EXTRA_METRICS = ("macro_precision", "macro_recall")
 #: Cost columns (runs.csv key, label).
 COSTS = (
     ("params", "parameters"),
@@ -219,7 +221,7 @@ def runs_frame(records: list[RunRecord], spec: StudySpec):  # -> pandas.DataFram
         row.update({"seed": rec.cell.seed, "status": rec.status, "error": rec.error})
         m = rec.metrics or {}
         row["n_test"] = m.get("n")
-        for key, _ in METRICS:
+        for key in [k for k, _ in METRICS] + list(EXTRA_METRICS):
             row[key] = m.get(key)
         for name in m.get("class_names", []):
             per = m["per_class"][name]
@@ -246,7 +248,8 @@ def summary_frame(runs, spec: StudySpec):  # -> pandas.DataFrame
 
     done = runs[runs["status"] == "finished"]
     axes = [a for a in spec.axes if a != SEED_AXIS]
-    value_cols = [c for c in done.columns if c in dict(METRICS) or c.startswith(("recall[", "f1["))]
+    kept = set(dict(METRICS)) | set(EXTRA_METRICS)
+    value_cols = [c for c in done.columns if c in kept or c.startswith(("recall[", "f1["))]
     rows = []
     for group in dict.fromkeys(runs["group"]):
         part = done[done["group"] == group]

@@ -44,13 +44,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="cells side by side: one per GPU (CUDA_VISIBLE_DEVICES) or CPU threads divided (default 1)",
     )
     r.add_argument(
-        "--dry-run", action="store_true", help="list the cells and what would be done; train nothing"
+        "--dry-run",
+        action="store_true",
+        help="list the cells and what would be done, building every cell's model once (a misspelt "
+        "option fails here); train nothing",
     )
     r.add_argument(
         "--emit-commands",
         action="store_true",
         help="print one self-contained 'waferlab train' command per unfinished cell (for a "
         "cluster scheduler) and write OUT/study.yaml for 'study report'; train nothing",
+    )
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="merge into the spec's 'set:' for every cell (axis and vary values still win), e.g. "
+        "--set epochs=1 --set image_size=32 for a quick run; repeatable",
+    )
+    r.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="run (or list, or emit) only the cells whose name matches a shell pattern, e.g. "
+        "'spanet__*' or '*__seed-0'; comma-separated or repeated; the report shows the rest as not started",
     )
     r.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     r.add_argument("--no-progress", action="store_true", help="no progress output")
@@ -76,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.dry_run and args.emit_commands:
         raise WaferlabError("--dry-run and --emit-commands: choose one")
-    spec = load_spec(args.spec)
+    spec = load_spec(args.spec, args.set)
     opts = StudyOptions(
         out=Path(args.out),
         data=args.data,
@@ -85,6 +104,7 @@ def _run(args: argparse.Namespace) -> int:
         emit_commands=args.emit_commands,
         progress=not args.no_progress,
         report=not args.no_report,
+        only=args.only,
     )
     result = run_study(spec, opts)
     if "text" in result:

@@ -462,10 +462,13 @@ def build_context(
     study: Path, report_dir: Path, spec: StudySpec, records: list[RunRecord], runs, summary, sig: Significance
 ) -> dict[str, Any]:
     """Everything the templates show (figures both as files for report.md and inline for report.html)."""
+    from waferlab.study.shapes import fig_families, views
+
     groups = list(dict.fromkeys(r.cell.group for r in records))
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     figures = []
+    shapes, fams = views(spec, summary)
     if (summary["n_seeds"] > 0).any():
         for name, caption, png in (
             (
@@ -473,7 +476,11 @@ def build_context(
                 "Macro-F1 per model (mean, 95 % t-interval, single seeds)",
                 fig_macro_f1(summary, runs),
             ),
-            ("accuracy_vs_params.png", "Accuracy vs parameters", fig_acc_vs_params(summary)),
+            (
+                "accuracy_vs_params.png",
+                "Accuracy vs parameters" + (", one line per model family" if fams else ""),
+                fig_families(summary, fams) if fams else fig_acc_vs_params(summary),
+            ),
             ("curves.png", "Training curves", fig_curves(records, groups)),
             ("confusion.png", "Confusion matrices", fig_confusions(records, groups)),
         ):
@@ -490,6 +497,7 @@ def build_context(
         "verdict": verdict(summary, sig),
         "card": protocol_card(records, spec),
         "main": main_table(summary),
+        "shapes": shapes,
         "per_class": per_class_tables(records, summary),
         "sig": sig_matrix(sig),
         "figures": figures,
@@ -704,6 +712,8 @@ def write_report(study: str | Path, report_dir: str | Path | None = None, progre
     sig = significance(records, groups)
     write_text(out / "pairs.csv", pairs_frame(sig).to_csv(index=False))
     context = build_context(study, out, spec, records, runs, summary, sig)
+    for table in context["shapes"]:  # the paper-shaped tables' data (ablation.csv, sweep.csv, families.csv)
+        write_text(out / table["csv"], table["frame"].to_csv(index=False))
     context["compare_runs"] = _compare_runs_md(records)
     write_text(out / "report.md", _render("report.md.j2", context))
     write_text(out / "report.html", _render("report.html.j2", context))

@@ -44,6 +44,7 @@ class StudyOptions:
     emit_commands: bool = False
     progress: bool = True
     report: bool = True
+    only: list[str] | None = None  # shell-style patterns of cell names (``--only``): run just those
 
 
 @dataclass
@@ -119,10 +120,13 @@ def cell_action(run_dir: Path) -> str:
     return "resume" if run.last_checkpoint.is_file() else "new"
 
 
-def plan(spec: StudySpec, out: Path, data: str | None) -> list[PlannedCell]:
-    """Every cell of the spec with its run directory, action and exact ``waferlab train`` arguments."""
+def plan(spec: StudySpec, out: Path, data: str | None, only: list[str] | None = None) -> list[PlannedCell]:
+    """Every cell of the spec (or those ``only`` matches) with its run directory, action and exact
+    ``waferlab train`` arguments."""
+    from waferlab.study.spec import select_cells
+
     planned = []
-    for cell in spec.cells():
+    for cell in select_cells(spec.cells(), only):
         run_dir = (out / "runs" / cell.name).resolve()
         action = cell_action(run_dir)
         args = train_arguments(cell, data, run_dir) + (["--resume"] if action == "resume" else [])
@@ -317,13 +321,45 @@ def emit_commands(planned: list[PlannedCell], spec: StudySpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def dry_run_table(planned: list[PlannedCell]) -> str:
-    """A plain-text list of the cells: name, group, seed, what the runner would do."""
+def build_models(planned: list[PlannedCell]) -> dict[str, int]:
+    """Build every cell's model once (random init, no weights loaded) and count its parameters: a dry run
+    catches a misspelt or inapplicable model option before any training. Cell name -> parameters."""
+    from waferlab.data.encode import num_channels
+    from waferlab.data.splits import CLASS_SETS
+    from waferlab.models import create_model
+    from waferlab.models.profile import count_params
+    from waferlab.study.spec import cell_config, yaml_value
+
+    built: dict[str, int] = {}
+    out: dict[str, int] = {}
+    for p in planned:
+        cfg = cell_config(p.cell)
+        key = yaml_value([cfg.model, cfg.head, cfg.class_set, cfg.encoding, cfg.model_options])
+        if key not in built:
+            try:
+                model = create_model(cfg.model, num_classes=len(CLASS_SETS.get(cfg.class_set, range(9))),
+                                     in_chans=num_channels(cfg.encoding), pretrained=None, head=cfg.head,
+                                     **cfg.model_options)
+            except WaferlabError as exc:
+                hint = "" if p.cell.variant is None else (
+                    f" (if factor {p.cell.variant[0]!r} does not apply to row {p.cell.row!r}, list the "
+                    f"row in the spec's vary.{p.cell.variant[0]}.not_for)")
+                raise WaferlabError(f"cell {p.cell.name}: {exc}{hint}") from None
+            built[key] = count_params(model)
+        out[p.cell.name] = built[key]
+    return out
+
+
+def dry_run_table(planned: list[PlannedCell], params: dict[str, int] | None = None) -> str:
+    """A plain-text list of the cells: name, group, seed, what the runner would do, model parameters."""
     what = {"skip": "finished (skip)", "resume": "resume from checkpoint", "new": "train"}
-    rows = [("cell", "group", "seed", "action")] + [
-        (p.cell.name, p.cell.group, str(p.cell.seed), what[p.action]) for p in planned
+    params = params or {}
+    rows = [("cell", "group", "seed", "action", "params")] + [
+        (p.cell.name, p.cell.group, str(p.cell.seed), what[p.action],
+         f"{params[p.cell.name]:,}" if p.cell.name in params else "-")
+        for p in planned
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"
 
 
@@ -404,9 +440,9 @@ def run_study(spec: StudySpec, opts: StudyOptions) -> dict[str, Any]:
         raise WaferlabError(f"--workers must be >= 1, got {opts.workers}")
     out = opts.out.resolve()
     data = study_data(spec, opts.data, required=not opts.dry_run)
-    planned = plan(spec, out, data)
+    planned = plan(spec, out, data, opts.only)
     if opts.dry_run:
-        return {"text": dry_run_table(planned), "planned": planned}
+        return {"text": dry_run_table(planned, build_models(planned)), "planned": planned}
     write_study_file(spec, out, data)
     if opts.emit_commands:
         return {"text": emit_commands(planned, spec), "planned": planned}

@@ -17,6 +17,32 @@ A spec is a YAML file or a preset name (``waferlab/configs/studies/<name>.yaml``
 A named variant of an axis that is itself a config key and does not set it sets the key to its label
 (``model: {resnet34: {}, spanet: {config: spanet}}``). Cell names come from the axis labels:
 ``cbam__recipe-adam__seed-60`` (the model label first without its key, the seed last).
+
+One factor at a time (an ablation table: rows x varied factor, not the full product)::
+
+    vary:                      # per row (each combination of the axes): the base cell, then one change each
+      attn_norm:               # a factor: its named variants, each a set of settings (as an axis variant)
+        not_for: [spnet]       # optional: labels of axis values (rows) this factor does not apply to (n/a)
+        bn: {model_options: {attn_norm: bn}}
+        ln: {model_options: {attn_norm: ln}}
+        gn: {model_options: {attn_norm: gn}}
+      optimizer:
+        sgd: {optimizer: sgd}
+        adam: {optimizer: adam, lr: 0.001}
+
+Every row gets a ``base`` cell (its own settings) and, per factor that applies to it, one cell per variant
+named ``<row>__<factor>-<variant>``. A variant whose settings the row already has (here ``ln`` when the row
+sets ``attn_norm: ln``) IS the base: no cell, the report shows the base cell in that column; a variant that
+resolves to the base's exact config through the base config file is refused (it would train an identical
+run). Rows in ``not_for`` get no cell for the factor (``n/a`` in the report); a model option a row does not
+take is caught by ``study run --dry-run``, which builds every cell's model.
+
+Report settings (optional)::
+
+    report: {min_defect_recall: 0.99}   # the sweep table marks the values whose mean defect recall exceeds it
+
+``study run --set KEY=VALUE`` merges into ``set:`` (axis and vary values still win) and ``--only GLOB`` runs
+the cells whose names match (see :func:`select_cells`).
 """
 
 from __future__ import annotations
@@ -31,7 +57,9 @@ from waferlab.errors import WaferlabError
 
 STUDY_PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "studies"
 #: Top-level keys of a spec file.
-SPEC_KEYS = ("description", "config", "set", "data", "axes", "explain")
+SPEC_KEYS = ("description", "config", "set", "data", "axes", "vary", "report", "explain")
+#: Settings of the ``report:`` block and their defaults.
+REPORT_DEFAULTS: dict[str, Any] = {"min_defect_recall": None}
 #: Settings of the ``explain:`` block and their defaults.
 EXPLAIN_DEFAULTS: dict[str, Any] = {
     "methods": ["gradcam", "gradcam++"],
@@ -56,6 +84,11 @@ TRAIN_FLAGS = (
 )
 SEED_AXIS = "seed"
 MODEL_AXIS = "model"
+#: The axis that ``vary:`` adds: label ``base`` or ``<factor>-<variant>``; names show the label alone.
+VARY_AXIS = "vary"
+BASE_LABEL = "base"
+#: Reserved key of a ``vary:`` factor (not a variant): the rows it does not apply to.
+NOT_FOR = "not_for"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+-]+")
 
 
@@ -67,6 +100,8 @@ class Cell:
     labels: tuple[tuple[str, str], ...]  # (axis, label) in axis order
     config: str
     settings: tuple[tuple[str, Any], ...]
+    variant: tuple[str, str] | None = None  # (factor, variant) of a ``vary:`` cell; None for a base cell
+    base: str | None = None  # a ``vary:`` variant's base cell (its name)
 
     @property
     def group(self) -> str:
@@ -74,11 +109,27 @@ class Cell:
         return cell_name([(a, v) for a, v in self.labels if a != SEED_AXIS]) or "all"
 
     @property
+    def row(self) -> str:
+        """The cell's name without its seed and ``vary:`` variant: a row of the ablation table."""
+        return cell_name([(a, v) for a, v in self.labels if a not in (SEED_AXIS, VARY_AXIS)]) or "all"
+
+    @property
     def seed(self) -> Any:
         return dict(self.settings).get("seed")
 
     def value(self, key: str) -> Any:
         return dict(self.settings).get(key)
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One factor of a ``vary:`` block: its named variants (label -> settings) and the rows it skips."""
+
+    variants: dict[str, dict[str, Any]]
+    not_for: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**({NOT_FOR: list(self.not_for)} if self.not_for else {}), **self.variants}
 
 
 @dataclass
@@ -91,6 +142,8 @@ class StudySpec:
     overrides: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
     axes: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # axis -> label -> settings
+    vary: dict[str, Factor] = field(default_factory=dict)  # factor -> its variants (one at a time)
+    report: dict[str, Any] = field(default_factory=lambda: dict(REPORT_DEFAULTS))
     explain: dict[str, Any] | None = None
 
     @property
@@ -101,7 +154,7 @@ class StudySpec:
         """Every cell, seed-major (all groups of the first seed first, so a partial study is comparable)."""
         axes = [a for a in self.axes if a != SEED_AXIS] + ([SEED_AXIS] if SEED_AXIS in self.axes else [])
         combos = itertools.product(*[list(self.axes[a].items()) for a in axes]) if axes else [()]
-        cells = [self._cell(tuple(zip(axes, combo))) for combo in combos]
+        cells = [c for combo in combos for c in self._row_cells(tuple(zip(axes, combo)))]
         names = [c.name for c in cells]
         dup = next((n for n in names if names.count(n) > 1), None)
         if dup:
@@ -113,7 +166,27 @@ class StudySpec:
             cells.sort(key=lambda c: order[dict(c.labels)[SEED_AXIS]])  # stable: group order kept
         return cells
 
-    def _cell(self, combo: tuple[tuple[str, tuple[str, dict[str, Any]]], ...]) -> Cell:
+    def _row_cells(self, combo: tuple[tuple[str, tuple[str, dict[str, Any]]], ...]) -> list[Cell]:
+        """The cells of one combination of the axes: itself, or with ``vary:`` its base and variants."""
+        if not self.vary:
+            return [self._cell(combo)]
+        seed = [c for c in combo if c[0] == SEED_AXIS]
+        rest = tuple(c for c in combo if c[0] != SEED_AXIS)
+        base = self._cell(rest + ((VARY_AXIS, (BASE_LABEL, {})),) + tuple(seed))
+        cells = [base]
+        labels = {label for _, (label, _) in rest}
+        for factor, spec in self.vary.items():
+            if labels & set(spec.not_for):
+                continue
+            for name, values in spec.variants.items():
+                cell = self._cell(rest + ((VARY_AXIS, (f"{factor}-{name}", values)),) + tuple(seed),
+                                  (factor, name), base.name)
+                if (cell.config, dict(cell.settings)) != (base.config, dict(base.settings)):
+                    cells.append(cell)  # a variant the row already has is its base cell: no second run
+        return cells
+
+    def _cell(self, combo: tuple[tuple[str, tuple[str, dict[str, Any]]], ...],
+              variant: tuple[str, str] | None = None, base: str | None = None) -> Cell:
         settings = flatten(self.overrides)
         config = self.config
         for _axis, (_label, values) in combo:
@@ -121,7 +194,28 @@ class StudySpec:
             config = values.pop("config", config)
             settings.update(flatten(values))
         labels = tuple((axis, label) for axis, (label, _) in combo)
-        return Cell(cell_name(labels), labels, str(config), tuple(settings.items()))
+        return Cell(cell_name(labels), labels, str(config), tuple(settings.items()), variant, base)
+
+    def vary_pivot(self) -> dict[str, dict[tuple[str, str], tuple[str, bool] | None]]:
+        """The ablation table of a ``vary:`` study: row -> (factor, variant) -> (group that ran it, whether
+        that is the row's base cell), or None where the factor does not apply to the row (n/a)."""
+        cells = self.cells()
+        first = cells[0].seed if cells else None
+        bases = {c.row: c.group for c in cells if c.seed == first and c.variant is None}
+        ran = {(c.row, c.variant): c.group for c in cells if c.seed == first and c.variant}
+        rows_labels = {c.row: {label for axis, label in c.labels} for c in cells if c.variant is None}
+        pivot: dict[str, dict[tuple[str, str], tuple[str, bool] | None]] = {}
+        for row, base in bases.items():
+            pivot[row] = {}
+            for factor, spec in self.vary.items():
+                for name in spec.variants:
+                    key = (factor, name)
+                    if rows_labels[row] & set(spec.not_for):
+                        pivot[row][key] = None
+                    else:
+                        group = ran.get((row, key))
+                        pivot[row][key] = (group, False) if group else (base, True)
+        return pivot
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (written as the study folder's ``study.yaml``)."""
@@ -131,6 +225,8 @@ class StudySpec:
             "set": self.overrides,
             "data": self.data,
             "axes": self.axes,
+            **({"vary": {f: v.to_dict() for f, v in self.vary.items()}} if self.vary else {}),
+            **({"report": self.report} if self.report != REPORT_DEFAULTS else {}),
             "explain": self.explain,
         }
 
@@ -154,7 +250,8 @@ def _label(value: Any) -> str:
 
 def cell_name(labels: list[tuple[str, str]] | tuple[tuple[str, str], ...]) -> str:
     """``[("model","cbam"), ("model_options.ratio","2"), ("seed","60")]`` -> ``cbam__ratio-2__seed-60``."""
-    parts = [label if axis == MODEL_AXIS else f"{axis.rsplit('.', 1)[-1]}-{label}" for axis, label in labels]
+    parts = [label if axis in (MODEL_AXIS, VARY_AXIS) else f"{axis.rsplit('.', 1)[-1]}-{label}"
+             for axis, label in labels]
     return "__".join(parts)
 
 
@@ -179,8 +276,9 @@ def resolve_spec_path(name_or_path: str) -> Path:
     return preset
 
 
-def load_spec(name_or_path: str) -> StudySpec:
-    """Read and check a spec (preset name or YAML file); every cell's config is validated up front."""
+def load_spec(name_or_path: str, sets: list[str] | None = None) -> StudySpec:
+    """Read and check a spec (preset name or YAML file) with ``--set`` items merged into its ``set:``;
+    every cell's config is validated up front, and no ``vary:`` variant may repeat its base's run."""
     import yaml
 
     path = resolve_spec_path(name_or_path)
@@ -191,14 +289,21 @@ def load_spec(name_or_path: str) -> StudySpec:
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise WaferlabError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
     spec = parse_spec(raw if raw is not None else {}, str(path))
+    merge_sets(spec, sets)
     if spec.config and ("/" in spec.config or spec.config.endswith((".yaml", ".yml"))):
         base = Path(spec.config)
         spec.config = str(base if base.is_absolute() else (path.parent / base).resolve())
+    configs = {}
     for cell in spec.cells():
         try:
-            cell_config(cell)
+            configs[cell.name] = cell_config(cell)
         except WaferlabError as exc:
             raise WaferlabError(f"{path}: {exc}") from None
+        if cell.base is not None and configs[cell.name] == configs[cell.base]:
+            raise WaferlabError(
+                f"{path}: cell {cell.name}: variant {cell.variant[1]!r} of factor {cell.variant[0]!r} is "
+                f"its base's exact config (through {cell.config!r}); set it in the row or in 'set:' so the "
+                "column shows the base cell instead of training the same run twice")
     return spec
 
 
@@ -216,6 +321,8 @@ def parse_spec(raw: Any, source: str) -> StudySpec:
     if not isinstance(axes_raw, dict):
         raise WaferlabError(f"{source}: field 'axes': expected a mapping axis -> values, got {axes_raw!r}")
     axes = {str(axis): _parse_axis(str(axis), values, source) for axis, values in axes_raw.items()}
+    if VARY_AXIS in axes:
+        raise WaferlabError(f"{source}: axis {VARY_AXIS!r} is reserved for the 'vary:' block's variants")
     data = raw.get("data")
     return StudySpec(
         source=source,
@@ -224,8 +331,89 @@ def parse_spec(raw: Any, source: str) -> StudySpec:
         overrides=dict(overrides),
         data=None if data in (None, "") else str(data),
         axes=axes,
+        vary=_parse_vary(raw.get("vary"), axes, source),
+        report=_parse_report(raw.get("report"), source),
         explain=_parse_explain(raw.get("explain"), source),
     )
+
+
+def _parse_vary(raw: Any, axes: dict[str, dict[str, dict[str, Any]]], source: str) -> dict[str, Factor]:
+    """The ``vary:`` block: factor -> {variant label -> settings, optional ``not_for: [row labels]``}."""
+    if raw in (None, {}):
+        return {}
+    if not isinstance(raw, dict):
+        raise WaferlabError(f"{source}: field 'vary': expected a mapping factor -> variants, got {raw!r}")
+    known = {label for axis, values in axes.items() if axis != SEED_AXIS for label in values}
+    out: dict[str, Factor] = {}
+    for factor, values in raw.items():
+        where = f"{source}: field 'vary.{factor}'"
+        if not isinstance(values, dict) or not [k for k in values if k != NOT_FOR]:
+            raise WaferlabError(f"{where}: expected a mapping of named variants (label -> settings), "
+                                f"got {values!r}")
+        not_for = values.get(NOT_FOR) or []
+        if isinstance(not_for, str):
+            not_for = [not_for]
+        if not isinstance(not_for, list):
+            raise WaferlabError(f"{source}: field 'vary.{factor}.{NOT_FOR}': expected a list of row labels, "
+                                f"got {not_for!r}")
+        unknown = [str(x) for x in not_for if _label(x) not in known]
+        if unknown:
+            raise WaferlabError(f"{source}: field 'vary.{factor}.{NOT_FOR}': {unknown[0]!r} is no label of "
+                                f"the axes; labels: {', '.join(sorted(known)) or '(none)'}")
+        variants = {}
+        for label, settings in values.items():
+            if label == NOT_FOR:
+                continue
+            settings = {} if settings is None else settings
+            if not isinstance(settings, dict):
+                raise WaferlabError(f"{where}, variant {label!r}: expected a mapping of settings, "
+                                    f"got {settings!r}")
+            if _label(label) in variants:
+                raise WaferlabError(f"{where}: two variants give the label {_label(label)!r}")
+            variants[_label(label)] = dict(settings)
+        out[_label(factor)] = Factor(variants, tuple(_label(x) for x in not_for))
+    return out
+
+
+def _parse_report(raw: Any, source: str) -> dict[str, Any]:
+    """The ``report:`` block (see :data:`REPORT_DEFAULTS`)."""
+    if raw is None:
+        return dict(REPORT_DEFAULTS)
+    if not isinstance(raw, dict):
+        raise WaferlabError(f"{source}: field 'report': expected a mapping, got {raw!r}")
+    unknown = [k for k in raw if k not in REPORT_DEFAULTS]
+    if unknown:
+        raise WaferlabError(f"{source}: field 'report': unknown setting {unknown[0]!r}; settings: "
+                            f"{', '.join(REPORT_DEFAULTS)}")
+    out = {**REPORT_DEFAULTS, **raw}
+    rule = out["min_defect_recall"]
+    if rule is not None and (isinstance(rule, bool) or not isinstance(rule, int | float) or not 0 < rule < 1):
+        raise WaferlabError(f"{source}: field 'report.min_defect_recall': expected a number in (0, 1), "
+                            f"got {rule!r}")
+    return out
+
+
+def merge_sets(spec: StudySpec, sets: list[str] | None) -> None:
+    """Merge ``--set key=value`` items into the spec's ``set:`` (a nested key merges into its mapping)."""
+    from waferlab.engine.config import parse_set
+
+    for key, value in parse_set(sets).items():
+        old = spec.overrides.get(key)
+        spec.overrides[key] = {**old, **value} if isinstance(old, dict) and isinstance(value, dict) else value
+
+
+def select_cells(cells: list[Cell], patterns: list[str] | None) -> list[Cell]:
+    """The cells whose name matches one of the shell-style ``patterns`` (``--only``; all when none)."""
+    import fnmatch
+
+    if not patterns:
+        return cells
+    globs = [g.strip() for p in patterns for g in p.split(",") if g.strip()]
+    for glob in globs:
+        if not any(fnmatch.fnmatchcase(c.name, glob) for c in cells):
+            raise WaferlabError(f"--only {glob!r} matches no cell; cells are named like "
+                                f"{', '.join(c.name for c in cells[:3])}")
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.name, g) for g in globs)]
 
 
 def _parse_axis(axis: str, values: Any, source: str) -> dict[str, dict[str, Any]]:
