@@ -199,7 +199,8 @@ def _kept_weights(module: Any, keep: Any) -> tuple[Any, str]:
         state = torch.load(keep.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         chosen = f"best validation macro-F1 ({float(keep.best_model_score):.4f})"
-    return module.model.to("cpu").to(memory_format=torch.contiguous_format).eval(), chosen
+    # float32 on the CPU whatever the training precision (64-true trains a float64 model)
+    return module.model.to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval(), chosen
 
 
 def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any) -> dict[str, Any]:
