@@ -9,7 +9,7 @@ import pytest
 from scipy.ndimage import distance_transform_edt
 
 from waferlab.cli import main
-from waferlab.data.calibrate import compare, load_real_samples, map_stats, table_stats
+from waferlab.data.calibrate import compare, load_real_samples, map_stats, split_real, table_stats
 from waferlab.data.synth import generate, mixed_class_names, write_synthetic
 from waferlab.data.table import MIXED38_TYPES, WM811K_CLASSES
 from waferlab.errors import WaferlabError
@@ -157,15 +157,29 @@ def test_map_stats_on_hand_made_maps():
         map_stats(np.zeros((5, 5), np.uint8))
 
 
+def test_split_real_is_seeded_per_class_and_disjoint():
+    table = generate(45, seed=2)  # 5 maps per class
+    calib, held = split_real(table, seed=0)
+    again_calib, again_held = split_real(table, seed=0)
+    assert all(np.array_equal(x, y) for x, y in zip(held.maps, again_held.maps))
+    assert len(calib) + len(held) == 45
+    assert {c: int((held.labels == c).sum()) for c in WM811K_CLASSES} == dict.fromkeys(WM811K_CLASSES, 2)
+    ids = {id(m) for m in held.maps}
+    assert not ids & {id(m) for m in calib.maps}
+    other = split_real(table, seed=1)[1]
+    assert {id(m) for m in other.maps} != ids
+
+
 def test_synthetic_statistics_match_the_real_samples(shared_data):
-    real = load_real_samples(shared_data)
+    real = split_real(load_real_samples(shared_data))[0]  # calibration part: sim2real reports on the rest
     classes = ["Center", "Edge-Loc", "Edge-Ring", "Loc"]
     real = real.subset(np.isin(real.labels, classes))
-    assert len(real) > 150
-    synth = generate(240, seed=7, classes=classes)
+    assert len(real) > 100
+    synth = generate(320, seed=7, classes=classes)
     stats = ("fail_frac", "peak_r", "radial_extent", "rate_center", "rate_edge", "edge_coverage",
              "largest_cc_frac", "cc_length")
-    cmp = compare(table_stats(real), table_stats(synth), stats=stats)
+    cmp = compare(table_stats(real), table_stats(synth), stats=stats, match_sizes=True)
+    assert cmp["n_synth"].min() >= 25
     assert len(cmp) == len(classes) * len(stats)
     bad = cmp[~cmp["agree"]]
     assert len(bad) <= 2, f"synthetic statistics off the real ones:\n{bad.to_string()}"
@@ -177,7 +191,7 @@ def test_synthetic_statistics_match_the_real_samples(shared_data):
 
 def test_confusion_statistics_match_the_real_samples(shared_data):
     """The statistics behind the synthetic-to-real confusions of issue 14 agree with the real maps."""
-    real = load_real_samples(shared_data)
+    real = split_real(load_real_samples(shared_data))[0]
     classes = ["Edge-Loc", "Edge-Ring", "Loc", "Scratch", "none"]
     real = real.subset(np.isin(real.labels, classes))
     synth = generate(250, seed=9, classes=classes)
@@ -260,6 +274,12 @@ def test_realism_knobs_seeded_and_each_one_changes_the_maps(monkeypatch):
     assert np.median(_stat(on, "ring_coverage")) < 0.9 <= np.median(_stat(off, "ring_coverage"))
     on, off = pair(["Edge-Ring"], RING_ECCENTRIC_P=(1.0, 0.0), RING_THIN_P=(1.0, 1.0))
     assert sum(k.sum() for k in on.masks) > 1.3 * sum(k.sum() for k in off.masks)
+    on, off = pair(["Edge-Ring"], RING_SPARSE_P=(1.0, 0.0), RING_PARTIAL_P=(0.0, 0.0))
+    fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks)]) for t in (on, off)]
+    assert fill[0] < fill[1] - 0.08  # sparse rings: 70-95% of the ring's dies fail instead of 97-100%
+    # Edge-Loc: wider arcs cover more of the rim
+    on, off = pair(["Edge-Loc"], EDGE_LOC_HALF_MAX=(120.0, 25.0))
+    assert np.median([k.sum() for k in on.masks]) > 1.5 * np.median([k.sum() for k in off.masks])
     # Loc: blobs near the rim; lobed outlines
     on, off = pair(["Loc"], LOC_NEAR_RIM_P=(1.0, 0.0))
     r_on = [_norm_radius(k.shape)[k > 0].mean() for k in on.masks]
@@ -331,7 +351,8 @@ def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
     mixed_before, plain_before = generate(60, seed=8, mixed=True), generate(90, seed=8)
     knobs = dict(RING_THIN_P=0.0, RING_ECCENTRIC_P=1.0, RING_PARTIAL_P=1.0, LOC_NEAR_RIM_P=1.0,
                  LOC_LOBE_MAX=0.9, SCRATCH_FROM_RIM_P=1.0, SCRATCH_ARC_P=1.0, SCRATCH_GAP_MAX=0.9,
-                 SCRATCH_P_MIN=0.1, EDGE_LOSS_P=1.0, SPECKLE_P=1.0, PROBE_ARTEFACT_P=1.0)
+                 SCRATCH_P_MIN=0.1, EDGE_LOSS_P=1.0, SPECKLE_P=1.0, PROBE_ARTEFACT_P=1.0, RING_SPARSE_P=1.0,
+                 EDGE_LOC_HALF_MAX=170.0)
     plain_after = _with_knobs(monkeypatch, 90, 8, None, **knobs)  # the knobs act on WM-811K maps ...
     assert sum(not np.array_equal(x, y) for x, y in zip(plain_before.maps, plain_after.maps)) > 45
     mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones

@@ -55,6 +55,9 @@ STAT_HELP: dict[str, str] = {
     "bg_rate": "failure rate of dies >= 3 from the rim outside the largest component",
     "isolated_frac": "failed dies with no failed 8-neighbour / failed dies",
 }
+#: Share of each class of the real samples kept out of generator calibration and fine-tuning (the part
+#: ``benchmarks/sim2real.py`` reports on); see :func:`split_real`.
+HOLDOUT_FRACTION = 0.5
 #: Sectors of the outermost die ring for ``ring_coverage`` / ``ring_depth``.
 N_RING_SECTORS = 24
 
@@ -218,18 +221,27 @@ def table_stats(table: WaferTable, max_per_class: int | None = None, seed: int =
     return pd.DataFrame(rows)
 
 
-def compare(real, synth, stats: tuple[str, ...] = STATS):  # -> DataFrame
+def compare(real, synth, stats: tuple[str, ...] = STATS, match_sizes: bool = False):  # -> DataFrame
     """Per class and statistic: real and synthetic median / 25% / 75% and whether they agree.
 
     ``agree`` is true when the synthetic median lies within the real inter-quartile range widened by
     a quarter of its width on each side (plus a small absolute slack), i.e. a typical synthetic map is typical
-    of the real class too.
+    of the real class too. ``match_sizes``: compare each class only with synthetic maps whose die count lies
+    in the real class's 10-90% range (x0.8 / x1.25). The generator draws grid sizes independently of the
+    class, but each class of the small real sample comes from a few products (real Center: median 515
+    dies, real Edge-Ring: 2,126), and size-dependent statistics (failed fraction, ring share) then differ
+    for that reason alone.
     """
     import pandas as pd
 
     rows = []
     for lab in [c for c in dict.fromkeys(real["label"]) if c in set(synth["label"])]:
         r, s = real[real["label"] == lab], synth[synth["label"] == lab]
+        if match_sizes:
+            lo, hi = np.percentile(r["n_dies"], [10, 90])
+            s = s[(s["n_dies"] >= 0.8 * lo) & (s["n_dies"] <= 1.25 * hi)]
+            if len(s) == 0:
+                continue
         for stat in stats:
             rq = np.percentile(r[stat], [25, 50, 75])
             sq = np.percentile(s[stat], [25, 50, 75])
@@ -314,6 +326,21 @@ def load_real_samples(shared_dir: str | Path) -> WaferTable:
     return WaferTable(maps=maps, labels=np.array(labels, dtype=object),
                       split=np.array([""] * n, dtype=object), lot=np.array(lots, dtype=object),
                       wafer_index=np.zeros(n, np.int64), source=str(root))
+
+
+def split_real(table: WaferTable, seed: int = 0, holdout: float = HOLDOUT_FRACTION
+               ) -> tuple[WaferTable, WaferTable]:
+    """(calibration part, held-out part) of the real samples: per class, a seeded ``holdout`` share held out.
+
+    The calibration part is what generator tuning (``benchmarks/synth_calibration.py``) and real-map
+    training / fine-tuning may see; results on real maps are reported on the held-out part only.
+    """
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(table), bool)
+    for cls in sorted(set(table.labels.tolist())):
+        rows = np.flatnonzero(table.labels == cls)
+        held[rng.permutation(rows)[: int(round(holdout * len(rows)))]] = True
+    return table.subset(~held), table.subset(held)
 
 
 def _nested_label(value) -> str:

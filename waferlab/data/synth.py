@@ -38,25 +38,29 @@ TRAIN_FRACTION = 0.8
 
 # Domain-randomisation knobs (probability per map), tuned against the real samples (issue 14).
 #: Edge-Ring: the ring is the outermost die ring only (else 2-3 dies deep).
-RING_THIN_P = 0.8
+RING_THIN_P = 0.9
 #: Edge-Ring: the ring is thicker on one side.
 RING_ECCENTRIC_P = 0.25
-#: Edge-Ring: the ring covers only 200-330 degrees.
-RING_PARTIAL_P = 0.12
-#: Loc: a blob close to (not on) the rim.
-LOC_NEAR_RIM_P = 0.25
+#: Edge-Ring: the ring covers only 200-330 degrees (real rings: a quarter cover < 70% of the rim sectors).
+RING_PARTIAL_P = 0.25
+#: Edge-Ring: a sparse ring (80-95% of its dies fail; real outermost-two-ring failure rate 0.65, not 0.75).
+RING_SPARSE_P = 0.15
+#: Edge-Loc: widest half-angle of an arc, degrees (real arcs cover ~0.29 of the outermost ring, not 0.15).
+EDGE_LOC_HALF_MAX = 85.0
+#: Loc: a blob close to (not on) the rim (real Loc profiles peak at radius 0.35, not 0.65).
+LOC_NEAR_RIM_P = 0.1
 #: Loc: largest relative amplitude of the lobed outline.
 LOC_LOBE_MAX = 0.3
 #: Scratch: starts at the rim.
 SCRATCH_FROM_RIM_P = 0.4
-#: Scratch: a clearly curved arc.
-SCRATCH_ARC_P = 0.15
+#: Scratch: a clearly curved arc (real scratches are straighter: straightness 0.975, elongation 0.16).
+SCRATCH_ARC_P = 0.05
 #: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die.
 SCRATCH_GAP_MAX = 0.2
 SCRATCH_P_MIN = 0.7
 #: Background: short runs of failed dies along the rim (edge die loss), tiny clusters, probe-card artefacts.
-EDGE_LOSS_P = 0.5
-SPECKLE_P = 0.4
+EDGE_LOSS_P = 0.85  # real none maps: the largest failed cluster sits on the rim (radius 0.965)
+SPECKLE_P = 0.25
 PROBE_ARTEFACT_P = 0.08
 
 # Common real WM-811K grid shapes (from the shared samples) and how often they are drawn (relative).
@@ -212,7 +216,7 @@ def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.
     if rng.random() < RING_ECCENTRIC_P:  # off-centre process: the ring is thicker on one side
         width = width + rng.uniform(0.5, 2.0) * 0.5 * (1.0 + np.cos(g.theta - phase))
     # real rings are one 8-connected component: a 1-die ring breaks at any surviving die, so ~all fail
-    p_in = rng.uniform(0.97, 1.0)
+    p_in = rng.uniform(0.8, 0.95) if rng.random() < RING_SPARSE_P else rng.uniform(0.97, 1.0)
     region = g.inside & (g.edge <= width)
     modulation = rng.uniform(0.0, 0.05)  # failure density varying slowly around the ring
     prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase - np.pi)))
@@ -245,7 +249,7 @@ def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.n
             depth = 1.0 + rng.exponential(1.0) + rng.uniform(0.0, 0.1) * g.radius
         else:  # real Edge-Loc arcs are ~1.4 dies deep
             depth = 1.0 + rng.exponential(0.6) + rng.uniform(0.0, 0.06) * g.radius
-        half = np.deg2rad(rng.uniform(18.0, 60.0))
+        half = np.deg2rad(rng.uniform(18.0, 60.0 if mixed else EDGE_LOC_HALF_MAX))
         dang = _ang_dist(g.theta, centre)
         region = g.inside & (g.edge <= depth) & (dang <= half)
         prob = p_in * _logistic((half - dang) / 0.06) * _logistic((depth + 0.5 - g.edge) / 0.5)
