@@ -85,8 +85,8 @@ def main() -> None:
     print(format_comparison(cmp))
     by_class = cmp.groupby("class", sort=False)["agree"].agg(["sum", "count"])
     print("per class: " + ", ".join(f"{c} {int(r['sum'])}/{int(r['count'])}" for c, r in by_class.iterrows()))
-    matched = compare(table_stats(real), table_stats(synth), match_sizes=True)  # same die-count range per class
-    print(f"at matched die counts: {int(matched['agree'].sum())}/{len(matched)} (class, statistic) pairs agree")
+    matched = compare(table_stats(real), table_stats(synth), match_sizes=True)  # the class's die counts
+    print(f"at matched die counts: {int(matched['agree'].sum())}/{len(matched)} (class, statistic) pairs")
     for label, mixed in (("9 classes, WM-811K-like sizes", False), ("MixedWM38-style 52x52", True)):
         wall, cpu = speed(args.speed_n, mixed, args.seed)
         print(f"generator speed ({label}): {wall:.0f} maps/s wall clock, {cpu:.0f} maps/s per CPU core")
