@@ -234,6 +234,9 @@ def test_multilabel_user_errors_are_one_line(mixed_run: Path, mixed_cache: Path,
     line = _cli_error(["evaluate", str(mixed_run), "--data", str(single), "--out",
                        str(tmp_path / "c"), "--no-progress"], capsys)
     assert "needs multi-hot labels" in line and not (tmp_path / "c").exists()
+    out = tmp_path / "p.csv"
+    line = _cli_error(["predict", str(mixed_run), "--data", str(mixed_cache), "--out", str(out)], capsys)
+    assert "a multilabel run" in line and "label_thresholds.json" in line and not out.exists()
 
 
 def test_two_multilabel_sources_join_by_class_name(tmp_path: Path) -> None:
