@@ -55,11 +55,13 @@ LOC_LOBE_MAX = 0.3
 SCRATCH_FROM_RIM_P = 0.4
 #: Scratch: a clearly curved arc (real scratches are straighter: straightness 0.975, elongation 0.16).
 SCRATCH_ARC_P = 0.05
-#: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die.
-SCRATCH_GAP_MAX = 0.2
-SCRATCH_P_MIN = 0.7
+#: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die (faint, broken
+#: scratches: real scratches were mostly called none by a model trained on solid ones).
+SCRATCH_GAP_MAX = 0.35
+SCRATCH_P_MIN = 0.55
 #: Background: short runs of failed dies along the rim (edge die loss), tiny clusters, probe-card artefacts.
-EDGE_LOSS_P = 0.85  # real none maps: the largest failed cluster sits on the rim (radius 0.965)
+#: (EDGE_LOSS_P 0.85 matched the real none maps' rim clusters better but sent real Edge-Loc maps to none.)
+EDGE_LOSS_P = 0.5
 SPECKLE_P = 0.25
 PROBE_ARTEFACT_P = 0.08
 
