@@ -1,8 +1,9 @@
 """Compare synthetic wafer maps with the real samples per class, time the generator, draw real vs synthetic.
 
-Prints the calibration table (real vs synthetic median [IQR] per class and statistic), the generator's
-speed in maps/s (9-class and mixed), and writes ``docs/synth_vs_real.png``: one row per class, a few
-real maps on the left and synthetic maps on the right.
+Prints the calibration table (real vs synthetic median [IQR] per class and statistic; real = the
+calibration part of ``waferlab.data.calibrate.split_real``, the held-out part is never used here), the
+generator's speed in maps/s (9-class and mixed), and writes ``docs/synth_vs_real.png``: one row per
+class, a few real maps on the left and synthetic maps on the right.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/synth_calibration.py [--n-synth 1800] [--seed 0]
 """
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from waferlab.data.calibrate import compare, format_comparison, load_real_samples, table_stats
+from waferlab.data.calibrate import compare, format_comparison, load_real_samples, split_real, table_stats
 from waferlab.data.synth import generate
 from waferlab.data.table import WM811K_CLASSES
 
@@ -76,13 +77,16 @@ def main() -> None:
     ap.add_argument("--speed-n", type=int, default=3000, help="maps per timing run")
     args = ap.parse_args()
 
-    real = load_real_samples(args.shared)
-    print(f"real samples: {len(real)} maps {real.class_counts()}")
+    real, held = split_real(load_real_samples(args.shared), seed=0)  # the held-out part is never looked at
+    print(f"real samples (calibration part; {len(held)} held out for sim2real): {len(real)} maps "
+          f"{real.class_counts()}")
     synth = generate(args.n_synth, seed=args.seed)
     cmp = compare(table_stats(real), table_stats(synth))
     print(format_comparison(cmp))
     by_class = cmp.groupby("class", sort=False)["agree"].agg(["sum", "count"])
     print("per class: " + ", ".join(f"{c} {int(r['sum'])}/{int(r['count'])}" for c, r in by_class.iterrows()))
+    matched = compare(table_stats(real), table_stats(synth), match_sizes=True)  # the class's die counts
+    print(f"at matched die counts: {int(matched['agree'].sum())}/{len(matched)} (class, statistic) pairs")
     for label, mixed in (("9 classes, WM-811K-like sizes", False), ("MixedWM38-style 52x52", True)):
         wall, cpu = speed(args.speed_n, mixed, args.seed)
         print(f"generator speed ({label}): {wall:.0f} maps/s wall clock, {cpu:.0f} maps/s per CPU core")

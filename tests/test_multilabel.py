@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from waferlab.engine.config import build_config
-from waferlab.engine.metrics import compute_multilabel_metrics
+from waferlab.engine.metrics import compute_multilabel_metrics, fit_label_thresholds
 from waferlab.engine.report import compare_runs, render_multilabel_report, write_evaluation
 from waferlab.errors import WaferlabError
 
@@ -32,7 +32,8 @@ def test_multilabel_metrics_by_hand() -> None:
     assert b["ap"] == pytest.approx(5 / 6)
     assert (b["support"], b["predicted"]) == (2, 2)
     # C: never true, predicted once -> precision 0, the rest undefined, and left out of the macro averages
-    assert c == {"precision": 0.0, "recall": None, "f1": None, "ap": None, "support": 0, "predicted": 1}
+    assert c == {"precision": 0.0, "recall": None, "f1": None, "ap": None, "support": 0, "predicted": 1,
+                 "threshold": 0.5}
     assert m["labels_absent"] == ["C"]
     assert m["mAP"] == pytest.approx((1 + 5 / 6) / 2)
     assert m["macro_f1"] == pytest.approx(0.75) and m["macro_precision"] == pytest.approx(0.75)
@@ -52,6 +53,23 @@ def test_multilabel_threshold_and_perfect() -> None:
     assert m["per_label"]["C"]["precision"] is None  # absent and never predicted
     perfect = compute_multilabel_metrics(Y, Y * 0.9 + 0.05, LABELS)
     assert perfect["exact_match"] == 1.0 and perfect["mAP"] == 1.0 and perfect["hamming_loss"] == 0.0
+
+
+def test_label_thresholds_fitted_by_hand() -> None:
+    # A: positives 0.9, 0.6, negatives 0.3, 0.1 -> every cut in (0.3, 0.6] is perfect: midpoint 0.45.
+    # B (+ at 0.8, 0.4; - at 0.7, 0.2): F1 at >= 0.8 / 0.7 / 0.4 / 0.2 is 2/3, 1/2, 4/5, 2/3 -> cut at 0.3.
+    # C has no positive: it keeps 0.5.
+    t = fit_label_thresholds(Y, P, LABELS)
+    assert t == pytest.approx({"A": 0.45, "B": 0.3, "C": 0.5})
+    m = compute_multilabel_metrics(Y, P, LABELS, threshold=t)
+    # maps 0 and 2 now exactly right (2 had B at 0.4 < 0.5 before); 1 keeps its false C, 3 its false B
+    assert m["exact_match"] == pytest.approx(2 / 4) and m["threshold"] == "per-label"
+    assert m["per_label"]["B"]["threshold"] == pytest.approx(0.3) and m["per_label"]["B"]["recall"] == 1.0
+    assert compute_multilabel_metrics(Y, P, LABELS, threshold=[0.45, 0.3, 0.5])["exact_match"] == 0.5
+    with pytest.raises(WaferlabError, match="no threshold for label"):
+        compute_multilabel_metrics(Y, P, LABELS, threshold={"A": 0.5})
+    with pytest.raises(WaferlabError, match="one per label"):
+        compute_multilabel_metrics(Y, P, LABELS, threshold=[0.5, 0.5])
 
 
 @pytest.mark.parametrize("y, p, message", [
@@ -76,8 +94,8 @@ def test_multilabel_report_and_metrics_json(tmp_path: Path) -> None:
     text = (tmp_path / "report.md").read_text()
     assert text == render_multilabel_report(m, "toy multi-label", {"model": "toy", "task": "multilabel"})
     assert "| Exact-match ratio (whole label set right) | 0.2500 |" in text
-    assert "| B | 0.5000 | 0.5000 | 0.5000 | 0.8333 | 2 | 2 |" in text
-    assert "| C | 0.0000 | — | — | — | 0 | 1 |" in text
+    assert "| B | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 0.8333 | 2 | 2 |" in text
+    assert "| C | 0.5000 | 0.0000 | — | — | — | 0 | 1 |" in text
     assert "excluded from mAP and macro averages): C." in text
 
 
@@ -164,7 +182,11 @@ def test_multilabel_training_end_to_end(mixed_run: Path) -> None:
     pred = predict(run.load_model(), p.maps[test], run.spec(), PredictOptions(batch_size=64))
     np.testing.assert_allclose(pred.probs, 1 / (1 + np.exp(-pred.logits)), rtol=1e-5, atol=1e-6)
     assert not np.allclose(pred.probs.sum(1), 1.0)  # independent sigmoids, not a softmax
-    again = compute_multilabel_metrics(p.multi_hot[test], pred.probs, MIXED38_TYPES)
+    # per-label thresholds fitted on the validation part, stored in the run and applied to metrics.json
+    fitted = json.loads((mixed_run / "label_thresholds.json").read_text())["thresholds"]
+    assert set(fitted) == set(MIXED38_TYPES) and run.label_thresholds() == fitted
+    assert {k: v["threshold"] for k, v in metrics["per_label"].items()} == pytest.approx(fitted)
+    again = compute_multilabel_metrics(p.multi_hot[test], pred.probs, MIXED38_TYPES, threshold=fitted)
     assert metrics["n"] == len(test)
     assert again["exact_match"] == pytest.approx(metrics["exact_match"])
     assert again["mAP"] == pytest.approx(metrics["mAP"], abs=1e-6)
@@ -182,6 +204,8 @@ def test_evaluate_multilabel_run_on_real_mixedwm38(mixed_run: Path, shared_data:
     # no real sample has them (a file name's "Random" means Scratch, data.md S.2)
     assert m["labels_absent"] == ["Near-full", "Random"]
     assert m["per_label"]["Scratch"]["support"] == 21 and m["per_label"]["Loc"]["support"] == 15
+    fitted = json.loads((mixed_run / "label_thresholds.json").read_text())["thresholds"]
+    assert {k: v["threshold"] for k, v in m["per_label"].items()} == pytest.approx(fitted)  # the run's own
 
 
 def _cli_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -210,6 +234,9 @@ def test_multilabel_user_errors_are_one_line(mixed_run: Path, mixed_cache: Path,
     line = _cli_error(["evaluate", str(mixed_run), "--data", str(single), "--out",
                        str(tmp_path / "c"), "--no-progress"], capsys)
     assert "needs multi-hot labels" in line and not (tmp_path / "c").exists()
+    out = tmp_path / "p.csv"
+    line = _cli_error(["predict", str(mixed_run), "--data", str(mixed_cache), "--out", str(out)], capsys)
+    assert "a multilabel run" in line and "label_thresholds.json" in line and not out.exists()
 
 
 def test_two_multilabel_sources_join_by_class_name(tmp_path: Path) -> None:

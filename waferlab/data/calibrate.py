@@ -5,6 +5,12 @@ failed-die fraction, a 10-bin radial failure profile, where that profile peaks a
 high part is (ring width / radial extent), the failure rate in the outermost dies, how much of the
 rim is covered by failures, and the size and principal-axis length of the largest connected failed
 component (a scratch's length). ``compare`` puts real and synthetic medians/IQRs side by side.
+
+Statistics aimed at the synthetic-to-real confusions (issue 14): ``ring_coverage`` / ``ring_depth`` (how
+much of the outermost die ring fails and how many die rings deep: Edge-Ring vs Edge-Loc), the longest
+failed line's length, straightness and fill (Scratch: faint, broken, curved), the largest component's
+elongation, solidity and radius (Loc blob vs Scratch vs Edge-Loc), and the interior background rate
+and how isolated background failures are (``none``).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ N_RADIAL_BINS = 10
 STATS: tuple[str, ...] = (
     "fail_frac", "peak_r", "radial_extent", "rate_center", "rate_edge", "edge_coverage",
     "largest_cc_frac", "cc_length", "n_dies",
+    "ring_coverage", "ring_depth", "line_length", "line_straightness", "line_fill",
+    "blob_elongation", "blob_solidity", "blob_radius", "bg_rate", "isolated_frac",
 )
 #: Short description of each statistic (for tables and the benchmark printout).
 STAT_HELP: dict[str, str] = {
@@ -36,7 +44,22 @@ STAT_HELP: dict[str, str] = {
     "largest_cc_frac": "largest 8-connected failed component / wafer dies",
     "cc_length": "largest component's extent along its principal axis / wafer diameter",
     "n_dies": "dies on the wafer",
+    "ring_coverage": "fraction of 24 sectors whose outermost die ring fails > 50%",
+    "ring_depth": "die rings from the rim failing > 50% in a row, mean over those sectors (0 if none)",
+    "line_length": "longest 8-connected failed component (>= 3 dies) along its axis / wafer diameter",
+    "line_straightness": "that component's 1 - minor/major axis variance (1 = a straight line)",
+    "line_fill": "that component's dies per die of length (1 = a 1-die-wide unbroken line)",
+    "blob_elongation": "largest component's minor/major axis std ratio (1 = round, 0 = a line)",
+    "blob_solidity": "largest component's dies / area of its 2-sigma ellipse (1 = solid blob)",
+    "blob_radius": "normalised radius of the largest component's centroid",
+    "bg_rate": "failure rate of dies >= 3 from the rim outside the largest component",
+    "isolated_frac": "failed dies with no failed 8-neighbour / failed dies",
 }
+#: Share of each class of the real samples kept out of generator calibration and fine-tuning (the part
+#: ``benchmarks/sim2real.py`` reports on); see :func:`split_real`.
+HOLDOUT_FRACTION = 0.5
+#: Sectors of the outermost die ring for ``ring_coverage`` / ``ring_depth``.
+N_RING_SECTORS = 24
 
 _EIGHT = np.ones((3, 3), bool)
 
@@ -102,6 +125,70 @@ def map_stats(wafer: np.ndarray) -> dict[str, float]:
             _, vecs = np.linalg.eigh(pts.T @ pts)
             proj = pts @ vecs[:, -1]
             out["cc_length"] = float((proj.max() - proj.min() + 1.0) / diameter)
+    out.update(_ring_stats(failed, inside, theta, edge))
+    out.update(_component_stats(failed, inside, r, edge, diameter))
+    return out
+
+
+def _ring_stats(failed: np.ndarray, inside: np.ndarray, theta: np.ndarray, edge: np.ndarray) -> dict:
+    """Angular coverage of the outermost die ring and the failing depth where it is covered."""
+    depth = np.floor(edge + 0.5).astype(int)  # 1 = outermost die ring
+    sector = ((theta + np.pi) / (2 * np.pi) * N_RING_SECTORS).astype(int) % N_RING_SECTORS
+    max_d = 6
+    tot = np.zeros((N_RING_SECTORS, max_d + 1))
+    bad = np.zeros((N_RING_SECTORS, max_d + 1))
+    sel = inside & (depth >= 1) & (depth <= max_d)
+    np.add.at(tot, (sector[sel], depth[sel]), 1.0)
+    np.add.at(bad, (sector[sel], depth[sel]), failed[sel])
+    rate = np.where(tot > 0, bad / np.maximum(tot, 1), 0.0)[:, 1:]
+    have = tot[:, 1] > 0
+    covered = have & (rate[:, 0] > 0.5)
+    run = np.argmin(np.concatenate([rate > 0.5, np.zeros((N_RING_SECTORS, 1), bool)], axis=1), axis=1)
+    return {"ring_coverage": float(covered.sum() / max(have.sum(), 1)),
+            "ring_depth": float(run[covered].mean()) if covered.any() else 0.0}
+
+
+def _axes(pts: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """Projection extent along the principal axis, and the two axis variances, of die coordinates."""
+    c = pts - pts.mean(axis=0)
+    vals, vecs = np.linalg.eigh(c.T @ c / len(c))
+    proj = c @ vecs[:, -1]
+    return proj, float(proj.max() - proj.min() + 1.0), float(max(vals[-1], 1e-9)), float(max(vals[0], 0.0))
+
+
+def _component_stats(failed, inside, r, edge, diameter: float) -> dict:
+    """Longest-line, largest-blob, background-rate and isolation statistics of the failed dies."""
+    from scipy.ndimage import convolve, label
+
+    comp, n_comp = label(failed, structure=_EIGHT)
+    out = {"line_length": 0.0, "line_straightness": 0.0, "line_fill": 0.0, "blob_elongation": 0.0,
+           "blob_solidity": 0.0, "blob_radius": 0.0}
+    big_mask = np.zeros(failed.shape, bool)
+    if n_comp:
+        sizes = np.bincount(comp.ravel())[1:]
+        order = np.argsort(comp.ravel(), kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(comp.ravel()))])
+        coords = np.stack(np.unravel_index(order, failed.shape), axis=1).astype(float)
+        best = (-1.0, 0.0, 0.0, 0.0)
+        for k in np.flatnonzero(sizes >= 3) + 1:
+            _, length, l1, l2 = _axes(coords[starts[k]:starts[k + 1]])
+            if length > best[0]:
+                best = (length, 1.0 - l2 / l1, sizes[k - 1] / length, 0.0)
+        if best[0] > 0:
+            out.update(line_length=best[0] / diameter, line_straightness=best[1], line_fill=best[2])
+        big = int(np.argmax(sizes)) + 1
+        big_mask = comp == big
+        if sizes[big - 1] >= 3:
+            _, _, l1, l2 = _axes(coords[starts[big]:starts[big + 1]])
+            out["blob_elongation"] = float(np.sqrt(l2 / l1))
+            area = 4 * np.pi * np.sqrt(l1 * max(l2, 1 / 12))  # the 2-sigma ellipse (a 1-die line: var 1/12)
+            out["blob_solidity"] = float(min(sizes[big - 1] / area, 2.0))
+            out["blob_radius"] = float(r[big_mask].mean())
+    interior = inside & (edge >= 3) & ~big_mask
+    out["bg_rate"] = float(failed[interior].mean()) if interior.any() else 0.0
+    neigh = convolve(failed.astype(np.int32), _EIGHT.astype(np.int32), mode="constant") - failed
+    n_fail = int(failed.sum())
+    out["isolated_frac"] = float((failed & (neigh == 0)).sum() / n_fail) if n_fail else 1.0
     return out
 
 
@@ -134,18 +221,27 @@ def table_stats(table: WaferTable, max_per_class: int | None = None, seed: int =
     return pd.DataFrame(rows)
 
 
-def compare(real, synth, stats: tuple[str, ...] = STATS):  # -> DataFrame
+def compare(real, synth, stats: tuple[str, ...] = STATS, match_sizes: bool = False):  # -> DataFrame
     """Per class and statistic: real and synthetic median / 25% / 75% and whether they agree.
 
     ``agree`` is true when the synthetic median lies within the real inter-quartile range widened by
     a quarter of its width on each side (plus a small absolute slack), i.e. a typical synthetic map is typical
-    of the real class too.
+    of the real class too. ``match_sizes``: compare each class only with synthetic maps whose die count lies
+    in the real class's 10-90% range (x0.8 / x1.25). The generator draws grid sizes independently of the
+    class, but each class of the small real sample comes from a few products (real Center: median 515
+    dies, real Edge-Ring: 2,126), and size-dependent statistics (failed fraction, ring share) then differ
+    for that reason alone.
     """
     import pandas as pd
 
     rows = []
     for lab in [c for c in dict.fromkeys(real["label"]) if c in set(synth["label"])]:
         r, s = real[real["label"] == lab], synth[synth["label"] == lab]
+        if match_sizes:
+            lo, hi = np.percentile(r["n_dies"], [10, 90])
+            s = s[(s["n_dies"] >= 0.8 * lo) & (s["n_dies"] <= 1.25 * hi)]
+            if len(s) == 0:
+                continue
         for stat in stats:
             rq = np.percentile(r[stat], [25, 50, 75])
             sq = np.percentile(s[stat], [25, 50, 75])
@@ -230,6 +326,21 @@ def load_real_samples(shared_dir: str | Path) -> WaferTable:
     return WaferTable(maps=maps, labels=np.array(labels, dtype=object),
                       split=np.array([""] * n, dtype=object), lot=np.array(lots, dtype=object),
                       wafer_index=np.zeros(n, np.int64), source=str(root))
+
+
+def split_real(table: WaferTable, seed: int = 0, holdout: float = HOLDOUT_FRACTION
+               ) -> tuple[WaferTable, WaferTable]:
+    """(calibration part, held-out part) of the real samples: per class, a seeded ``holdout`` share held out.
+
+    The calibration part is what generator tuning (``benchmarks/synth_calibration.py``) and real-map
+    training / fine-tuning may see; results on real maps are reported on the held-out part only.
+    """
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(table), bool)
+    for cls in sorted(set(table.labels.tolist())):
+        rows = np.flatnonzero(table.labels == cls)
+        held[rng.permutation(rows)[: int(round(holdout * len(rows)))]] = True
+    return table.subset(~held), table.subset(held)
 
 
 def _nested_label(value) -> str:

@@ -5,6 +5,13 @@ with a clustered random background of failed dies and one geometric pattern whos
 map's mask. Grid sizes follow a WM-811K-like distribution (many small grids) drawn independently of the
 class, so the class cannot be read from the map shape. Parameter ranges were tuned against the real samples
 in ``shared/data`` (see ``waferlab.data.calibrate`` and ``benchmarks/synth_calibration.py``).
+
+The module-level ``*_P`` / ``*_MAX`` / ``*_MIN`` constants are the domain-randomisation knobs added for
+synthetic-to-real transfer (issue 14): thin, whole Edge-Ring rings (real median depth 1.0 die), thinner
+Edge-Loc arcs, faint broken scratches that often start at the rim, solid / lobed / near-rim Loc blobs, and
+background artefacts of every class (edge die loss, tiny clusters, probe-card sites). They only act on
+WM-811K-style maps; MixedWM38-style maps keep their own calibration. All draws come from the one seeded
+generator, so the same seed still gives identical maps.
 """
 
 from __future__ import annotations
@@ -28,6 +35,35 @@ MIXABLE_TYPES: tuple[str, ...] = ("Center", "Donut", "Edge-Loc", "Edge-Ring", "L
 LOT_SIZE = 25
 #: Fraction of maps tagged "Training" (the rest "Test").
 TRAIN_FRACTION = 0.8
+
+# Domain-randomisation knobs (probability per map), tuned against the real samples (issue 14).
+#: Edge-Ring: the ring is the outermost die ring only (else 2-3 dies deep).
+RING_THIN_P = 0.9
+#: Edge-Ring: the ring is thicker on one side.
+RING_ECCENTRIC_P = 0.25
+#: Edge-Ring: the ring covers only 200-330 degrees (real rings: a quarter cover < 70% of the rim sectors).
+RING_PARTIAL_P = 0.25
+#: Edge-Ring: a sparse ring (80-95% of its dies fail; real outermost-two-ring failure rate 0.65, not 0.75).
+RING_SPARSE_P = 0.15
+#: Edge-Loc: widest half-angle of an arc, degrees (real arcs cover ~0.29 of the outermost ring, not 0.15).
+EDGE_LOC_HALF_MAX = 85.0
+#: Loc: a blob close to (not on) the rim (real Loc profiles peak at radius 0.35, not 0.65).
+LOC_NEAR_RIM_P = 0.1
+#: Loc: largest relative amplitude of the lobed outline.
+LOC_LOBE_MAX = 0.3
+#: Scratch: starts at the rim.
+SCRATCH_FROM_RIM_P = 0.4
+#: Scratch: a clearly curved arc (real scratches are straighter: straightness 0.975, elongation 0.16).
+SCRATCH_ARC_P = 0.05
+#: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die (faint, broken
+#: scratches: real scratches were mostly called none by a model trained on solid ones).
+SCRATCH_GAP_MAX = 0.35
+SCRATCH_P_MIN = 0.55
+#: Background: short runs of failed dies along the rim (edge die loss), tiny clusters, probe-card artefacts.
+#: (EDGE_LOSS_P 0.85 matched the real none maps' rim clusters better but sent real Edge-Loc maps to none.)
+EDGE_LOSS_P = 0.5
+SPECKLE_P = 0.25
+PROBE_ARTEFACT_P = 0.08
 
 # Common real WM-811K grid shapes (from the shared samples) and how often they are drawn (relative).
 _COMMON_SHAPES: tuple[tuple[int, int, float], ...] = (
@@ -117,8 +153,9 @@ def _draw_shape(rng: np.random.Generator) -> tuple[int, int]:
     if rng.random() < 0.5:
         h, w, _ = _COMMON_SHAPES[rng.choice(len(_COMMON_SHAPES), p=_COMMON_P)]
         return (h, w) if rng.random() < 0.8 else (w, h)
-    side = 25.0 + 75.0 * rng.beta(1.0, 2.5)
-    aspect = np.exp(rng.normal(0.0, 0.07)) if rng.random() < 0.93 else rng.uniform(0.6, 0.85)
+    # mostly small sides, a tail of large grids (real maps reach ~110x150) and some elongated ones
+    side = 25.0 + 75.0 * rng.beta(1.0, 2.5) if rng.random() < 0.9 else rng.uniform(70.0, 150.0)
+    aspect = np.exp(rng.normal(0.0, 0.07)) if rng.random() < 0.9 else rng.uniform(0.5, 0.85)
     h = int(round(side * np.sqrt(aspect)))
     w = int(round(side / np.sqrt(aspect)))
     if rng.random() < 0.5:
@@ -170,25 +207,51 @@ def _donut(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndar
 
 
 def _edge_ring(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
-    width = 1.2 + min(rng.exponential(0.5), 2.0) + 0.015 * g.radius * rng.random()
-    p_in = rng.uniform(0.9, 1.0)
-    region = g.inside & (g.edge <= width)
-    modulation = rng.uniform(0.0, 0.15)  # failure density varying slowly around the ring
+    if mixed:
+        return _edge_ring_mixed(g, rng)
+    # real rings are mostly the outermost die ring alone (median depth 1.0 die); some 2-3 dies deep
+    if rng.random() < RING_THIN_P:  # edge distance 1 or sqrt(2): the 8-connected outermost ring
+        width = rng.uniform(1.42, 1.95)
+    else:
+        width = 2.0 + min(rng.exponential(0.5), 1.5) + 0.01 * g.radius * rng.random()
     phase = rng.uniform(-np.pi, np.pi)
-    prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase)))
-    if rng.random() < 0.12:  # partial coverage: 240-340 degrees
-        gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(10.0, 60.0))
+    if rng.random() < RING_ECCENTRIC_P:  # off-centre process: the ring is thicker on one side
+        width = width + rng.uniform(0.5, 2.0) * 0.5 * (1.0 + np.cos(g.theta - phase))
+    # real rings are one 8-connected component: a 1-die ring breaks at any surviving die, so ~all fail
+    p_in = rng.uniform(0.8, 0.95) if rng.random() < RING_SPARSE_P else rng.uniform(0.97, 1.0)
+    region = g.inside & (g.edge <= width)
+    modulation = rng.uniform(0.0, 0.05)  # failure density varying slowly around the ring
+    prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase - np.pi)))
+    if rng.random() < RING_PARTIAL_P:  # partial coverage: 200-330 degrees
+        gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(15.0, 80.0))
         region &= ~gap
     prob = np.where(region, prob, 0.0)
     return prob, region
+
+
+def _edge_ring_mixed(g: _Geometry, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A MixedWM38-style ring: 1-4 dies deep, nearly uniform, sometimes 240-340 degrees."""
+    width = 1.2 + min(rng.exponential(0.5), 2.0) + 0.015 * g.radius * rng.random()
+    p_in = rng.uniform(0.9, 1.0)
+    region = g.inside & (g.edge <= width)
+    modulation = rng.uniform(0.0, 0.15)
+    phase = rng.uniform(-np.pi, np.pi)
+    prob = p_in * (1.0 - modulation * 0.5 * (1.0 + np.cos(g.theta - phase)))
+    if rng.random() < 0.12:
+        gap = _ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < np.deg2rad(rng.uniform(10.0, 60.0))
+        region &= ~gap
+    return np.where(region, prob, 0.0), region
 
 
 def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
     centre = rng.uniform(-np.pi, np.pi)
     p_in = rng.uniform(0.75, 1.0)
     if rng.random() < 0.7:  # an arc along the rim, a few dies deep
-        depth = 1.0 + rng.exponential(1.0) + rng.uniform(0.0, 0.1) * g.radius
-        half = np.deg2rad(rng.uniform(18.0, 60.0))
+        if mixed:
+            depth = 1.0 + rng.exponential(1.0) + rng.uniform(0.0, 0.1) * g.radius
+        else:  # real Edge-Loc arcs are ~1.4 dies deep
+            depth = 1.0 + rng.exponential(0.6) + rng.uniform(0.0, 0.06) * g.radius
+        half = np.deg2rad(rng.uniform(18.0, 60.0 if mixed else EDGE_LOC_HALF_MAX))
         dang = _ang_dist(g.theta, centre)
         region = g.inside & (g.edge <= depth) & (dang <= half)
         prob = p_in * _logistic((half - dang) / 0.06) * _logistic((depth + 0.5 - g.edge) / 0.5)
@@ -209,15 +272,21 @@ def _loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarra
     region = np.zeros(g.r.shape, bool)
     for _ in range(n_blobs):
         rad = rng.uniform(0.09, 0.26) if n_blobs == 1 else rng.uniform(0.06, 0.16)
-        rc = rng.uniform(0.18, max(0.25, 0.92 - rad))
+        if not mixed and rng.random() < LOC_NEAR_RIM_P:  # near (not on) the rim, as real Loc often is
+            rc = rng.uniform(max(0.25, 0.9 - rad), max(0.3, 0.98 - 0.6 * rad))
+        else:
+            rc = rng.uniform(0.18, max(0.25, 0.92 - rad))
         ang = rng.uniform(-np.pi, np.pi)
         rot = rng.uniform(-np.pi, np.pi)
-        ell = np.exp(rng.normal(0.0, 0.3))
+        ell = np.exp(rng.normal(0.0, 0.45 if not mixed else 0.3))  # some streaky, elongated blobs
         du, dv = g.u - rc * np.cos(ang), g.v - rc * np.sin(ang)
         a = (du * np.cos(rot) + dv * np.sin(rot)) * ell
         b = (-du * np.sin(rot) + dv * np.cos(rot)) / ell
         d = np.sqrt(a * a + b * b)
-        p_in = rng.uniform(0.6, 0.98)
+        if not mixed:  # an irregular outline: 2-4 lobes
+            d = d * (1.0 + rng.uniform(0.0, LOC_LOBE_MAX) * np.cos(rng.integers(2, 5) * np.arctan2(b, a)
+                                                                + rng.uniform(-np.pi, np.pi)))
+        p_in = rng.uniform(0.6, 0.98) if mixed else rng.uniform(0.75, 1.0)  # real blobs are solid
         keep *= 1.0 - p_in * _logistic((rad - d) / rng.uniform(0.01, 0.04))
         region |= d <= rad
     return 1.0 - keep, region & g.inside
@@ -229,13 +298,17 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     length = rng.uniform(0.8, 2.0) * rad if mixed else rng.uniform(0.4, 1.6) * rad
     step = 0.35
     t = np.arange(0.0, length, step)
-    # start anywhere well inside, heading roughly across the wafer
+    # start anywhere well inside (or, often in real maps, at the rim), heading roughly across the wafer
     r0, a0 = 0.75 * np.sqrt(rng.random()), rng.uniform(-np.pi, np.pi)
+    if not mixed and rng.random() < SCRATCH_FROM_RIM_P:
+        r0 = rng.uniform(0.8, 0.95)
     # head towards a point in the middle part so the line crosses the wafer instead of hugging its rim
     r1, a1 = 0.5 * np.sqrt(rng.random()), rng.uniform(-np.pi, np.pi)
     heading0 = np.arctan2((r1 * np.sin(a1) - r0 * np.sin(a0)) * h, (r1 * np.cos(a1) - r0 * np.cos(a0)) * w)
     heading0 += rng.normal(0.0, 0.35)
     curv = rng.normal(0.0, 0.6) / rad  # gentle curvature (radius of curvature mostly > 1.5 R)
+    if not mixed and rng.random() < SCRATCH_ARC_P:  # a clearly curved arc (radius of curvature ~ R)
+        curv = rng.choice([-1.0, 1.0]) * rng.uniform(0.7, 1.4) / rad
     heading = heading0 + curv * t
     if rng.random() < 0.45:  # a polyline: 1-3 kinks of 10-40 degrees
         kinks = np.sort(rng.uniform(0.15, 0.85, rng.integers(1, 4))) * length
@@ -247,11 +320,13 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     y = (h - 1) / 2 + r0 * np.sin(a0) * h / 2 + dy
     ii, jj = np.rint(y).astype(np.int64), np.rint(x).astype(np.int64)
     # gaps: drop some chunks of the line (drawn with low probability, still part of the region)
-    chunk = np.minimum((t / max(rad * 0.15, 2.0)).astype(np.int64), 10_000)
-    solid = rng.random(chunk.max() + 1) > rng.uniform(0.0, 0.1 if mixed else 0.25)
+    # real scratches are broken into dashes and dots: short chunks, up to ~half of them missing
+    chunk_len = max(rad * 0.15, 2.0) if mixed else max(rad * rng.uniform(0.08, 0.2), 2.0)
+    chunk = np.minimum((t / chunk_len).astype(np.int64), 10_000)
+    solid = rng.random(chunk.max() + 1) > rng.uniform(0.0, 0.1 if mixed else SCRATCH_GAP_MAX)
     region = np.zeros((h, w), bool)
     drawn = np.zeros((h, w), bool)
-    thick = rng.random() < (0.3 if rad > 18 else 0.1)
+    thick = rng.random() < ((0.3 if rad > 18 else 0.1) if mixed else (0.12 if rad > 18 else 0.04))
     offsets = [(0, 0)] + ([(1, 0), (0, 1)] if thick else [])
     for di, dj in offsets:
         a, b = ii + di, jj + dj
@@ -259,7 +334,7 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
         region[a[ok], b[ok]] = True
         drawn[a[ok & solid[chunk]], b[ok & solid[chunk]]] = True
     region &= g.inside
-    p_in = rng.uniform(0.85, 1.0) if mixed else rng.uniform(0.75, 1.0)
+    p_in = rng.uniform(0.85, 1.0) if mixed else rng.uniform(SCRATCH_P_MIN, 1.0)  # faint scratches too
     return np.where(drawn & region, p_in, 0.0), region
 
 
@@ -274,8 +349,33 @@ def _background_rate(g: _Geometry, rng: np.random.Generator, mixed: bool) -> flo
     if mixed:
         return float(np.clip(np.exp(rng.normal(np.log(0.08), 0.5)), 0.005, 0.3))
     # interior rate: median about 12% at radius 13 dies, 5% at 26, 2% at 50 (fitted to the real samples)
-    median = 0.12 * (13.0 / max(g.radius, 11.0)) ** 1.3
+    median = 0.105 * (13.0 / max(g.radius, 11.0)) ** 1.3
     return float(np.clip(np.exp(rng.normal(np.log(median), 0.5)), 0.001, 0.3))
+
+
+def _background_artefacts(g: _Geometry, rng: np.random.Generator) -> np.ndarray:
+    """Extra background failure probability seen on real maps of every class (and on ``none``).
+
+    Short runs of failed dies on the outermost ring (edge die loss, 2-5 dies each), a few tiny clusters
+    (2-6 dies) and, rarely, a faint periodic probe-card pattern (every k-th row/column site).
+    """
+    extra = np.zeros(g.r.shape, np.float32)
+    if rng.random() < EDGE_LOSS_P:
+        for _ in range(int(rng.integers(1, 5))):
+            half = rng.uniform(1.0, 2.5) / max(g.radius, 1.0)
+            run = (_ang_dist(g.theta, rng.uniform(-np.pi, np.pi)) < half) & (g.edge <= 1.0)
+            extra = np.maximum(extra, np.where(run, rng.uniform(0.5, 0.95), 0.0))
+    if rng.random() < SPECKLE_P:
+        for _ in range(int(rng.integers(1, 4))):
+            cu, cv = rng.uniform(-0.8, 0.8, 2)
+            d = np.sqrt((g.u - cu) ** 2 + (g.v - cv) ** 2) * g.radius
+            extra = np.maximum(extra, np.where(d <= rng.uniform(0.7, 1.2), rng.uniform(0.5, 0.9), 0.0))
+    if rng.random() < PROBE_ARTEFACT_P:
+        (h, w), (pi, pj) = g.r.shape, rng.integers(2, 5, 2)
+        rows, cols = np.arange(h)[:, None] % pi, np.arange(w)[None, :] % pj
+        site = (rows == rng.integers(pi)) & (cols == rng.integers(pj))
+        extra = np.maximum(extra, np.where(site, rng.uniform(0.05, 0.2), 0.0))
+    return np.where(g.inside, extra, 0.0).astype(np.float32)
 
 
 def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -291,6 +391,8 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
     # dies at the rim fail more often: the outermost ring about 2-5x the interior rate, as in WM-811K
     rim = 1.0 + np.float32(np.exp(rng.normal(np.log(1.0 if mixed else 2.5), 0.5))) * g.rim
     keep = 1.0 - np.minimum(p_bg * coarse[g.coarse_i, g.coarse_j] * rim, 0.3)  # background never a pattern
+    if not mixed:
+        keep = keep * (1.0 - _background_artefacts(g, rng))
     region = np.zeros(shape, bool)
     for t in types:
         if t in _PATTERNS:

@@ -168,6 +168,11 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any]:
                                 f"the run directory)")
         return backend, open_session(job.run)[1]
     run = Run.open(job.run)
+    if run.spec().task == "multilabel":  # before load_trust: its "calibrate first" advice does not apply
+        raise WaferlabError(f"{job.run}: a multilabel run; predict serves single-label runs only (no "
+                            f"calibration, operating point or unknown-pattern score for multi-hot labels); "
+                            f"use 'waferlab evaluate' (it applies the run's label_thresholds.json) or "
+                            f"waferlab.engine.predict.predict")
     trust = load_trust(run)
     if backend == "torch":
         return backend, Contract.of(run.spec(), trust, run.info.model_name)

@@ -233,7 +233,10 @@ class WaferDataModule(L.LightningDataModule):
         return x, labels
 
     def on_after_batch_transfer(self, batch: torch.Tensor, dataloader_idx: int) -> Any:
-        return self.gather(batch, train=bool(self.trainer is not None and self.trainer.training))
+        x, y = self.gather(batch, train=bool(self.trainer is not None and self.trainer.training))
+        if self.trainer is not None:  # e.g. 64-true: float64 inputs for the float64 model
+            x = self.trainer.precision_plugin.convert_input(x)
+        return x, y
 
 
 def _augmenter(cfg: TrainConfig) -> Any:

@@ -76,7 +76,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
         raise WaferlabError(f"{data}: no labelled maps to evaluate")
     probs = predict_probs(model, p.maps[keep], run.spec(), opts)
     if multilabel:
-        metrics = compute_multilabel_metrics(y, probs, info.class_names)
+        metrics = compute_multilabel_metrics(y, probs, info.class_names, threshold=run.label_thresholds())
     else:
         metrics = compute_metrics(y, probs, info.class_names)
     metrics["run_dir"] = str(run_dir)

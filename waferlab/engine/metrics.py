@@ -306,14 +306,62 @@ def _per_label(names: list[str], present: np.ndarray, precision: np.ndarray, rec
     return out
 
 
+def _label_thresholds(threshold: Any, names: list[str]) -> np.ndarray:
+    """One threshold per label from a number, a sequence (label order) or a {label: threshold} dict."""
+    if isinstance(threshold, dict):
+        missing = [n for n in names if n not in threshold]
+        if missing:
+            raise WaferlabError(f"thresholds: no threshold for label(s) {', '.join(missing)}")
+        threshold = [threshold[n] for n in names]
+    values = [threshold] * len(names) if np.ndim(threshold) == 0 else list(threshold)
+    if len(values) != len(names):
+        raise WaferlabError(f"thresholds: expected {len(names)} (one per label), got {len(values)}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float | np.floating) or not 0 < v < 1:
+            raise WaferlabError(f"threshold must be a number in (0, 1), got {v!r}")
+    return np.asarray(values, dtype=np.float64)
+
+
+def fit_label_thresholds(y_true_multi_hot: Any, probs: Any, label_names: Sequence[str]) -> dict[str, float]:
+    """Per-label decision thresholds maximising each label's F1 on labelled (validation) maps.
+
+    One shared 0.5 suits no label when the labels' score scales differ (a rare label's sigmoid rarely
+    reaches 0.5), so exact match collapses although mAP is high. Each threshold is the midpoint below the
+    best-F1 score (ties: the one nearest 0.5); a label without positives keeps 0.5.
+    """
+    names = [str(c) for c in label_names]
+    y = _as_multi_hot(y_true_multi_hot, names)
+    p = _as_label_probs(probs, len(y), len(names))
+    out: dict[str, float] = {}
+    for j, name in enumerate(names):
+        pos = int(y[:, j].sum())
+        cand = np.unique(p[:, j])[::-1]  # descending: "predict when >= cand[i]"
+        if pos == 0 or len(cand) == 0:
+            out[name] = MULTILABEL_THRESHOLD
+            continue
+        order = np.argsort(-p[:, j], kind="stable")
+        tp = np.cumsum(y[order, j])
+        # for each candidate, the count of maps scoring >= it
+        k = np.searchsorted(-p[order, j], -cand, side="right")
+        f1 = 2 * tp[k - 1] / (k + pos)
+        below = np.append(cand[1:], 0.0)
+        mids = (cand + below) / 2
+        best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+        t = float(mids[best[np.argmin(np.abs(mids[best] - MULTILABEL_THRESHOLD))]])
+        out[name] = float(np.clip(t, 1e-6, 1 - 1e-6))
+    return out
+
+
 def compute_multilabel_metrics(
     y_true_multi_hot: Any,
     probs: Any,
     label_names: Sequence[str],
-    threshold: float = MULTILABEL_THRESHOLD,
+    threshold: float | Sequence[float] | dict[str, float] = MULTILABEL_THRESHOLD,
 ) -> dict[str, Any]:
     """Every metric of a multi-label classifier (e.g. MixedWM38's 8 defect types) from multi-hot truth and
-    per-label sigmoid probabilities; a label is predicted when its probability is >= ``threshold``.
+    per-label sigmoid probabilities; a label is predicted when its probability is >= ``threshold`` (one
+    number, or one per label: a sequence in label order or a {label: threshold} dict, e.g. a run's fitted
+    ``label_thresholds.json``).
 
     * ``exact_match``: share of maps whose whole predicted label set equals the true set (subset
       accuracy; a map with no defect counts only when nothing is predicted), also per number of true
@@ -333,14 +381,13 @@ def compute_multilabel_metrics(
     k = len(names)
     if k == 0 or len(set(names)) != k:
         raise WaferlabError(f"label_names must be distinct and non-empty, got {names}")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not 0 < threshold < 1:
-        raise WaferlabError(f"threshold must be a number in (0, 1), got {threshold!r}")
+    thresholds = _label_thresholds(threshold, names)
     y = _as_multi_hot(y_true_multi_hot, names)
     n = len(y)
     if n == 0:
         raise WaferlabError("no maps to evaluate (N = 0): the evaluation split is empty")
     p = _as_label_probs(probs, n, k)
-    pred = (p >= threshold).astype(np.int64)
+    pred = (p >= thresholds[None, :]).astype(np.int64)
     pt, yt = torch.from_numpy(p), torch.from_numpy(y)
     # integer counts (tp, fp, tn, fn, support) from torchmetrics; ratios below in float64 with explicit 0/0
     stats = multilabel_stat_scores(torch.from_numpy(pred), yt, num_labels=k, threshold=0.5, average=None,
@@ -358,6 +405,9 @@ def compute_multilabel_metrics(
         recall = np.where(present, tp / np.maximum(tp + fn, 1), np.nan)
         f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
     per_label = _per_label(names, present, precision, recall, f1, ap, support, pred.sum(axis=0))
+    for name, t in zip(names, thresholds.tolist()):
+        per_label[name]["threshold"] = t
+    uniform = bool(np.all(thresholds == thresholds[0]))
     exact = (pred == y).all(axis=1)
     cardinality = y.sum(axis=1)
     by_card = {str(c): {"n": int((cardinality == c).sum()),
@@ -369,7 +419,7 @@ def compute_multilabel_metrics(
         "task": "multilabel",
         "n": n,
         "label_names": names,
-        "threshold": float(threshold),
+        "threshold": float(thresholds[0]) if uniform else "per-label",
         "exact_match": float(exact.mean()),
         "exact_match_by_cardinality": by_card,
         "hamming_loss": float((pred != y).mean()),

@@ -394,7 +394,9 @@ def render_multilabel_section(metrics: dict[str, Any]) -> str:
     lines = ["## Multi-label metrics", ""]
     rows = [(label, metrics.get(key)) for key, label in MULTILABEL_HEADLINE_ROWS if key in metrics]
     lines += [markdown_table(rows, ["metric", "value"], align=["l", "r"])]
-    notes = [f"A label is predicted when its sigmoid probability is >= {metrics['threshold']:g}; "
+    rule = (f">= {metrics['threshold']:g}" if isinstance(metrics["threshold"], int | float)
+            else ">= its own threshold (column threshold; fitted on the run's validation part)")
+    notes = [f"A label is predicted when its sigmoid probability is {rule}; "
              "AP and mAP are threshold-free.",
              "mAP and macro averages are taken over the labels present in the evaluation set."]
     if metrics.get("labels_absent"):
@@ -409,10 +411,10 @@ def render_multilabel_section(metrics: dict[str, Any]) -> str:
     per = metrics["per_label"]
     lines += ["### Per-label metrics", ""]
     lines += [markdown_table(
-        [(c, per[c]["precision"], per[c]["recall"], per[c]["f1"], per[c]["ap"], per[c]["support"],
-          per[c]["predicted"]) for c in names],
-        ["label", "precision", "recall", "F1", "AP", "support", "predicted"],
-        align=["l", "r", "r", "r", "r", "r", "r"],
+        [(c, per[c].get("threshold"), per[c]["precision"], per[c]["recall"], per[c]["f1"], per[c]["ap"],
+          per[c]["support"], per[c]["predicted"]) for c in names],
+        ["label", "threshold", "precision", "recall", "F1", "AP", "support", "predicted"],
+        align=["l", "r", "r", "r", "r", "r", "r", "r"],
     )]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -62,6 +62,7 @@ RUN_LAYOUT: dict[str, str] = {
     "reliability.png": "reliability diagram",
     "calibration.json": "temperature and ECE before/after, fitted on the validation part",
     "thresholds.json": "operating point (P(none) threshold) and unknown-pattern threshold",
+    "label_thresholds.json": "multilabel runs: per-label decision thresholds (best F1 on the val part)",
     "ood.json": "statistics of the unknown-pattern score (e.g. class means / covariance summary)",
     "trust.md": "report of calibration, operating point and unknown-pattern threshold",
     "calibration.png": "reliability diagrams before and after temperature scaling",
@@ -163,6 +164,14 @@ class Run:
 
     def has(self, name: str) -> bool:
         return self.file(name).exists()
+
+    def label_thresholds(self) -> dict[str, float] | float:
+        """A multilabel run's decision thresholds: its fitted ``label_thresholds.json``, else 0.5 for all."""
+        from waferlab.engine.metrics import MULTILABEL_THRESHOLD
+
+        if not self.has("label_thresholds.json"):
+            return MULTILABEL_THRESHOLD
+        return {str(k): float(v) for k, v in self.read_json("label_thresholds.json")["thresholds"].items()}
 
     # --- status ---------------------------------------------------------------------------------
     def mark(self, status: str) -> None:

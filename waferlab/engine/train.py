@@ -199,7 +199,8 @@ def _kept_weights(module: Any, keep: Any) -> tuple[Any, str]:
         state = torch.load(keep.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         chosen = f"best validation macro-F1 ({float(keep.best_model_score):.4f})"
-    return module.model.to("cpu").to(memory_format=torch.contiguous_format).eval(), chosen
+    # float32 on the CPU whatever the training precision (64-true trains a float64 model)
+    return module.model.to("cpu", torch.float32).to(memory_format=torch.contiguous_format).eval(), chosen
 
 
 def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any) -> dict[str, Any]:
@@ -232,9 +233,12 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
         part_name, rows = ("val", split.val) if len(split.val) else ("train", split.train)
         _note(f"no test part: metrics.json is computed on the {part_name} part")
     options = PredictOptions(device=hw.device, batch_size=cfg.eval_batch_size)
+    if cfg.task == "multilabel":
+        _fit_label_thresholds(run, model, split, options)
     probs = predict(model, split.data.maps[rows], run.spec(), options).probs
     if cfg.task == "multilabel":
-        metrics = compute_multilabel_metrics(split.targets(rows), probs, run.class_names)
+        metrics = compute_multilabel_metrics(split.targets(rows), probs, run.class_names,
+                                             threshold=run.label_thresholds())
         headline = multilabel_summary(metrics)
     else:
         metrics = compute_metrics(split.data.labels[rows], probs, run.class_names)
@@ -245,6 +249,23 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
     run.write_evaluation(metrics, f"{cfg.model} on {names} ({part_name} part)", card)
     _note(f"{part_name} {headline} -> {run.path}")
     _after_training(run, model, split, options)
+
+
+def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any) -> None:
+    """A multilabel run's per-label thresholds (best F1 on the validation part) -> label_thresholds.json;
+    without a validation part every label keeps 0.5 (evaluate and the report say which rule applied)."""
+    from waferlab.engine.metrics import fit_label_thresholds
+    from waferlab.engine.predict import predict
+
+    if len(split.val) == 0:
+        _note("no validation part: every label keeps the 0.5 threshold")
+        return
+    probs = predict(model, split.data.maps[split.val], run.spec(), options).probs
+    fitted = fit_label_thresholds(split.targets(split.val), probs, run.class_names)
+    run.write_json("label_thresholds.json", {"fitted_on": "validation part", "n": int(len(split.val)),
+                                             "rule": "per label, the threshold of best F1",
+                                             "thresholds": fitted})
+    _note("label thresholds (validation best F1): " + ", ".join(f"{k} {v:.2f}" for k, v in fitted.items()))
 
 
 def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any:
@@ -263,7 +284,7 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
     val = predict(model, split.data.maps[split.val], run.spec(), replace(options, features=True))
     labels = split.targets(split.val)
     if run.spec().task == "multilabel":
-        _note("multi-label run: calibration and thresholds are not fitted")
+        _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
         return val, labels
     try:
         summary = fit_trust(run, val, labels)
