@@ -188,3 +188,29 @@ def test_multilabel_loss_task_checks() -> None:
         build_loss("asl", 3, clip=1.5)
     with pytest.raises(WaferlabError, match="multi-hot"):
         build_loss("bce", 3)(_ML_LOGITS, torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("name", ["ce", "weighted_ce", "focal"])
+def test_rank_shares_make_ddp_average_the_global_batch_mean(name: str) -> None:
+    """DDP averages the ranks' gradients; each rank's loss is a MEAN over its shard. Scaled by
+    world * norm_k / sum(norm) (norm = batch_normaliser: rows, or the rows' class weights), the average of the
+    shards' losses equals the global batch's loss, for a ragged split (7 + 6) with different class mixes.
+    With rows as the norm, weighted_ce's shards (different class-weight sums) would not add up."""
+    from waferlab.losses import batch_normaliser, build_loss
+
+    kw = {"kind": "inverse"} if name == "focal" else {}
+    crit = build_loss(name, 3, class_counts=[50, 10, 5] if name != "ce" else None, **kw)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(13, 3, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0, 0, 1, 2, 1, 1, 2, 2, 2, 0])
+    full = crit(logits.float(), y).double()
+    shards = [(logits[:7], y[:7]), (logits[7:], y[7:])]
+    norms = [batch_normaliser(crit, t) for _, t in shards]
+    total = sum(norms)
+    ddp = sum(crit(x.float(), t).double() * (2 * n / total) for (x, t), n in zip(shards, norms)) / 2
+    assert float(ddp) == pytest.approx(float(full), rel=1e-6)
+    rows = sum(crit(x.float(), t).double() * (2 * len(t) / 13) for x, t in shards) / 2
+    if name == "ce":
+        assert float(rows) == pytest.approx(float(full), rel=1e-6)
+    else:  # the rows-only share (the previous fix) is wrong for weighted losses
+        assert abs(float(rows) - float(full)) > 1e-3

@@ -96,6 +96,16 @@ class FocalLoss(nn.Module):
         return (w * loss).sum() / w.sum()
 
 
+def batch_normaliser(criterion: nn.Module, target: torch.Tensor) -> torch.Tensor:
+    """What ``criterion``'s batch mean divides by: the sum of the samples' class weights for a weighted
+    multiclass loss (``nn.CrossEntropyLoss(weight=...)``, :class:`FocalLoss`), else the number of rows.
+    DDP needs it to turn the ranks' means into the mean over the global batch."""
+    weight = getattr(criterion, "weight", None)
+    if isinstance(weight, torch.Tensor) and target.dim() == 1 and not target.is_floating_point():
+        return weight.to(target.device, torch.float64)[target].sum()
+    return torch.tensor(float(len(target)), dtype=torch.float64, device=target.device)
+
+
 class AsymmetricLoss(nn.Module):
     """Asymmetric loss for multi-label classification (Ridnik et al., ICCV 2021), on logits.
 

@@ -19,6 +19,7 @@ from torchmetrics.classification import (
 
 from waferlab.engine.config import TrainConfig
 from waferlab.errors import WaferlabError
+from waferlab.losses import batch_normaliser
 
 
 class WaferClassifier(L.LightningModule):
@@ -70,16 +71,18 @@ class WaferClassifier(L.LightningModule):
         loss = self.criterion(self(x), y)
         self.train_loss.update(loss.detach(), weight=len(y))
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
-        return loss * self._rank_share(len(y)) if self.trainer.world_size > 1 else loss
+        if self.trainer.world_size > 1:
+            return loss * self._rank_share(batch_normaliser(self.criterion, y))
+        return loss
 
-    def _rank_share(self, rows: int) -> torch.Tensor:
-        """``world * rows / global rows`` of this step: DDP averages the ranks' gradients of their MEAN
-        losses, which is the gradient of the mean over the global batch only when every rank has as many
-        rows. A last, partial global batch splits unevenly (e.g. 13 rows -> 7 + 6); this factor makes the
-        averaged gradient that of the global mean there too."""
-        n = torch.tensor(float(rows), dtype=torch.float64, device=self.device)
-        total = self.trainer.strategy.reduce(n.clone(), reduce_op="sum")
-        return n * self.trainer.world_size / total
+    def _rank_share(self, norm: torch.Tensor) -> torch.Tensor:
+        """``world * norm / global norm`` of this step, ``norm`` being what the loss's mean divides by (rows,
+        or the rows' class weights for weighted_ce / focal): DDP averages the ranks' gradients of their MEAN
+        losses, which is the gradient of the global batch's mean only when every rank has the same norm. A
+        last, partial global batch splits unevenly (13 rows -> 7 + 6), and class weights differ between
+        ranks' shards in every batch; this factor makes the averaged gradient that of the global mean."""
+        total = self.trainer.strategy.reduce(norm.clone(), reduce_op="sum")
+        return norm * self.trainer.world_size / total
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
