@@ -5,7 +5,10 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
 * end to end: an LSWMD-layout pickle -> CSV through :func:`waferlab.deploy.predict.predict_file` (read,
   prepare, infer, unknown-pattern score, write), maps/s;
 * bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
-* ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``.
+* ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``;
+* OpenVINO on the same exported graph, when ``openvino`` imports (measured, not offered: see the README);
+* ``--stages``: where predict's time goes, each stage alone on the same file: reading the source, preparing
+  (resizing) the chunks, inference + unknown-pattern score, formatting + writing the CSV.
 
 ``--scale N,M`` also runs predict on N-row (and M-row) files in fresh processes and reports wall time and
 peak resident memory, to show memory stays flat in the number of maps.
@@ -39,6 +42,7 @@ def make_run(folder: Path, model: str, size: int) -> Path:
     from waferlab.data.readers import write_safe
     from waferlab.data.synth import generate
     from waferlab.data.table import WM811K_CLASSES
+    from waferlab.deploy.ood import KNN_BANK, FitData
     from waferlab.deploy.trust import fit_trust
     from waferlab.engine.config import build_config
     from waferlab.engine.predict import PredictOptions, predict
@@ -57,7 +61,11 @@ def make_run(folder: Path, model: str, size: int) -> Path:
     run.mark("finished")
     p = prepare(table, size)
     val = predict(net, p.maps, run.spec(), PredictOptions(device="cpu", features=True))
-    fit_trust(run, val, p.labels)
+    # a full-size feature bank, as a run trained on WM-811K has (speed does not depend on its values)
+    rng = np.random.default_rng(0)
+    bank = FitData(np.zeros((KNN_BANK, 9), np.float32), rng.integers(0, 9, KNN_BANK),
+                   rng.normal(size=(KNN_BANK, val.features.shape[1])).astype(np.float32))
+    fit_trust(run, val, p.labels, train=bank)
     return run.path
 
 
@@ -86,6 +94,54 @@ def bare_onnx(onnx: Path, maps: np.ndarray, batch: int) -> float:
     t0 = time.perf_counter()
     run_session(session, maps, batch)
     return len(maps) / (time.perf_counter() - t0)
+
+
+def bare_openvino(onnx: Path, maps: np.ndarray, batch: int, threads: int) -> float | None:
+    """maps/s of OpenVINO's CPU plugin on the exported graph (None when openvino is not installed)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    compiled = core.compile_model(str(onnx), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                    "PERFORMANCE_HINT": "LATENCY"})
+    compiled({"maps": maps[:batch]})
+    t0 = time.perf_counter()
+    for s in range(0, len(maps), batch):
+        compiled({"maps": np.ascontiguousarray(maps[s:s + batch])})
+    return len(maps) / (time.perf_counter() - t0)
+
+
+def stages(run_dir: Path, src: Path, out: Path, batch: int) -> dict:
+    """Seconds of each predict stage run alone (same code as predict, without the overlap)."""
+    from waferlab.data.cache import prepare
+    from waferlab.data.readers import load_table
+    from waferlab.deploy.export import Contract
+    from waferlab.deploy.predict import BackendSpec, RowWriter, _chunk, open_backend, rows_frame
+    from waferlab.deploy.trust import load_trust
+    from waferlab.engine.run import Run
+
+    run = Run.open(run_dir)
+    contract = Contract.of(run.spec(), load_trust(run), run.info.model_name)
+    t = {}
+    t0 = time.perf_counter()
+    table = load_table(src)
+    t["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chunks = [_chunk(np.arange(s, min(s + 4096, len(table))), prepare(table.subset(np.arange(s, min(
+        s + 4096, len(table)))), contract.image_size)) for s in range(0, len(table), 4096)]
+    t["prepare"] = time.perf_counter() - t0
+    backend = open_backend(BackendSpec(str(run_dir), "torch", "cpu", batch))
+    t0 = time.perf_counter()
+    results = [backend.infer(c.maps) for c in chunks]
+    t["infer"] = time.perf_counter() - t0
+    writer = RowWriter(out, "csv")
+    t0 = time.perf_counter()
+    for c, (probs, ood) in zip(chunks, results):
+        writer.write(rows_frame(c, probs, ood, contract))
+    writer.close()
+    t["write"] = time.perf_counter() - t0
+    return t
 
 
 def end_to_end(run_dir: Path, src: Path, out: Path, backend: str, batch: int) -> float:
@@ -121,6 +177,9 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
         r["e2e_torch"] = end_to_end(run, src, folder / "out.csv", "torch", args.batch)
         r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
         r["e2e_onnx"] = end_to_end(run, src, folder / "out.csv", "onnx", args.batch)
+        r["bare_openvino"] = bare_openvino(onnx, maps, args.batch, args.threads)
+        if args.stages:
+            r["stages"] = stages(run, src, folder / "out.csv", args.batch)
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
     return rows
@@ -160,6 +219,27 @@ def child(args: argparse.Namespace) -> None:
                                   "peak_rss_gb": round(peak, 2)}), flush=True)
 
 
+def print_throughput(rows: list[dict]) -> None:
+    print("| model | px | maps | threads | bare torch maps/s | predict e2e maps/s | e2e / bare | "
+          "bare ONNX maps/s | ONNX / torch | predict --backend onnx maps/s | onnx e2e / bare onnx | "
+          "bare OpenVINO maps/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ov = f"{r['bare_openvino']:.0f}" if r.get("bare_openvino") else "not installed"
+        print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {r['bare_torch']:.0f} | "
+              f"{r['e2e_torch']:.0f} | {r['e2e_torch'] / r['bare_torch']:.2f} | {r['bare_onnx']:.0f} | "
+              f"{r['bare_onnx'] / r['bare_torch']:.2f}x | {r['e2e_onnx']:.0f} | "
+              f"{r['e2e_onnx'] / r['bare_onnx']:.2f} | {ov} |")
+    staged = [r for r in rows if "stages" in r]
+    if staged:
+        print("\n| model | read s | prepare s | infer + score s | format + write CSV s | sum s |")
+        print("|---|---|---|---|---|---|")
+        for r in staged:
+            st = r["stages"]
+            print(f"| {r['model']} | {st['read']:.2f} | {st['prepare']:.2f} | {st['infer']:.2f} | "
+                  f"{st['write']:.2f} | {sum(st.values()):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet34,cbam,spanet")
@@ -167,6 +247,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="maps of the throughput file (0: skip)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("WAFERLAB_THREADS", "2")))
+    parser.add_argument("--stages", action="store_true", help="also time each predict stage alone")
     parser.add_argument("--scale", default="", help="comma-separated row counts for the memory/scale runs")
     parser.add_argument("--scale-model", default="spanet")
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -180,14 +261,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="waferlab_predict_bench_") as tmp:
         if args.n:
             rows = throughput(args, Path(tmp))
-            print("| model | px | maps | bare torch maps/s | predict e2e maps/s | e2e / bare | "
-                  "bare ONNX maps/s | ONNX / torch | predict --backend onnx maps/s |")
-            print("|---|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['bare_torch']:.0f} | "
-                      f"{r['e2e_torch']:.0f} | "
-                      f"{r['e2e_torch'] / r['bare_torch']:.2f} | {r['bare_onnx']:.0f} | "
-                      f"{r['bare_onnx'] / r['bare_torch']:.2f}x | {r['e2e_onnx']:.0f} |")
+            print_throughput(rows)
         if args.scale:
             rows = scale(args, Path(tmp))
             print("\n| maps | model | px | file MB | wall s | maps/s | peak RSS GB |")

@@ -37,8 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit calibration, operating point and unknown-pattern threshold",
                        description="Temperature scaling, a P(none) threshold reaching the defect-vs-none "
                                    "recall target, and the unknown-pattern threshold at the in-distribution "
-                                   "recall target, fitted on labelled held-out maps and written into the run "
-                                   "(calibration.json, thresholds.json, ood.json, trust.md).")
+                                   "recall target, fitted on labelled held-out maps and written into the "
+                                   "run (calibration.json, thresholds.json, ood.json, ood.safetensors, "
+                                   "trust.md).")
     p.add_argument("run", help="run directory")
     p.add_argument("--data", required=True, help="labelled held-out maps (any source or cache)")
     p.add_argument("--defect-recall", type=float, default=0.99,

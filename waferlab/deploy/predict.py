@@ -1,20 +1,25 @@
 """``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
 
 The source is read once (a pickle must be loaded whole); each chunk of maps is then prepared (nearest-resized
-to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Output: one row
-per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML gallery. With several
-devices one worker process per device infers chunks while the parent reads, prepares and writes in order.
+to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
+overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
+while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
+Output: one row per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML
+gallery. With several devices one worker process per device infers chunks while the parent reads, prepares
+and writes in order.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -24,6 +29,8 @@ OUTPUT_FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".jsonl"
 BACKENDS = ("torch", "onnx")
 #: Calibrated top probability below which a map counts as low-confidence (gallery, summary).
 LOW_CONFIDENCE = 0.5
+#: Chunks a background stage may run ahead of (or behind) inference: bounds the memory of the overlap.
+PIPELINE_DEPTH = 2
 #: Output columns in order (identity, prediction, top 3, operating point, unknown pattern, truth).
 COLUMNS = ("row", "lot", "wafer", "pred_class", "prob", "top2_class", "top2_prob", "top3_class", "top3_prob",
            "p_none", "defect", "unknown_score", "unknown", "true_label")
@@ -182,6 +189,84 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any]:
     return backend, contract
 
 
+# ------------------------------------------------------------------------------------------------ pipeline
+T = TypeVar("T")
+_END = object()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first (a consumer that gave up must not block us forever)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def prefetch(items: Iterator[T], depth: int = PIPELINE_DEPTH) -> Iterator[T]:
+    """The items of ``items``, produced by a background thread up to ``depth`` ahead (reading and
+    preparing the next chunks overlaps inference); an exception there is raised here, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not _put(q, (item, None), stop):
+                    return
+            _put(q, (_END, None), stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            _put(q, (_END, exc), stop)
+
+    thread = threading.Thread(target=work, name="waferlab-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+class BackgroundWriter:
+    """Runs ``write(item)`` for every submitted item in one background thread, in order; ``close`` waits
+    for the rest and re-raises the first error (after which later items are dropped)."""
+
+    def __init__(self, write: Callable[[Any], None], depth: int = PIPELINE_DEPTH) -> None:
+        self._write, self._error = write, None
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="waferlab-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._q.get()) is not _END:
+            if self._error is None:
+                try:
+                    self._write(item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by submit/close
+                    self._error = exc
+
+    def submit(self, item: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        _put(self._q, item, self._stop)
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread; raise the first write error, if any."""
+        self._q.put(_END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 # ------------------------------------------------------------------------------------------------ reading
 def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> tuple[int, Iterator[Chunk]]:
     """(number of maps, chunks of prepared maps) from any source the readers take, or a prepared cache."""
@@ -334,13 +419,12 @@ def rows_frame(c: Chunk, probs: np.ndarray, ood: np.ndarray, contract: Any) -> A
         cols[f"top{j + 1}_class"] = names[order[:, j]] if k > j else np.full(len(c.rows), "", object)
         cols[f"top{j + 1}_prob"] = (top[:, j].astype(np.float32) if k > j
                                     else np.zeros(len(c.rows), np.float32))
-    if "none" in contract.class_names and contract.none_threshold is not None:
-        p_none = probs[:, list(contract.class_names).index("none")]
-        cols["p_none"], cols["defect"] = p_none.astype(np.float32), p_none < contract.none_threshold
-    else:  # a defect-only run: every map it sees is taken for a defect
-        cols["p_none"], cols["defect"] = np.full(len(c.rows), np.nan, np.float32), np.ones(len(c.rows), bool)
+    flags = _flags(probs, ood, contract)
+    cols["p_none"] = (probs[:, list(contract.class_names).index("none")].astype(np.float32)
+                      if "none" in contract.class_names else np.full(len(c.rows), np.nan, np.float32))
+    cols["defect"] = flags["defect"]
     cols["unknown_score"] = np.asarray(ood, np.float32)
-    cols["unknown"] = np.asarray(ood) > contract.ood_threshold
+    cols["unknown"] = flags["unknown"]
     cols["true_label"] = c.labels.astype(str)
     return pd.DataFrame(cols, columns=list(COLUMNS))
 
@@ -397,25 +481,41 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
     summary = {"maps": 0, "unknown": 0, "defect": 0, "low_confidence": 0}
     with atomic_path(job.out) as tmp, tqdm(total=total, desc="predict", unit="map", disable=not job.progress,
                                           smoothing=0.1) as bar:
-        writer, ok = RowWriter(tmp, fmt), False
+        writer = RowWriter(tmp, fmt)
+        background = BackgroundWriter(lambda item: writer.write(rows_frame(*item, contract)))
+        ok = False
         try:
-            for c, probs, ood in infer_stream(job, backend, chunks):
-                frame = rows_frame(c, probs, ood, contract)
-                writer.write(frame)
+            for c, probs, ood in infer_stream(job, backend, prefetch(chunks)):
+                background.submit((c, probs, ood))
+                flags = _flags(probs, ood, contract)
                 if gallery is not None:
-                    gallery.offer(c, frame)
-                summary["maps"] += len(frame)
-                summary["unknown"] += int(frame["unknown"].sum())
-                summary["defect"] += int(frame["defect"].sum())
-                summary["low_confidence"] += int((frame["prob"] < LOW_CONFIDENCE).sum())
-                bar.update(len(frame))
+                    gallery.offer(c, rows_frame(c, probs, ood, contract))
+                summary["maps"] += len(c.rows)
+                for key, value in flags.items():
+                    summary[key] += int(value.sum())
+                bar.update(len(c.rows))
             ok = True
         finally:
-            writer.close(ok)
+            try:
+                background.close()
+            finally:
+                writer.close(ok)
     if gallery is not None:
         gallery.write(job.gallery, model=_cam_model(job, backend), contract=contract)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _flags(probs: np.ndarray, ood: np.ndarray, contract: Any) -> dict[str, np.ndarray]:
+    """Per-map flags: ``defect`` at the run's operating point (a run without ``none``, or without a fitted
+    threshold, takes every map for a defect), ``unknown`` and ``low_confidence``."""
+    names = list(contract.class_names)
+    if "none" in names and contract.none_threshold is not None:
+        defect = probs[:, names.index("none")] < contract.none_threshold
+    else:
+        defect = np.ones(len(probs), bool)
+    return {"unknown": np.asarray(ood) > contract.ood_threshold, "defect": defect,
+            "low_confidence": probs.max(axis=1) < LOW_CONFIDENCE}
 
 
 def _gallery_for(job: PredictJob) -> Any:
