@@ -233,7 +233,7 @@ def candidates(fold: Fold) -> dict[str, Callable[[str], np.ndarray]]:
     for name in layers:
         c[f"knn k=5 {name}"] = _knn(fold, name, 5)
     if "layer3" in layers:
-        c["knn k=5 layer3|cam concat"] = _knn_concat(fold, ("layer3", "cam"), 5)
+        c["knn k=5 layer3+cam concat"] = _knn_concat(fold, ("layer3", "cam"), 5)
     c["vim"] = _vim(fold, "cam")
     c["knn k=5 + energy"] = _rank_sum(c["knn k=5"], c["energy"])
     c["maha train + energy"] = _rank_sum(c["maha train"], c["energy"])
