@@ -136,10 +136,10 @@ class TorchBackend:
 class OnnxBackend:
     """An exported file run by onnxruntime (the contract comes from the file's metadata)."""
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, session: Any = None) -> None:
         from waferlab.deploy.export import open_session
 
-        self.session, self.contract = open_session(onnx_path(spec.run), spec.threads)
+        self.session = session or open_session(onnx_path(spec.run), spec.threads)[0]
         self.spec = spec
 
     def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -155,12 +155,14 @@ def onnx_path(run: str | Path) -> Path:
     return p if p.suffix.lower() == ".onnx" else p / "exports" / "model.onnx"
 
 
-def open_backend(spec: BackendSpec) -> TorchBackend | OnnxBackend:
-    return OnnxBackend(spec) if spec.backend == "onnx" else TorchBackend(spec)
+def open_backend(spec: BackendSpec, session: Any = None) -> TorchBackend | OnnxBackend:
+    """The model of ``spec``; an ONNX ``session`` already opened (by :func:`resolve_backend`) is reused."""
+    return OnnxBackend(spec, session) if spec.backend == "onnx" else TorchBackend(spec)
 
 
-def resolve_backend(job: PredictJob) -> tuple[str, Any]:
-    """(backend, contract) after every check on the run/ONNX file, before any data is read."""
+def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
+    """(backend, contract, ONNX session or None) after every check on the run/ONNX file, before any data is
+    read; the session is reused by a single-process predict (opening one costs seconds)."""
     from waferlab.deploy.export import Contract, open_session
     from waferlab.deploy.trust import load_trust
     from waferlab.engine.run import Run
@@ -173,20 +175,21 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any]:
         if backend != "onnx":
             raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx (the torch backend needs "
                                 f"the run directory)")
-        return backend, open_session(job.run)[1]
+        session, contract = open_session(job.run)
+        return backend, contract, session
     run = Run.open(job.run)
     trust = load_trust(run)
     if backend == "torch":
-        return backend, Contract.of(run.spec(), trust, run.info.model_name)
+        return backend, Contract.of(run.spec(), trust, run.info.model_name), None
     path = onnx_path(job.run)
     if not path.is_file():
         raise WaferlabError(f"{path}: missing; run 'waferlab export {job.run} --format onnx' first")
-    contract = open_session(path)[1]
+    session, contract = open_session(path)
     if contract.fingerprint != trust.fingerprint:
         raise WaferlabError(f"{path}: field 'fingerprint': {contract.fingerprint!r} is not this run's "
                             f"({trust.fingerprint!r}): exported from another run or before the run was "
                             f"recalibrated; export it again")
-    return backend, contract
+    return backend, contract, session
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
@@ -327,12 +330,13 @@ def _worker_specs(job: PredictJob, backend: str, n: int) -> list[BackendSpec]:
                         threads) for i in range(n)]
 
 
-def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk]
+def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session: Any = None
                  ) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray]]:
-    """(chunk, calibrated probs, unknown scores) in source order, in this process or one per device."""
+    """(chunk, calibrated probs, unknown scores) in source order, in this process (reusing an open ONNX
+    ``session``) or one per device."""
     n = job.devices or _default_devices(backend)
     if n <= 1:
-        model = open_backend(BackendSpec(job.run, backend, job.device, job.batch_size))
+        model = open_backend(BackendSpec(job.run, backend, job.device, job.batch_size), session)
         for c in chunks:
             yield (c, *model.infer(c.maps))
         return
@@ -475,7 +479,7 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
     fmt = output_format(job.out)
     check_writable(job.out)
     gallery = _gallery_for(job)
-    backend, contract = resolve_backend(job)
+    backend, contract, session = resolve_backend(job)
     t0 = time.perf_counter()
     total, chunks = iter_chunks(job.data, contract.image_size, job.chunk_size, job.progress)
     summary = {"maps": 0, "unknown": 0, "defect": 0, "low_confidence": 0}
@@ -485,7 +489,7 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
         background = BackgroundWriter(lambda item: writer.write(rows_frame(*item, contract)))
         ok = False
         try:
-            for c, probs, ood in infer_stream(job, backend, prefetch(chunks)):
+            for c, probs, ood in infer_stream(job, backend, prefetch(chunks), session):
                 background.submit((c, probs, ood))
                 flags = _flags(probs, ood, contract)
                 if gallery is not None:
