@@ -226,3 +226,24 @@ def test_two_worker_processes_match_one_process(setup: dict[str, Path], tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = pd.read_csv(tmp_path / "two.csv", keep_default_na=False, na_values=[""])
     pd.testing.assert_frame_equal(one, two, atol=1e-5)
+
+
+def test_sigterm_mid_predict_leaves_no_temporary_file(setup: dict[str, Path], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = synth_file(tmp_path / "many.npz", 3000, seed=7)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = [sys.executable, "-m", "waferlab.cli", "predict", str(setup["run"]), "--data", str(data), "--out",
+           str(out_dir / "pred.csv"), "--chunk-size", "16", "--batch-size", "16", "--device", "cpu",
+           "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list(out_dir.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # wait until the atomic temporary file exists: predict is writing
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated" in err and not list(out_dir.iterdir())
