@@ -6,14 +6,14 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
   prepare, infer, unknown-pattern score, write), maps/s;
 * bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
 * ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``;
-* OpenVINO on the same exported graph, when ``openvino`` imports (measured, not offered: see the README);
+* OpenVINO on the same exported graph, bare and ``--backend openvino``, when ``openvino`` imports;
 * ``--stages``: where predict's time goes, each stage alone on the same file: reading the source, preparing
   (resizing) the chunks, inference + unknown-pattern score, formatting + writing the CSV.
 
 ``--scale N,M`` also runs predict on N-row (and M-row) files in fresh processes and reports wall time and
 peak resident memory, to show memory stays flat in the number of maps.
 
-    python benchmarks/predict_throughput.py --n 2000
+    python benchmarks/predict_throughput.py --n 1000 --threads 2 --stages      # the README's table
     python benchmarks/predict_throughput.py --models spanet --n 0 --scale 50000,100000 --scale-model spanet
 """
 
@@ -178,6 +178,8 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
         r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
         r["e2e_onnx"] = end_to_end(run, src, folder / "out.csv", "onnx", args.batch)
         r["bare_openvino"] = bare_openvino(onnx, maps, args.batch, args.threads)
+        if r["bare_openvino"] is not None:
+            r["e2e_openvino"] = end_to_end(run, src, folder / "out.csv", "openvino", args.batch)
         if args.stages:
             r["stages"] = stages(run, src, folder / "out.csv", args.batch)
         rows.append(r)
@@ -222,10 +224,13 @@ def child(args: argparse.Namespace) -> None:
 def print_throughput(rows: list[dict]) -> None:
     print("| model | px | maps | threads | bare torch maps/s | predict e2e maps/s | e2e / bare | "
           "bare ONNX maps/s | ONNX / torch | predict --backend onnx maps/s | onnx e2e / bare onnx | "
-          "bare OpenVINO maps/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "bare OpenVINO maps/s | OpenVINO / torch | predict --backend openvino maps/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ov = f"{r['bare_openvino']:.0f}" if r.get("bare_openvino") else "not installed"
+        ov = "not installed | | "
+        if r.get("bare_openvino"):
+            bov = r["bare_openvino"]
+            ov = f"{bov:.0f} | {bov / r['bare_torch']:.2f}x | {r['e2e_openvino']:.0f}"
         print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {r['bare_torch']:.0f} | "
               f"{r['e2e_torch']:.0f} | {r['e2e_torch'] / r['bare_torch']:.2f} | {r['bare_onnx']:.0f} | "
               f"{r['bare_onnx'] / r['bare_torch']:.2f}x | {r['e2e_onnx']:.0f} | "

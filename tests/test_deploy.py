@@ -216,6 +216,16 @@ def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path]
         np.testing.assert_allclose(rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
 
 
+def test_openvino_backend_matches_torch(setup: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    torch_rows = _predict(setup, tmp_path / "torch.csv")
+    assert main(["export", str(setup["run"]), "--format", "onnx"]) == 0
+    ov_rows = _predict(setup, tmp_path / "ov.csv", "--backend", "openvino")
+    assert np.abs(ov_rows["prob"] - torch_rows["prob"]).max() <= 1e-4
+    assert (ov_rows["pred_class"] == torch_rows["pred_class"]).all()
+    np.testing.assert_allclose(ov_rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+
+
 def test_two_worker_processes_match_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
     one = _predict(setup, tmp_path / "one.csv", "--chunk-size", "20", "--device", "cpu")
     cmd = [sys.executable, "-m", "waferlab.cli", "predict", str(setup["run"]), "--data", str(setup["data"]),

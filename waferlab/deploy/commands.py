@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="any source the readers take, labelled or not, or a cache")
     p.add_argument("--out", required=True, help="output file: .csv, .parquet or .jsonl")
     p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="torch (run directory) or onnx (onnxruntime; RUN/exports/model.onnx or the ONNX "
-                        "file); default: onnx for an .onnx file, else torch")
+                   help="torch (run directory), onnx (onnxruntime; RUN/exports/model.onnx or the ONNX "
+                        "file) or openvino (the same file, OpenVINO CPU plugin; pip install "
+                        "'waferlab[openvino]'); default: onnx for an .onnx file, else torch")
     p.add_argument("--gallery", default=None, metavar="FILE.html",
                    help="also write a self-contained HTML gallery of the predicted maps")
     p.add_argument("--batch-size", type=int, default=256)

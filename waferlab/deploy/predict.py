@@ -26,7 +26,10 @@ import numpy as np
 from waferlab.errors import WaferlabError
 
 OUTPUT_FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
-BACKENDS = ("torch", "onnx")
+#: torch: the run directory; onnx: the exported file with onnxruntime; openvino: the same file compiled by
+#: OpenVINO's CPU plugin (optional: ``pip install 'waferlab[openvino]'``; faster on Intel CPUs, see README).
+BACKENDS = ("torch", "onnx", "openvino")
+ONNX_BACKENDS = ("onnx", "openvino")
 #: Calibrated top probability below which a map counts as low-confidence (gallery, summary).
 LOW_CONFIDENCE = 0.5
 #: Chunks a background stage may run ahead of (or behind) inference: bounds the memory of the overlap.
@@ -149,14 +152,44 @@ class OnnxBackend:
         return probs, ood
 
 
+class OpenVinoBackend:
+    """An exported file compiled by OpenVINO for the CPU, in full float32 precision (its default on CPUs
+    with AMX/AVX512-BF16 would be bfloat16, beyond the parity tolerance)."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise WaferlabError("--backend openvino needs the openvino package (pip install "
+                                "'waferlab[openvino]'); or use --backend onnx") from None
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if spec.threads:
+            config["INFERENCE_NUM_THREADS"] = spec.threads
+        self.compiled = ov.Core().compile_model(str(onnx_path(spec.run)), "CPU", config)
+        self.outputs = (self.compiled.output("probs"), self.compiled.output("ood_score"))
+        self.spec = spec
+
+    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, ood = [], []
+        for start in range(0, len(maps), self.spec.batch_size):
+            res = self.compiled({"maps": np.ascontiguousarray(maps[start:start + self.spec.batch_size])})
+            probs.append(res[self.outputs[0]])
+            ood.append(res[self.outputs[1]])
+        if not probs:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(probs), np.concatenate(ood)
+
+
 def onnx_path(run: str | Path) -> Path:
     """The ONNX file of ``run``: the path itself when it is a file, else ``RUN/exports/model.onnx``."""
     p = Path(run)
     return p if p.suffix.lower() == ".onnx" else p / "exports" / "model.onnx"
 
 
-def open_backend(spec: BackendSpec, session: Any = None) -> TorchBackend | OnnxBackend:
+def open_backend(spec: BackendSpec, session: Any = None) -> TorchBackend | OnnxBackend | OpenVinoBackend:
     """The model of ``spec``; an ONNX ``session`` already opened (by :func:`resolve_backend`) is reused."""
+    if spec.backend == "openvino":
+        return OpenVinoBackend(spec)
     return OnnxBackend(spec, session) if spec.backend == "onnx" else TorchBackend(spec)
 
 
@@ -172,11 +205,11 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
     if backend not in BACKENDS:
         raise WaferlabError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if is_file:
-        if backend != "onnx":
-            raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx (the torch backend needs "
-                                f"the run directory)")
+        if backend not in ONNX_BACKENDS:
+            raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx or openvino (the torch "
+                                f"backend needs the run directory)")
         session, contract = open_session(job.run)
-        return backend, contract, session
+        return backend, contract, session if backend == "onnx" else None
     run = Run.open(job.run)
     trust = load_trust(run)
     if backend == "torch":
@@ -189,7 +222,7 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
         raise WaferlabError(f"{path}: field 'fingerprint': {contract.fingerprint!r} is not this run's "
                             f"({trust.fingerprint!r}): exported from another run or before the run was "
                             f"recalibrated; export it again")
-    return backend, contract, session
+    return backend, contract, session if backend == "onnx" else None
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
