@@ -7,6 +7,8 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
 * bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
 * ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``;
 * OpenVINO on the same exported graph, bare and ``--backend openvino``, when ``openvino`` imports;
+* start-up: the same call on a 1-map file (checks, opening the model/session, first-call warm-up), so the
+  end-to-end rate once started is n / (whole call - start-up);
 * ``--stages``: where predict's time goes, each stage alone on the same file: reading the source, preparing
   (resizing) the chunks, inference + unknown-pattern score, formatting + writing the CSV.
 
@@ -145,12 +147,21 @@ def stages(run_dir: Path, src: Path, out: Path, batch: int) -> dict:
 
 
 def end_to_end(run_dir: Path, src: Path, out: Path, backend: str, batch: int) -> float:
+    """Seconds of one whole ``predict_file`` call (checks, start-up, every map)."""
     from waferlab.deploy.predict import PredictJob, predict_file
 
     t0 = time.perf_counter()
-    s = predict_file(PredictJob(run=str(run_dir), data=str(src), out=str(out), backend=backend,
-                                batch_size=batch, devices=1, device="cpu", progress=False))
-    return s["maps"] / (time.perf_counter() - t0)
+    predict_file(PredictJob(run=str(run_dir), data=str(src), out=str(out), backend=backend,
+                            batch_size=batch, devices=1, device="cpu", progress=False))
+    return time.perf_counter() - t0
+
+
+def e2e_rates(run_dir: Path, src: Path, one: Path, out: Path, backend: str, batch: int, n: int
+              ) -> tuple[float, float, float]:
+    """(maps/s of the whole call, start-up seconds = the call on a 1-map file, maps/s once started)."""
+    whole = end_to_end(run_dir, src, out, backend, batch)
+    startup = end_to_end(run_dir, one, out, backend, batch)
+    return n / whole, startup, n / max(whole - startup, 1e-9)
 
 
 def write_source(path: Path, rows: int) -> None:
@@ -165,8 +176,9 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
     from waferlab.data.readers import load_table
     from waferlab.deploy.export import export_run
 
-    src = folder / f"lswmd_{args.n}.pkl"
+    src, one = folder / f"lswmd_{args.n}.pkl", folder / "lswmd_1.pkl"
     write_source(src, args.n)
+    write_source(one, 1)
     maps = prepare(load_table(src), args.size).maps
     rows = []
     for model in args.models.split(","):
@@ -174,12 +186,15 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
         onnx = export_run(run)
         r = {"model": model, "size": args.size, "maps": args.n, "threads": args.threads}
         r["bare_torch"] = bare_torch(run, maps, args.batch)
-        r["e2e_torch"] = end_to_end(run, src, folder / "out.csv", "torch", args.batch)
+        r["e2e_torch"], r["startup_torch"], r["steady_torch"] = e2e_rates(
+            run, src, one, folder / "out.csv", "torch", args.batch, args.n)
         r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
-        r["e2e_onnx"] = end_to_end(run, src, folder / "out.csv", "onnx", args.batch)
+        r["e2e_onnx"], r["startup_onnx"], r["steady_onnx"] = e2e_rates(
+            run, src, one, folder / "out.csv", "onnx", args.batch, args.n)
         r["bare_openvino"] = bare_openvino(onnx, maps, args.batch, args.threads)
         if r["bare_openvino"] is not None:
-            r["e2e_openvino"] = end_to_end(run, src, folder / "out.csv", "openvino", args.batch)
+            r["e2e_openvino"], r["startup_openvino"], r["steady_openvino"] = e2e_rates(
+                run, src, one, folder / "out.csv", "openvino", args.batch, args.n)
         if args.stages:
             r["stages"] = stages(run, src, folder / "out.csv", args.batch)
         rows.append(r)
@@ -222,19 +237,18 @@ def child(args: argparse.Namespace) -> None:
 
 
 def print_throughput(rows: list[dict]) -> None:
-    print("| model | px | maps | threads | bare torch maps/s | predict e2e maps/s | e2e / bare | "
-          "bare ONNX maps/s | ONNX / torch | predict --backend onnx maps/s | onnx e2e / bare onnx | "
-          "bare OpenVINO maps/s | OpenVINO / torch | predict --backend openvino maps/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    """Per model and backend: bare maps/s, predict end to end (whole call, and once started), start-up."""
+    print("| model | px | maps | threads | backend | bare maps/s | vs torch bare | predict e2e maps/s | "
+          "e2e / bare | start-up s | e2e once started maps/s | started / bare |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        ov = "not installed | | "
-        if r.get("bare_openvino"):
-            bov = r["bare_openvino"]
-            ov = f"{bov:.0f} | {bov / r['bare_torch']:.2f}x | {r['e2e_openvino']:.0f}"
-        print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {r['bare_torch']:.0f} | "
-              f"{r['e2e_torch']:.0f} | {r['e2e_torch'] / r['bare_torch']:.2f} | {r['bare_onnx']:.0f} | "
-              f"{r['bare_onnx'] / r['bare_torch']:.2f}x | {r['e2e_onnx']:.0f} | "
-              f"{r['e2e_onnx'] / r['bare_onnx']:.2f} | {ov} |")
+        for b in ("torch", "onnx", "openvino"):
+            if r.get(f"bare_{b}") is None:
+                continue
+            bare = r[f"bare_{b}"]
+            print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {b} | {bare:.0f} | "
+                  f"{bare / r['bare_torch']:.2f}x | {r[f'e2e_{b}']:.0f} | {r[f'e2e_{b}'] / bare:.2f} | "
+                  f"{r[f'startup_{b}']:.1f} | {r[f'steady_{b}']:.0f} | {r[f'steady_{b}'] / bare:.2f} |")
     staged = [r for r in rows if "stages" in r]
     if staged:
         print("\n| model | read s | prepare s | infer + score s | format + write CSV s | sum s |")

@@ -208,7 +208,7 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
         if backend not in ONNX_BACKENDS:
             raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx or openvino (the torch "
                                 f"backend needs the run directory)")
-        session, contract = open_session(job.run)
+        session, contract = open_session(job.run, optimize=backend == "onnx")
         return backend, contract, session if backend == "onnx" else None
     run = Run.open(job.run)
     trust = load_trust(run)
@@ -217,7 +217,7 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
     path = onnx_path(job.run)
     if not path.is_file():
         raise WaferlabError(f"{path}: missing; run 'waferlab export {job.run} --format onnx' first")
-    session, contract = open_session(path)
+    session, contract = open_session(path, optimize=backend == "onnx")
     if contract.fingerprint != trust.fingerprint:
         raise WaferlabError(f"{path}: field 'fingerprint': {contract.fingerprint!r} is not this run's "
                             f"({trust.fingerprint!r}): exported from another run or before the run was "
