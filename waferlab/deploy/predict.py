@@ -208,7 +208,7 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
         if backend not in ONNX_BACKENDS:
             raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx or openvino (the torch "
                                 f"backend needs the run directory)")
-        session, contract = open_session(job.run, optimize=backend == "onnx")
+        session, contract = open_session(job.run, _process_threads(), optimize=backend == "onnx")
         return backend, contract, session if backend == "onnx" else None
     run = Run.open(job.run)
     trust = load_trust(run)
@@ -217,7 +217,7 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
     path = onnx_path(job.run)
     if not path.is_file():
         raise WaferlabError(f"{path}: missing; run 'waferlab export {job.run} --format onnx' first")
-    session, contract = open_session(path, optimize=backend == "onnx")
+    session, contract = open_session(path, _process_threads(), optimize=backend == "onnx")
     if contract.fingerprint != trust.fingerprint:
         raise WaferlabError(f"{path}: field 'fingerprint': {contract.fingerprint!r} is not this run's "
                             f"({trust.fingerprint!r}): exported from another run or before the run was "
@@ -369,11 +369,20 @@ def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session
     ``session``) or one per device."""
     n = job.devices or _default_devices(backend)
     if n <= 1:
-        model = open_backend(BackendSpec(job.run, backend, job.device, job.batch_size), session)
+        spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads())
+        model = open_backend(spec, session)
         for c in chunks:
             yield (c, *model.infer(c.maps))
         return
     yield from _parallel(_worker_specs(job, backend, n), chunks)
+
+
+def _process_threads() -> int:
+    """The intra-op threads of this process (torch's setting, which follows OMP_NUM_THREADS), so that
+    onnxruntime and OpenVINO use as many as torch would rather than every core."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _default_devices(backend: str) -> int:
