@@ -5,12 +5,18 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
 * end to end: an LSWMD-layout pickle -> CSV through :func:`waferlab.deploy.predict.predict_file` (read,
   prepare, infer, unknown-pattern score, write), maps/s;
 * bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
-* ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``.
+* ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``;
+* OpenVINO on the same exported graph, bare (float32, and bfloat16 for information) and ``--backend
+  openvino``, when ``openvino`` imports;
+* start-up: the same call on a 1-map file (checks, opening the model/session, first-call warm-up), so the
+  end-to-end rate once started is n / (whole call - start-up);
+* ``--stages``: where predict's time goes, each stage alone on the same file: reading the source, preparing
+  (resizing) the chunks, inference + unknown-pattern score, formatting + writing the CSV.
 
 ``--scale N,M`` also runs predict on N-row (and M-row) files in fresh processes and reports wall time and
 peak resident memory, to show memory stays flat in the number of maps.
 
-    python benchmarks/predict_throughput.py --n 2000
+    python benchmarks/predict_throughput.py --n 1000 --threads 2 --stages      # the README's table
     python benchmarks/predict_throughput.py --models spanet --n 0 --scale 50000,100000 --scale-model spanet
 """
 
@@ -39,6 +45,7 @@ def make_run(folder: Path, model: str, size: int) -> Path:
     from waferlab.data.readers import write_safe
     from waferlab.data.synth import generate
     from waferlab.data.table import WM811K_CLASSES
+    from waferlab.deploy.ood import KNN_BANK, FitData
     from waferlab.deploy.trust import fit_trust
     from waferlab.engine.config import build_config
     from waferlab.engine.predict import PredictOptions, predict
@@ -57,7 +64,11 @@ def make_run(folder: Path, model: str, size: int) -> Path:
     run.mark("finished")
     p = prepare(table, size)
     val = predict(net, p.maps, run.spec(), PredictOptions(device="cpu", features=True))
-    fit_trust(run, val, p.labels)
+    # a full-size feature bank, as a run trained on WM-811K has (speed does not depend on its values)
+    rng = np.random.default_rng(0)
+    bank = FitData(np.zeros((KNN_BANK, 9), np.float32), rng.integers(0, 9, KNN_BANK),
+                   rng.normal(size=(KNN_BANK, val.features.shape[1])).astype(np.float32))
+    fit_trust(run, val, p.labels, train=bank)
     return run.path
 
 
@@ -88,13 +99,73 @@ def bare_onnx(onnx: Path, maps: np.ndarray, batch: int) -> float:
     return len(maps) / (time.perf_counter() - t0)
 
 
+def bare_openvino(onnx: Path, maps: np.ndarray, batch: int, threads: int, precision: str = "f32"
+                  ) -> float | None:
+    """maps/s of OpenVINO's CPU plugin on the exported graph (None when openvino is not installed); f32 is
+    what ``--backend openvino`` runs (bf16, OpenVINO's default on AMX CPUs, breaks the 1e-4 parity)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    core = ov.Core()
+    compiled = core.compile_model(str(onnx), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                    "INFERENCE_PRECISION_HINT": precision,
+                                                    "PERFORMANCE_HINT": "LATENCY"})
+    compiled({"maps": maps[:batch]})
+    t0 = time.perf_counter()
+    for s in range(0, len(maps), batch):
+        compiled({"maps": np.ascontiguousarray(maps[s:s + batch])})
+    return len(maps) / (time.perf_counter() - t0)
+
+
+def stages(run_dir: Path, src: Path, out: Path, batch: int) -> dict:
+    """Seconds of each predict stage run alone (same code as predict, without the overlap)."""
+    from waferlab.data.cache import prepare
+    from waferlab.data.readers import load_table
+    from waferlab.deploy.export import Contract
+    from waferlab.deploy.predict import BackendSpec, RowWriter, _chunk, open_backend, rows_frame
+    from waferlab.deploy.trust import load_trust
+    from waferlab.engine.run import Run
+
+    run = Run.open(run_dir)
+    contract = Contract.of(run.spec(), load_trust(run), run.info.model_name)
+    t = {}
+    t0 = time.perf_counter()
+    table = load_table(src)
+    t["read"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chunks = [_chunk(np.arange(s, min(s + 4096, len(table))), prepare(table.subset(np.arange(s, min(
+        s + 4096, len(table)))), contract.image_size)) for s in range(0, len(table), 4096)]
+    t["prepare"] = time.perf_counter() - t0
+    backend = open_backend(BackendSpec(str(run_dir), "torch", "cpu", batch))
+    t0 = time.perf_counter()
+    results = [backend.infer(c.maps) for c in chunks]
+    t["infer"] = time.perf_counter() - t0
+    writer = RowWriter(out, "csv")
+    t0 = time.perf_counter()
+    for c, (probs, ood) in zip(chunks, results):
+        writer.write(rows_frame(c, probs, ood, contract))
+    writer.close()
+    t["write"] = time.perf_counter() - t0
+    return t
+
+
 def end_to_end(run_dir: Path, src: Path, out: Path, backend: str, batch: int) -> float:
+    """Seconds of one whole ``predict_file`` call (checks, start-up, every map)."""
     from waferlab.deploy.predict import PredictJob, predict_file
 
     t0 = time.perf_counter()
-    s = predict_file(PredictJob(run=str(run_dir), data=str(src), out=str(out), backend=backend,
-                                batch_size=batch, devices=1, device="cpu", progress=False))
-    return s["maps"] / (time.perf_counter() - t0)
+    predict_file(PredictJob(run=str(run_dir), data=str(src), out=str(out), backend=backend,
+                            batch_size=batch, devices=1, device="cpu", progress=False))
+    return time.perf_counter() - t0
+
+
+def e2e_rates(run_dir: Path, src: Path, one: Path, out: Path, backend: str, batch: int, n: int
+              ) -> tuple[float, float, float]:
+    """(maps/s of the whole call, start-up seconds = the call on a 1-map file, maps/s once started)."""
+    whole = end_to_end(run_dir, src, out, backend, batch)
+    startup = end_to_end(run_dir, one, out, backend, batch)
+    return n / whole, startup, n / max(whole - startup, 1e-9)
 
 
 def write_source(path: Path, rows: int) -> None:
@@ -109,8 +180,9 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
     from waferlab.data.readers import load_table
     from waferlab.deploy.export import export_run
 
-    src = folder / f"lswmd_{args.n}.pkl"
+    src, one = folder / f"lswmd_{args.n}.pkl", folder / "lswmd_1.pkl"
     write_source(src, args.n)
+    write_source(one, 1)
     maps = prepare(load_table(src), args.size).maps
     rows = []
     for model in args.models.split(","):
@@ -118,9 +190,18 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
         onnx = export_run(run)
         r = {"model": model, "size": args.size, "maps": args.n, "threads": args.threads}
         r["bare_torch"] = bare_torch(run, maps, args.batch)
-        r["e2e_torch"] = end_to_end(run, src, folder / "out.csv", "torch", args.batch)
+        r["e2e_torch"], r["startup_torch"], r["steady_torch"] = e2e_rates(
+            run, src, one, folder / "out.csv", "torch", args.batch, args.n)
         r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
-        r["e2e_onnx"] = end_to_end(run, src, folder / "out.csv", "onnx", args.batch)
+        r["e2e_onnx"], r["startup_onnx"], r["steady_onnx"] = e2e_rates(
+            run, src, one, folder / "out.csv", "onnx", args.batch, args.n)
+        r["bare_openvino"] = bare_openvino(onnx, maps, args.batch, args.threads)
+        r["bare_openvino_bf16"] = bare_openvino(onnx, maps, args.batch, args.threads, "bf16")
+        if r["bare_openvino"] is not None:
+            r["e2e_openvino"], r["startup_openvino"], r["steady_openvino"] = e2e_rates(
+                run, src, one, folder / "out.csv", "openvino", args.batch, args.n)
+        if args.stages:
+            r["stages"] = stages(run, src, folder / "out.csv", args.batch)
         rows.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
     return rows
@@ -160,6 +241,34 @@ def child(args: argparse.Namespace) -> None:
                                   "peak_rss_gb": round(peak, 2)}), flush=True)
 
 
+def print_throughput(rows: list[dict]) -> None:
+    """Per model and backend: bare maps/s, predict end to end (whole call, and once started), start-up."""
+    print("| model | px | maps | threads | backend | bare maps/s | vs torch bare | predict e2e maps/s | "
+          "e2e / bare | start-up s | e2e once started maps/s | started / bare |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for b in ("torch", "onnx", "openvino"):
+            if r.get(f"bare_{b}") is None:
+                continue
+            bare = r[f"bare_{b}"]
+            print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {b} | {bare:.0f} | "
+                  f"{bare / r['bare_torch']:.2f}x | {r[f'e2e_{b}']:.0f} | {r[f'e2e_{b}'] / bare:.2f} | "
+                  f"{r[f'startup_{b}']:.1f} | {r[f'steady_{b}']:.0f} | {r[f'steady_{b}'] / bare:.2f} |")
+    bf16 = [r for r in rows if r.get("bare_openvino_bf16")]
+    if bf16:
+        print("\nOpenVINO in bfloat16 (not offered: outside the 1e-4 parity): " + ", ".join(
+            f"{r['model']} {r['bare_openvino_bf16']:.0f} maps/s "
+            f"({r['bare_openvino_bf16'] / r['bare_torch']:.2f}x torch)" for r in bf16))
+    staged = [r for r in rows if "stages" in r]
+    if staged:
+        print("\n| model | read s | prepare s | infer + score s | format + write CSV s | sum s |")
+        print("|---|---|---|---|---|---|")
+        for r in staged:
+            st = r["stages"]
+            print(f"| {r['model']} | {st['read']:.2f} | {st['prepare']:.2f} | {st['infer']:.2f} | "
+                  f"{st['write']:.2f} | {sum(st.values()):.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet34,cbam,spanet")
@@ -167,6 +276,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=2000, help="maps of the throughput file (0: skip)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("WAFERLAB_THREADS", "2")))
+    parser.add_argument("--stages", action="store_true", help="also time each predict stage alone")
     parser.add_argument("--scale", default="", help="comma-separated row counts for the memory/scale runs")
     parser.add_argument("--scale-model", default="spanet")
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
@@ -180,14 +290,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="waferlab_predict_bench_") as tmp:
         if args.n:
             rows = throughput(args, Path(tmp))
-            print("| model | px | maps | bare torch maps/s | predict e2e maps/s | e2e / bare | "
-                  "bare ONNX maps/s | ONNX / torch | predict --backend onnx maps/s |")
-            print("|---|---|---|---|---|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['bare_torch']:.0f} | "
-                      f"{r['e2e_torch']:.0f} | "
-                      f"{r['e2e_torch'] / r['bare_torch']:.2f} | {r['bare_onnx']:.0f} | "
-                      f"{r['bare_onnx'] / r['bare_torch']:.2f}x | {r['e2e_onnx']:.0f} |")
+            print_throughput(rows)
         if args.scale:
             rows = scale(args, Path(tmp))
             print("\n| maps | model | px | file MB | wall s | maps/s | peak RSS GB |")

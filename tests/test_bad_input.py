@@ -389,6 +389,18 @@ def _run_without_thresholds(setup: dict[str, Path], d: Path) -> tuple[list[str],
     return [str(run)], (str(run / "thresholds.json"), "missing", "waferlab calibrate")
 
 
+def _run_without_ood_arrays(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    run = _run_copy(setup, d)  # the default unknown-pattern score keeps its statistics in ood.safetensors
+    (run / "ood.safetensors").unlink()
+    return [str(run)], (str(run / "ood.safetensors"), "missing", "waferlab calibrate")
+
+
+def _run_with_corrupt_ood_arrays(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    run = _run_copy(setup, d)
+    (run / "ood.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return [str(run)], (str(run / "ood.safetensors"), "unreadable unknown-pattern statistics")
+
+
 def _onnx_of_another_run(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
     run = _run_copy(setup, d)  # recalibrated after the export: the exported file no longer fits the run
     th = json.loads((run / "thresholds.json").read_text())
@@ -411,6 +423,8 @@ def _onnx_without_metadata(setup: dict[str, Path], d: Path) -> tuple[list[str], 
 DEPLOY_CASES = {
     "run_without_weights": _run_without_weights,
     "run_without_thresholds": _run_without_thresholds,
+    "run_without_ood_arrays": _run_without_ood_arrays,
+    "run_with_corrupt_ood_arrays": _run_with_corrupt_ood_arrays,
     "onnx_of_another_run": _onnx_of_another_run,
     "onnx_without_metadata": _onnx_without_metadata,
 }

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,21 @@ import pytest
 from deploy_util import calibrated_run, synth_file
 
 from waferlab.cli import main
-from waferlab.deploy.ood import OODScorer, fit_gaussian, fit_scorer, ledoit_wolf
-from waferlab.deploy.predict import COLUMNS
+from waferlab.deploy.ood import (
+    FEATURE_METHODS,
+    FitData,
+    OODScorer,
+    fit_gaussian,
+    fit_scorer,
+    knn_distance,
+    ledoit_wolf,
+    normalise,
+    stratified_sample,
+)
+from waferlab.deploy.predict import COLUMNS, BackgroundWriter, prefetch
 from waferlab.deploy.trust import fit_temperature, operating_point
 from waferlab.engine.predict import softmax
+from waferlab.errors import WaferlabError
 
 
 # ---------------------------------------------------------------------------------------------- unit
@@ -50,25 +62,81 @@ def test_ledoit_wolf_is_well_conditioned_with_fewer_samples_than_dimensions() ->
     assert eig.min() > 0 and eig.max() / eig.min() < 1e3
 
 
-def test_mahalanobis_flags_a_cluster_unlike_the_known_ones_at_the_fitted_recall() -> None:
+@pytest.mark.parametrize("method", FEATURE_METHODS)
+def test_feature_scores_flag_a_cluster_unlike_the_known_ones_at_the_fitted_recall(method: str) -> None:
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(3, 16)) * 3
-    labels = rng.integers(0, 3, 600)
-    feats = centres[labels] + rng.normal(size=(600, 16))
+
+    def known(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = rng.integers(0, 3, n)
+        return centres[labels] + rng.normal(size=(n, 16)), labels
+
+    (feats, labels), (train_f, train_y) = known(600), known(2000)
     logits = rng.normal(size=(600, 3))
-    scorer, scores = fit_scorer("mahalanobis", logits, labels, feats, 1.0)
-    threshold = np.quantile(scores, 0.95, method="higher")
-    known = centres[rng.integers(0, 3, 300)] + rng.normal(size=(300, 16))
     strange = rng.normal(size=(300, 16)) * 3 + 10
-    s_known = scorer.score(rng.normal(size=(300, 3)), known)
-    s_strange = scorer.score(rng.normal(size=(300, 3)), strange)
-    assert 0.9 <= (s_known <= threshold).mean() <= 0.99
-    assert (s_strange > threshold).mean() > 0.95
-    again = OODScorer.from_json(json.loads(json.dumps(scorer.to_json())), "ood.json")
-    np.testing.assert_allclose(again.score(logits[:5], feats[:5]), scorer.score(logits[:5], feats[:5]),
-                               rtol=1e-4)
+    for train in (None, FitData(rng.normal(size=(2000, 3)), train_y, train_f)):  # calibrate | after training
+        scorer, scores = fit_scorer(method, FitData(logits, labels, feats), 1.0, train)
+        threshold = np.quantile(scores, 0.95, method="higher")
+        s_known = scorer.score(rng.normal(size=(300, 3)), known(300)[0])
+        s_strange = scorer.score(rng.normal(size=(300, 3)), strange)
+        assert 0.9 <= (s_known <= threshold).mean() <= 0.99
+        assert (s_strange > threshold).mean() > 0.95
+        assert ("training part" in scorer.info["fitted_on"]) == (train is not None)
+        again = OODScorer.from_json(json.loads(json.dumps(scorer.to_json())), "ood.json", scorer.arrays)
+        np.testing.assert_allclose(again.score(logits[:5], feats[:5]), scorer.score(logits[:5], feats[:5]),
+                                   rtol=1e-4)
     means, prec = fit_gaussian(feats, labels)
     assert means.shape == (3, 16) and prec.shape == (16, 16)
+
+
+def test_knn_distance_is_the_distance_to_the_kth_nearest_bank_row() -> None:
+    rng = np.random.default_rng(4)
+    bank, f = normalise(rng.normal(size=(50, 8))), normalise(rng.normal(size=(7, 8)))
+    dist = np.linalg.norm(f[:, None, :] - bank[None, :, :], axis=2)
+    for k in (1, 3, 50, 80):  # k beyond the bank: its farthest row
+        want = np.sort(dist, axis=1)[:, min(k, 50) - 1]
+        np.testing.assert_allclose(knn_distance(f, bank, k, chunk=3), want, rtol=1e-4, atol=1e-5)
+
+
+def test_stratified_sample_keeps_every_class_and_the_cap() -> None:
+    labels = np.array([0] * 10000 + [1] * 30 + [2] * 2)
+    rows = stratified_sample(labels, 1000)
+    assert abs(len(rows) - 1000) <= 3 and set(labels[rows]) == {0, 1, 2} and len(set(rows)) == len(rows)
+    assert (stratified_sample(labels[:500], 1000) == np.arange(500)).all()
+
+
+def test_prefetch_keeps_order_and_reraises_the_reader_error_in_the_consumer() -> None:
+    def chunks():
+        yield from (1, 2)
+        raise WaferlabError("src: row 3, field 'waferMap': bad")
+
+    got = []
+    with pytest.raises(WaferlabError, match="row 3"):
+        for item in prefetch(chunks()):
+            got.append(item)
+    assert got == [1, 2]
+    stream = prefetch(iter(range(1000)), depth=1)
+    assert next(stream) == 0
+    stream.close()  # the consumer gives up (an inference error): the reader thread must not hang
+    assert not [t for t in threading.enumerate() if t.name == "waferlab-prefetch"]
+
+
+def test_background_writer_writes_in_order_and_reraises_the_first_error() -> None:
+    written = []
+
+    def write(item: int) -> None:
+        if item == 3:
+            raise OSError("disk full")
+        written.append(item)
+
+    writer = BackgroundWriter(write, depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        try:
+            for i in range(10):
+                writer.submit(i)
+        finally:
+            writer.close()
+    assert written == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -148,6 +216,16 @@ def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path]
         np.testing.assert_allclose(rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
 
 
+def test_openvino_backend_matches_torch(setup: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    torch_rows = _predict(setup, tmp_path / "torch.csv")
+    assert main(["export", str(setup["run"]), "--format", "onnx"]) == 0
+    ov_rows = _predict(setup, tmp_path / "ov.csv", "--backend", "openvino")
+    assert np.abs(ov_rows["prob"] - torch_rows["prob"]).max() <= 1e-4
+    assert (ov_rows["pred_class"] == torch_rows["pred_class"]).all()
+    np.testing.assert_allclose(ov_rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+
+
 def test_two_worker_processes_match_one_process(setup: dict[str, Path], tmp_path: Path) -> None:
     one = _predict(setup, tmp_path / "one.csv", "--chunk-size", "20", "--device", "cpu")
     cmd = [sys.executable, "-m", "waferlab.cli", "predict", str(setup["run"]), "--data", str(setup["data"]),
@@ -158,3 +236,24 @@ def test_two_worker_processes_match_one_process(setup: dict[str, Path], tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     two = pd.read_csv(tmp_path / "two.csv", keep_default_na=False, na_values=[""])
     pd.testing.assert_frame_equal(one, two, atol=1e-5)
+
+
+def test_sigterm_mid_predict_leaves_no_temporary_file(setup: dict[str, Path], tmp_path: Path) -> None:
+    import signal
+    import time
+
+    data = synth_file(tmp_path / "many.npz", 3000, seed=7)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cmd = [sys.executable, "-m", "waferlab.cli", "predict", str(setup["run"]), "--data", str(data), "--out",
+           str(out_dir / "pred.csv"), "--chunk-size", "16", "--batch-size", "16", "--device", "cpu",
+           "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 300
+    while not list(out_dir.iterdir()) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # wait until the atomic temporary file exists: predict is writing
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated" in err and not list(out_dir.iterdir())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from waferlab.deploy.export import Contract, export_onnx, open_session, run_session
-from waferlab.deploy.ood import OODScorer, fit_gaussian
+from waferlab.deploy.ood import DEFAULT_METHOD, OODScorer
 from waferlab.deploy.trust import Trust
 from waferlab.engine.predict import InputSpec, PredictOptions, predict
 from waferlab.models import create_model, list_models
@@ -27,9 +27,9 @@ def test_onnx_matches_torch(name: str, tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     maps = rng.integers(0, 3, (6, SIZE, SIZE), dtype=np.uint8)
     base = predict(model, maps, spec, PredictOptions(device="cpu", features=True))
-    means, prec = fit_gaussian(base.features, np.arange(6) % 3)  # statistics of the right shapes
-    trust = Trust(temperature=1.7, none_threshold=None, ood_threshold=1.0,
-                  scorer=OODScorer("mahalanobis", 1.7, means, prec), fingerprint="test")
+    method = "mahalanobis" if name == "resnet34" else DEFAULT_METHOD  # both feature scores, one cheaply
+    scorer = OODScorer(method, 1.7).fit(base.features, np.arange(6) % 3)  # statistics of the right shapes
+    trust = Trust(temperature=1.7, none_threshold=None, ood_threshold=1.0, scorer=scorer, fingerprint="test")
     path = export_onnx(model, Contract.of(spec, trust, name), trust, tmp_path / f"{name}.onnx")
     session, contract = open_session(path)
     assert contract.class_names == CLASSES and contract.temperature == 1.7 and contract.image_size == SIZE

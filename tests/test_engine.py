@@ -282,3 +282,22 @@ def test_precise_bn_recomputes_running_stats_from_training_rows() -> None:
     assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5)
     assert torch.allclose(bn.running_var, feats.var((0, 2, 3)), rtol=1e-4)
     assert bn.momentum == 0.01  # restored
+
+
+def test_training_fits_the_unknown_pattern_statistics_on_the_training_part(
+        trained_runs: dict[str, Path]) -> None:
+    from waferlab.deploy.ood import DEFAULT_METHOD, FEATURE_METHODS
+    from waferlab.deploy.trust import load_trust
+    from waferlab.engine.datamodule import load_split_data
+    from waferlab.engine.run import Run
+
+    run = Run.open(trained_runs["resnet34"])
+    trust = load_trust(run)
+    split = load_split_data(run.config())
+    th = json.loads((run.path / "thresholds.json").read_text())
+    assert trust.scorer.method == DEFAULT_METHOD == th["ood_method"] and th["id_recall"] >= 0.95
+    if DEFAULT_METHOD in FEATURE_METHODS:  # fitted on the training maps, not on the validation part
+        fitted_on = json.loads((run.path / "ood.json").read_text())["fitted_on"]
+        assert fitted_on == f"training part ({len(np.unique(split.train))} maps)"
+        if DEFAULT_METHOD == "knn":
+            assert len(trust.scorer.arrays["bank"]) == len(np.unique(split.train))

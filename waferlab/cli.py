@@ -10,8 +10,11 @@ import argparse
 import contextlib
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from waferlab import __version__
 from waferlab.errors import WaferlabError
@@ -64,11 +67,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:  # a command group called without its subcommand
         args.parser.print_help(sys.stderr)
         return 2
+    previous = _on_sigterm_raise()
     try:
         result = handler(args)
     except WaferlabError as exc:
         sys.stderr.write(f"waferlab: error: {exc}\n")
         return 2
+    except Terminated:
+        sys.stderr.write("waferlab: terminated\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("waferlab: interrupted\n")
         return 130
@@ -76,7 +83,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at interpreter exit
         return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(result or 0)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler stopping the job) raised in the main thread, so that atomic outputs remove
+    their temporary files as on Ctrl-C (the default handler kills the process without any cleanup)."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm_raise() -> Any:
+    """Install the SIGTERM handler (main thread only); returns the previous one, or None if not installed."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":  # pragma: no cover

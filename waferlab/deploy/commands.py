@@ -22,8 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="any source the readers take, labelled or not, or a cache")
     p.add_argument("--out", required=True, help="output file: .csv, .parquet or .jsonl")
     p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="torch (run directory) or onnx (onnxruntime; RUN/exports/model.onnx or the ONNX "
-                        "file); default: onnx for an .onnx file, else torch")
+                   help="torch (run directory), onnx (onnxruntime; RUN/exports/model.onnx or the ONNX "
+                        "file) or openvino (the same file, OpenVINO CPU plugin; pip install "
+                        "'waferlab[openvino]'); default: onnx for an .onnx file, else torch")
     p.add_argument("--gallery", default=None, metavar="FILE.html",
                    help="also write a self-contained HTML gallery of the predicted maps")
     p.add_argument("--batch-size", type=int, default=256)
@@ -37,8 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("calibrate", help="fit calibration, operating point and unknown-pattern threshold",
                        description="Temperature scaling, a P(none) threshold reaching the defect-vs-none "
                                    "recall target, and the unknown-pattern threshold at the in-distribution "
-                                   "recall target, fitted on labelled held-out maps and written into the run "
-                                   "(calibration.json, thresholds.json, ood.json, trust.md).")
+                                   "recall target, fitted on labelled held-out maps and written into the "
+                                   "run (calibration.json, thresholds.json, ood.json, ood.safetensors, "
+                                   "trust.md).")
     p.add_argument("run", help="run directory")
     p.add_argument("--data", required=True, help="labelled held-out maps (any source or cache)")
     p.add_argument("--defect-recall", type=float, default=0.99,

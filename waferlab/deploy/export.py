@@ -65,10 +65,15 @@ class DeployGraph(nn.Module):
         self.scale = float(contract.logit_scale)
         self.temperature = float(contract.temperature)
         self.method = trust.scorer.method
+        self.k = int(trust.scorer.k)
+        arrays = trust.scorer.arrays
         if self.method == "mahalanobis":
-            w = np.asarray(trust.scorer.whitener, np.float64)
+            w = np.asarray(arrays["whitener"], np.float64)
             self.register_buffer("whitener", torch.as_tensor(w, dtype=torch.float32))
-            self.register_buffer("wmeans", torch.as_tensor(trust.scorer.means @ w, dtype=torch.float32))
+            self.register_buffer("wmeans", torch.as_tensor(arrays["means"] @ w, dtype=torch.float32))
+        elif self.method == "knn":
+            self.register_buffer("bank", torch.as_tensor(np.asarray(arrays["bank"], np.float32)))
+            self.k = max(1, min(self.k, len(arrays["bank"])))
 
     def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from waferlab.data.encode import encode
@@ -92,8 +97,12 @@ class DeployGraph(nn.Module):
             f = store[0].float()
             f = f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1)
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
-            score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values
+            if self.method == "knn":  # as ood.knn_distance: k-th largest cosine similarity -> distance
+                kth = torch.topk(f @ self.bank.t(), self.k, dim=1).values[:, -1]
+                score = torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
+            else:
+                z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
+                score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values
         return logits, probs, score
 
 
@@ -144,8 +153,9 @@ def read_contract(path: str | Path, session: Any) -> Contract:
         raise WaferlabError(f"{path}: field {META_KEY!r}: unreadable waferlab metadata ({exc})") from None
 
 
-def open_session(path: str | Path, threads: int | None = None) -> tuple[Any, Contract]:
-    """An onnxruntime session of an exported file and its contract."""
+def open_session(path: str | Path, threads: int | None = None, optimize: bool = True) -> tuple[Any, Contract]:
+    """An onnxruntime session of an exported file and its contract (``optimize`` False: no graph
+    optimisation, seconds faster to open, for a session that only checks the file)."""
     import onnxruntime as ort
 
     path = Path(path)
@@ -154,6 +164,8 @@ def open_session(path: str | Path, threads: int | None = None) -> tuple[Any, Con
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=_providers(ort))

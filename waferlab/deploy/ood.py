@@ -1,9 +1,14 @@
 """Unknown-pattern scores: how unlike every trained class a map is (higher = more unknown).
 
-``msp`` (1 - max calibrated probability), ``maxlogit`` (- max logit), ``energy`` (- T logsumexp(logits/T)) and
-``mahalanobis`` (smallest class-conditional Mahalanobis distance of the pooled ``cam_target_layer`` features,
-shared Ledoit-Wolf-shrunk covariance, features L2-normalised first). ``benchmarks/open_set.py`` measures them
-on held-out classes; :data:`DEFAULT_METHOD` is the one that measured best.
+``msp`` (1 - max calibrated probability), ``maxlogit`` (- max logit), ``energy`` (- T logsumexp(logits/T)),
+``mahalanobis`` (smallest class-conditional Mahalanobis distance of the pooled ``cam_target_layer``
+features, shared Ledoit-Wolf-shrunk covariance, features L2-normalised first) and ``knn`` (Sun et al. 2022:
+distance of the L2-normalised pooled features to their k-th nearest neighbour among up to
+:data:`KNN_BANK` maps of the fitting data). The feature statistics are fitted on the training part when one
+is given (many more maps per class than the validation part) and the threshold on validation scores;
+without a training part (``waferlab calibrate``) on the labelled maps, scored out of fold.
+``benchmarks/open_set.py`` measures every score on held-out classes; :data:`DEFAULT_METHOD` is the one that
+measured best. Statistics live in ``ood.json`` (method, settings) and ``ood.safetensors`` (arrays).
 """
 
 from __future__ import annotations
@@ -15,10 +20,18 @@ import numpy as np
 
 from waferlab.errors import WaferlabError
 
-#: Unknown-pattern scores, each needing only logits except ``mahalanobis`` (pooled features).
-METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis")
+#: Unknown-pattern scores, each needing only logits except those in :data:`FEATURE_METHODS`.
+METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "knn")
+FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn")
 #: Chosen by ``benchmarks/open_set.py`` (README "Deploy": AUROC on held-out classes).
-DEFAULT_METHOD = "mahalanobis"
+DEFAULT_METHOD = "knn"
+#: k of the ``knn`` score and the most maps its bank keeps (a stratified sample beyond that).
+KNN_K = 5
+KNN_BANK = 4096
+#: The most training maps (a stratified sample) whose features are computed for the fit after training.
+FIT_MAPS = 16384
+#: Arrays each feature method stores, with their number of dimensions.
+ARRAYS: dict[str, dict[str, int]] = {"mahalanobis": {"means": 2, "whitener": 2}, "knn": {"bank": 2}}
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -46,8 +59,8 @@ class OODScorer:
 
     method: str
     temperature: float = 1.0
-    means: np.ndarray | None = None  # (K', D) class means of the normalised features (mahalanobis)
-    whitener: np.ndarray | None = None  # (D, D) W with W W^T = inverse shared covariance (mahalanobis)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # see ARRAYS
+    k: int = KNN_K
     info: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -56,10 +69,25 @@ class OODScorer:
 
     @property
     def needs_features(self) -> bool:
-        return self.method == "mahalanobis"
+        return self.method in FEATURE_METHODS
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> OODScorer:
+        """Fit the feature statistics (no-op for the logit scores); returns self."""
+        if not self.needs_features:
+            return self
+        f = np.asarray(features, dtype=np.float32)
+        if len(f) == 0:
+            raise WaferlabError(f"{self.method} unknown-pattern score: no features to fit")
+        if self.method == "mahalanobis":
+            means, whitener = fit_gaussian(f, labels)
+            self.arrays = {"means": means.astype(np.float32), "whitener": whitener.astype(np.float32)}
+        else:
+            keep = stratified_sample(np.asarray(labels), KNN_BANK, seed)
+            self.arrays = {"bank": normalise(f[keep]).astype(np.float32)}
+        return self
 
     def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """Scores (N,) float32 from scaled logits (N, K) and, for ``mahalanobis``, pooled features (N, D)."""
+        """Scores (N,) float32 from scaled logits (N, K) and, for a feature method, pooled features (N, D)."""
         z = np.asarray(logits, dtype=np.float64)
         if self.method == "msp":
             p = np.exp(z / self.temperature - _logsumexp(z / self.temperature)[:, None])
@@ -68,37 +96,60 @@ class OODScorer:
             return (-z.max(axis=1)).astype(np.float32)
         if self.method == "energy":
             return (-self.temperature * _logsumexp(z / self.temperature)).astype(np.float32)
-        if features is None or self.means is None or self.whitener is None:
-            raise WaferlabError("mahalanobis unknown-pattern score needs features and fitted statistics")
-        f = normalise(np.asarray(features, dtype=np.float64))
-        d = mahalanobis_min(f, self.means, self.whitener)
-        return d.astype(np.float32)
+        if features is None or set(self.arrays) != set(ARRAYS[self.method]):
+            raise WaferlabError(f"{self.method} unknown-pattern score needs features and fitted statistics")
+        f = normalise(np.asarray(features, dtype=np.float32))
+        if self.method == "knn":
+            return knn_distance(f, self.arrays["bank"], self.k)
+        return mahalanobis_min(f, self.arrays["means"], self.arrays["whitener"]).astype(np.float32)
 
     def to_json(self) -> dict[str, Any]:
+        """The settings (the arrays go to ``ood.safetensors``: :meth:`to_arrays`)."""
         out: dict[str, Any] = {"method": self.method, "temperature": self.temperature, **self.info}
-        if self.means is not None and self.whitener is not None:
-            out["means"] = self.means.astype(np.float32).tolist()
-            out["whitener"] = self.whitener.astype(np.float32).tolist()
+        if self.method == "knn":
+            out["k"] = self.k
+        if self.arrays:
+            out["arrays"] = {k: list(v.shape) for k, v in self.arrays.items()}
         return out
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any], where: str) -> OODScorer:
+    def from_json(cls, obj: dict[str, Any], where: str, arrays: dict[str, np.ndarray] | None = None
+                  ) -> OODScorer:
+        """Rebuild from :meth:`to_json` and the stored arrays; a missing or misshapen one is an error."""
         try:
-            means = np.asarray(obj["means"], np.float64) if "means" in obj else None
-            prec = np.asarray(obj["whitener"], np.float64) if "whitener" in obj else None
-            info = {k: v for k, v in obj.items() if k not in ("method", "temperature", "means", "whitener")}
-            scorer = cls(str(obj["method"]), float(obj.get("temperature", 1.0)), means, prec, info)
+            info = {k: v for k, v in obj.items() if k not in ("method", "temperature", "k", "arrays")}
+            scorer = cls(str(obj["method"]), float(obj.get("temperature", 1.0)), dict(arrays or {}),
+                         int(obj.get("k", KNN_K)), info)
         except (KeyError, TypeError, ValueError) as exc:
-            raise WaferlabError(f"{where}: field {exc}: unreadable unknown-pattern statistics") from None
-        if scorer.needs_features and (means is None or prec is None or means.ndim != 2
-                                      or prec.shape != (means.shape[1], means.shape[1])):
-            raise WaferlabError(f"{where}: field 'means'/'whitener': missing or inconsistent shapes")
+            raise WaferlabError(f"{where}: field {exc}: unreadable unknown-pattern settings") from None
+        need = ARRAYS.get(scorer.method, {})
+        a = scorer.arrays
+        if set(a) != set(need) or any(a[k].ndim != nd for k, nd in need.items()) or (
+                scorer.method == "mahalanobis" and a["whitener"].shape != (a["means"].shape[1],) * 2):
+            raise WaferlabError(f"{where}: arrays {sorted(a)}: missing or inconsistent statistics for "
+                                f"{scorer.method!r} (expected {sorted(need)})")
+        if scorer.method == "knn" and scorer.k < 1:
+            raise WaferlabError(f"{where}: field 'k': must be >= 1, got {scorer.k}")
         return scorer
 
 
 def normalise(f: np.ndarray) -> np.ndarray:
     """Rows scaled to unit L2 norm (class clusters then differ in direction, not in activation scale)."""
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def stratified_sample(labels: np.ndarray, cap: int, seed: int = 0) -> np.ndarray:
+    """Sorted row indices: all rows when there are at most ``cap``, else ``cap`` rows drawn per class in
+    proportion to its count (at least one each), so rare classes stay in the bank."""
+    n = len(labels)
+    if n <= cap:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        out.append(rng.choice(rows, max(1, round(cap * len(rows) / n)), replace=False))
+    return np.sort(np.concatenate(out))
 
 
 def mahalanobis_min(f: np.ndarray, means: np.ndarray, whitener: np.ndarray) -> np.ndarray:
@@ -109,10 +160,25 @@ def mahalanobis_min(f: np.ndarray, means: np.ndarray, whitener: np.ndarray) -> n
     return np.min([((z - m) ** 2).sum(axis=1) for m in zm], axis=0)
 
 
-def fit_gaussian(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Class means of the normalised features and a whitener W of their shared within-class (shrunk)
+def knn_distance(f: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Euclidean distance of every unit row of ``f`` to its k-th nearest row of the unit-row ``bank``
+    (|a - b|^2 = 2 - 2 a.b), in chunks of rows so memory stays bounded."""
+    k = max(1, min(k, len(bank)))
+    bank = np.asarray(bank, np.float32)
+    out = np.empty(len(f), np.float32)
+    for s in range(0, len(f), chunk):
+        sim = np.asarray(f[s:s + chunk], np.float32) @ bank.T
+        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+        out[s:s + chunk] = np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+    return out
+
+
+def fit_gaussian(features: np.ndarray, labels: np.ndarray, normalise_features: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Class means of the (normalised) features and a whitener W of their shared within-class (shrunk)
     covariance C: W W^T = C^-1 (from C's eigendecomposition)."""
-    f = normalise(np.asarray(features, dtype=np.float64))
+    f = np.asarray(features, dtype=np.float64)
+    f = normalise(f) if normalise_features else f
     classes = np.unique(labels)
     means = np.stack([f[labels == k].mean(axis=0) for k in classes])
     centred = f - means[np.searchsorted(classes, labels)]
@@ -121,26 +187,42 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
     return means, vec / np.sqrt(lam)[None, :]
 
 
-def fit_scorer(method: str, logits: np.ndarray, labels: np.ndarray, features: np.ndarray | None,
-               temperature: float, seed: int = 0) -> tuple[OODScorer, np.ndarray]:
-    """A fitted scorer plus honest validation scores (out-of-fold for ``mahalanobis``, 2 folds).
+@dataclass
+class FitData:
+    """Labelled maps' scaled logits (N, K), class ids (N,) and pooled features (N, D) or None."""
 
-    The statistics come from all maps; the scores used for the threshold come from a fit that did not see
-    the scored map, so the threshold is not set on in-sample (too small) distances.
+    logits: np.ndarray
+    labels: np.ndarray
+    features: np.ndarray | None = None
+
+
+def fit_scorer(method: str, val: FitData, temperature: float, train: FitData | None = None,
+               seed: int = 0) -> tuple[OODScorer, np.ndarray]:
+    """A fitted scorer plus honest validation scores for its threshold.
+
+    With ``train`` (the training part, at the end of training) the feature statistics come from it and
+    the validation maps are scored as unseen maps. Without it they come from all of ``val``, and the
+    threshold's scores from 2-fold fits that did not see the scored map (in-sample distances are too
+    small, a threshold set on them would flag far more than 1 - recall of new known maps).
     """
     scorer = OODScorer(method, temperature)
-    if method != "mahalanobis":
-        return scorer, scorer.score(logits)
-    if features is None or len(features) == 0:
-        raise WaferlabError("mahalanobis unknown-pattern score: no features to fit")
-    scorer.means, scorer.whitener = fit_gaussian(features, labels)
-    scores = np.empty(len(labels), np.float32)
-    fold = np.random.default_rng(seed).permutation(len(labels)) % 2
+    if not scorer.needs_features:
+        return scorer, scorer.score(val.logits)
+    if val.features is None or len(val.features) == 0:
+        raise WaferlabError(f"{method} unknown-pattern score: no features to fit")
+    if train is not None and train.features is not None and len(train.features):
+        scorer.fit(train.features, train.labels, seed)
+        scorer.info["fitted_on"] = f"training part ({len(train.labels)} maps)"
+        return scorer, scorer.score(val.logits, val.features)
+    scorer.fit(val.features, val.labels, seed)
+    scorer.info["fitted_on"] = f"{len(val.labels)} labelled maps (threshold out of fold)"
+    scores = np.empty(len(val.labels), np.float32)
+    fold = np.random.default_rng(seed).permutation(len(val.labels)) % 2
     for k in (0, 1):
         fit, held = fold != k, fold == k
         if fit.sum() < 2 or not held.any():
-            scores[held] = scorer.score(logits[held], features[held])
+            scores[held] = scorer.score(val.logits[held], val.features[held])
             continue
-        part = OODScorer(method, temperature, *fit_gaussian(features[fit], labels[fit]))
-        scores[held] = part.score(logits[held], features[held])
+        part = OODScorer(method, temperature).fit(val.features[fit], val.labels[fit], seed)
+        scores[held] = part.score(val.logits[held], val.features[held])
     return scorer, scores

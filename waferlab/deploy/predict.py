@@ -1,29 +1,39 @@
 """``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
 
 The source is read once (a pickle must be loaded whole); each chunk of maps is then prepared (nearest-resized
-to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Output: one row
-per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML gallery. With several
-devices one worker process per device infers chunks while the parent reads, prepares and writes in order.
+to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
+overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
+while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
+Output: one row per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML
+gallery. With several devices one worker process per device infers chunks while the parent reads, prepares
+and writes in order.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from waferlab.errors import WaferlabError
 
 OUTPUT_FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
-BACKENDS = ("torch", "onnx")
+#: torch: the run directory; onnx: the exported file with onnxruntime; openvino: the same file compiled by
+#: OpenVINO's CPU plugin (optional: ``pip install 'waferlab[openvino]'``; faster on Intel CPUs, see README).
+BACKENDS = ("torch", "onnx", "openvino")
+ONNX_BACKENDS = ("onnx", "openvino")
 #: Calibrated top probability below which a map counts as low-confidence (gallery, summary).
 LOW_CONFIDENCE = 0.5
+#: Chunks a background stage may run ahead of (or behind) inference: bounds the memory of the overlap.
+PIPELINE_DEPTH = 2
 #: Output columns in order (identity, prediction, top 3, operating point, unknown pattern, truth).
 COLUMNS = ("row", "lot", "wafer", "pred_class", "prob", "top2_class", "top2_prob", "top3_class", "top3_prob",
            "p_none", "defect", "unknown_score", "unknown", "true_label")
@@ -129,10 +139,10 @@ class TorchBackend:
 class OnnxBackend:
     """An exported file run by onnxruntime (the contract comes from the file's metadata)."""
 
-    def __init__(self, spec: BackendSpec) -> None:
+    def __init__(self, spec: BackendSpec, session: Any = None) -> None:
         from waferlab.deploy.export import open_session
 
-        self.session, self.contract = open_session(onnx_path(spec.run), spec.threads)
+        self.session = session or open_session(onnx_path(spec.run), spec.threads)[0]
         self.spec = spec
 
     def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,18 +152,50 @@ class OnnxBackend:
         return probs, ood
 
 
+class OpenVinoBackend:
+    """An exported file compiled by OpenVINO for the CPU, in full float32 precision (its default on CPUs
+    with AMX/AVX512-BF16 would be bfloat16, beyond the parity tolerance)."""
+
+    def __init__(self, spec: BackendSpec) -> None:
+        try:
+            import openvino as ov
+        except ImportError:
+            raise WaferlabError("--backend openvino needs the openvino package (pip install "
+                                "'waferlab[openvino]'); or use --backend onnx") from None
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if spec.threads:
+            config["INFERENCE_NUM_THREADS"] = spec.threads
+        self.compiled = ov.Core().compile_model(str(onnx_path(spec.run)), "CPU", config)
+        self.outputs = (self.compiled.output("probs"), self.compiled.output("ood_score"))
+        self.spec = spec
+
+    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs, ood = [], []
+        for start in range(0, len(maps), self.spec.batch_size):
+            res = self.compiled({"maps": np.ascontiguousarray(maps[start:start + self.spec.batch_size])})
+            probs.append(res[self.outputs[0]])
+            ood.append(res[self.outputs[1]])
+        if not probs:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+        return np.concatenate(probs), np.concatenate(ood)
+
+
 def onnx_path(run: str | Path) -> Path:
     """The ONNX file of ``run``: the path itself when it is a file, else ``RUN/exports/model.onnx``."""
     p = Path(run)
     return p if p.suffix.lower() == ".onnx" else p / "exports" / "model.onnx"
 
 
-def open_backend(spec: BackendSpec) -> TorchBackend | OnnxBackend:
-    return OnnxBackend(spec) if spec.backend == "onnx" else TorchBackend(spec)
+def open_backend(spec: BackendSpec, session: Any = None) -> TorchBackend | OnnxBackend | OpenVinoBackend:
+    """The model of ``spec``; an ONNX ``session`` already opened (by :func:`resolve_backend`) is reused."""
+    if spec.backend == "openvino":
+        return OpenVinoBackend(spec)
+    return OnnxBackend(spec, session) if spec.backend == "onnx" else TorchBackend(spec)
 
 
-def resolve_backend(job: PredictJob) -> tuple[str, Any]:
-    """(backend, contract) after every check on the run/ONNX file, before any data is read."""
+def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
+    """(backend, contract, ONNX session or None) after every check on the run/ONNX file, before any data is
+    read; the session is reused by a single-process predict (opening one costs seconds)."""
     from waferlab.deploy.export import Contract, open_session
     from waferlab.deploy.trust import load_trust
     from waferlab.engine.run import Run
@@ -163,10 +205,11 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any]:
     if backend not in BACKENDS:
         raise WaferlabError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     if is_file:
-        if backend != "onnx":
-            raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx (the torch backend needs "
-                                f"the run directory)")
-        return backend, open_session(job.run)[1]
+        if backend not in ONNX_BACKENDS:
+            raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx or openvino (the torch "
+                                f"backend needs the run directory)")
+        session, contract = open_session(job.run, _process_threads(), optimize=backend == "onnx")
+        return backend, contract, session if backend == "onnx" else None
     run = Run.open(job.run)
     if run.spec().task == "multilabel":  # before load_trust: its "calibrate first" advice does not apply
         raise WaferlabError(f"{job.run}: a multilabel run; predict serves single-label runs only (no "
@@ -175,16 +218,94 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any]:
                             f"waferlab.engine.predict.predict")
     trust = load_trust(run)
     if backend == "torch":
-        return backend, Contract.of(run.spec(), trust, run.info.model_name)
+        return backend, Contract.of(run.spec(), trust, run.info.model_name), None
     path = onnx_path(job.run)
     if not path.is_file():
         raise WaferlabError(f"{path}: missing; run 'waferlab export {job.run} --format onnx' first")
-    contract = open_session(path)[1]
+    session, contract = open_session(path, _process_threads(), optimize=backend == "onnx")
     if contract.fingerprint != trust.fingerprint:
         raise WaferlabError(f"{path}: field 'fingerprint': {contract.fingerprint!r} is not this run's "
                             f"({trust.fingerprint!r}): exported from another run or before the run was "
                             f"recalibrated; export it again")
-    return backend, contract
+    return backend, contract, session if backend == "onnx" else None
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+T = TypeVar("T")
+_END = object()
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first (a consumer that gave up must not block us forever)."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def prefetch(items: Iterator[T], depth: int = PIPELINE_DEPTH) -> Iterator[T]:
+    """The items of ``items``, produced by a background thread up to ``depth`` ahead (reading and
+    preparing the next chunks overlaps inference); an exception there is raised here, in order."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not _put(q, (item, None), stop):
+                    return
+            _put(q, (_END, None), stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            _put(q, (_END, exc), stop)
+
+    thread = threading.Thread(target=work, name="waferlab-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+class BackgroundWriter:
+    """Runs ``write(item)`` for every submitted item in one background thread, in order; ``close`` waits
+    for the rest and re-raises the first error (after which later items are dropped)."""
+
+    def __init__(self, write: Callable[[Any], None], depth: int = PIPELINE_DEPTH) -> None:
+        self._write, self._error = write, None
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, name="waferlab-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._q.get()) is not _END:
+            if self._error is None:
+                try:
+                    self._write(item)
+                except BaseException as exc:  # noqa: BLE001 - re-raised by submit/close
+                    self._error = exc
+
+    def submit(self, item: Any) -> None:
+        if self._error is not None:
+            raise self._error
+        _put(self._q, item, self._stop)
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread; raise the first write error, if any."""
+        self._q.put(_END)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -247,16 +368,26 @@ def _worker_specs(job: PredictJob, backend: str, n: int) -> list[BackendSpec]:
                         threads) for i in range(n)]
 
 
-def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk]
+def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session: Any = None
                  ) -> Iterator[tuple[Chunk, np.ndarray, np.ndarray]]:
-    """(chunk, calibrated probs, unknown scores) in source order, in this process or one per device."""
+    """(chunk, calibrated probs, unknown scores) in source order, in this process (reusing an open ONNX
+    ``session``) or one per device."""
     n = job.devices or _default_devices(backend)
     if n <= 1:
-        model = open_backend(BackendSpec(job.run, backend, job.device, job.batch_size))
+        spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads())
+        model = open_backend(spec, session)
         for c in chunks:
             yield (c, *model.infer(c.maps))
         return
     yield from _parallel(_worker_specs(job, backend, n), chunks)
+
+
+def _process_threads() -> int:
+    """The intra-op threads of this process (torch's setting, which follows OMP_NUM_THREADS), so that
+    onnxruntime and OpenVINO use as many as torch would rather than every core."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _default_devices(backend: str) -> int:
@@ -339,13 +470,12 @@ def rows_frame(c: Chunk, probs: np.ndarray, ood: np.ndarray, contract: Any) -> A
         cols[f"top{j + 1}_class"] = names[order[:, j]] if k > j else np.full(len(c.rows), "", object)
         cols[f"top{j + 1}_prob"] = (top[:, j].astype(np.float32) if k > j
                                     else np.zeros(len(c.rows), np.float32))
-    if "none" in contract.class_names and contract.none_threshold is not None:
-        p_none = probs[:, list(contract.class_names).index("none")]
-        cols["p_none"], cols["defect"] = p_none.astype(np.float32), p_none < contract.none_threshold
-    else:  # a defect-only run: every map it sees is taken for a defect
-        cols["p_none"], cols["defect"] = np.full(len(c.rows), np.nan, np.float32), np.ones(len(c.rows), bool)
+    flags = _flags(probs, ood, contract)
+    cols["p_none"] = (probs[:, list(contract.class_names).index("none")].astype(np.float32)
+                      if "none" in contract.class_names else np.full(len(c.rows), np.nan, np.float32))
+    cols["defect"] = flags["defect"]
     cols["unknown_score"] = np.asarray(ood, np.float32)
-    cols["unknown"] = np.asarray(ood) > contract.ood_threshold
+    cols["unknown"] = flags["unknown"]
     cols["true_label"] = c.labels.astype(str)
     return pd.DataFrame(cols, columns=list(COLUMNS))
 
@@ -396,31 +526,47 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
     fmt = output_format(job.out)
     check_writable(job.out)
     gallery = _gallery_for(job)
-    backend, contract = resolve_backend(job)
+    backend, contract, session = resolve_backend(job)
     t0 = time.perf_counter()
     total, chunks = iter_chunks(job.data, contract.image_size, job.chunk_size, job.progress)
     summary = {"maps": 0, "unknown": 0, "defect": 0, "low_confidence": 0}
     with atomic_path(job.out) as tmp, tqdm(total=total, desc="predict", unit="map", disable=not job.progress,
                                           smoothing=0.1) as bar:
-        writer, ok = RowWriter(tmp, fmt), False
+        writer = RowWriter(tmp, fmt)
+        background = BackgroundWriter(lambda item: writer.write(rows_frame(*item, contract)))
+        ok = False
         try:
-            for c, probs, ood in infer_stream(job, backend, chunks):
-                frame = rows_frame(c, probs, ood, contract)
-                writer.write(frame)
+            for c, probs, ood in infer_stream(job, backend, prefetch(chunks), session):
+                background.submit((c, probs, ood))
+                flags = _flags(probs, ood, contract)
                 if gallery is not None:
-                    gallery.offer(c, frame)
-                summary["maps"] += len(frame)
-                summary["unknown"] += int(frame["unknown"].sum())
-                summary["defect"] += int(frame["defect"].sum())
-                summary["low_confidence"] += int((frame["prob"] < LOW_CONFIDENCE).sum())
-                bar.update(len(frame))
+                    gallery.offer(c, rows_frame(c, probs, ood, contract))
+                summary["maps"] += len(c.rows)
+                for key, value in flags.items():
+                    summary[key] += int(value.sum())
+                bar.update(len(c.rows))
             ok = True
         finally:
-            writer.close(ok)
+            try:
+                background.close()
+            finally:
+                writer.close(ok)
     if gallery is not None:
         gallery.write(job.gallery, model=_cam_model(job, backend), contract=contract)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+def _flags(probs: np.ndarray, ood: np.ndarray, contract: Any) -> dict[str, np.ndarray]:
+    """Per-map flags: ``defect`` at the run's operating point (a run without ``none``, or without a fitted
+    threshold, takes every map for a defect), ``unknown`` and ``low_confidence``."""
+    names = list(contract.class_names)
+    if "none" in names and contract.none_threshold is not None:
+        defect = probs[:, names.index("none")] < contract.none_threshold
+    else:
+        defect = np.ones(len(probs), bool)
+    return {"unknown": np.asarray(ood) > contract.ood_threshold, "defect": defect,
+            "low_confidence": probs.max(axis=1) < LOW_CONFIDENCE}
 
 
 def _gallery_for(job: PredictJob) -> Any:

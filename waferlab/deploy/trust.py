@@ -5,7 +5,8 @@ or ``waferlab calibrate RUN --data SRC``) and stored in the run:
 * ``thresholds.json``: the operating point, a threshold on P(none) so that defect-vs-none recall reaches the
   target (SP&A-Net's rule: > 99 %), with the false-alarm rate it costs; and the unknown-pattern threshold at
   95 % in-distribution recall;
-* ``ood.json``: the unknown-pattern score's method and statistics;
+* ``ood.json`` + ``ood.safetensors``: the unknown-pattern score's method, settings and statistics (feature
+  statistics from the training part when given, else from the labelled maps);
 * ``trust.md`` + ``calibration.png``: the report, with reliability diagrams before and after.
 """
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from waferlab.deploy.ood import DEFAULT_METHOD, OODScorer, fit_scorer
+from waferlab.deploy.ood import DEFAULT_METHOD, FitData, OODScorer, fit_scorer
 from waferlab.engine.predict import softmax
 from waferlab.errors import WaferlabError
 
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 
 NONE_CLASS = "none"
 TRUST_FILES = ("calibration.json", "thresholds.json", "ood.json")
+OOD_ARRAYS = "ood.safetensors"  # only for a score with feature statistics
 
 
 @dataclass
@@ -79,11 +81,12 @@ def operating_point(p_none: np.ndarray, is_defect: np.ndarray, target: float) ->
 
 
 def fit_trust(run: Run, val: Prediction, val_labels: np.ndarray,
-              options: TrustOptions | None = None) -> dict[str, Any]:
+              options: TrustOptions | None = None, train: FitData | None = None) -> dict[str, Any]:
     """Fit calibration, operating point and unknown-pattern threshold on labelled maps; write them to ``run``.
 
     ``val`` comes from :func:`waferlab.engine.predict.predict` with ``features=True`` (needed by the
-    Mahalanobis score); ``val_labels`` are class ids in the run's class order. Returns the summary.
+    feature scores); ``val_labels`` are class ids in the run's class order; ``train`` (optional: logits,
+    labels, features of training maps) is what the feature statistics are fitted on. Returns the summary.
     """
     from waferlab.engine.metrics import compute_metrics
 
@@ -97,7 +100,7 @@ def fit_trust(run: Run, val: Prediction, val_labels: np.ndarray,
     probs = softmax(val.logits / temperature)
     before = compute_metrics(y, softmax(val.logits), names)
     after = compute_metrics(y, probs, names)
-    scorer, scores = fit_scorer(opts.ood_method, val.logits, y, val.features, temperature)
+    scorer, scores = fit_scorer(opts.ood_method, FitData(val.logits, y, val.features), temperature, train)
     ood_t = float(np.quantile(scores, opts.id_recall, method="higher"))
     calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": opts.source,
                    "n": int(len(y)), "ece_before": before["ece"], "ece_after": after["ece"],
@@ -113,7 +116,7 @@ def fit_trust(run: Run, val: Prediction, val_labels: np.ndarray,
                        "id_recall_target": opts.id_recall, "id_recall": float((scores <= ood_t).mean())})
     run.write_json("calibration.json", calibration)
     run.write_json("thresholds.json", thresholds)
-    run.write_json("ood.json", scorer.to_json())
+    write_scorer(run, scorer)
     write_trust_report(run, calibration, thresholds)
     return {"calibration": calibration, "thresholds": thresholds}
 
@@ -137,7 +140,7 @@ def load_trust(run: Run) -> Trust:
                                 f"run 'waferlab calibrate {run.path} --data LABELLED_SRC' first")
     t = run.temperature()
     th = run.read_json("thresholds.json")
-    scorer = OODScorer.from_json(run.read_json("ood.json"), str(run.file("ood.json")))
+    scorer = read_scorer(run)
     try:
         none_t = None if th.get("none_threshold") is None else float(th["none_threshold"])
         return Trust(t, none_t, float(th["ood_threshold"]), scorer, run_fingerprint(run))
@@ -145,12 +148,49 @@ def load_trust(run: Run) -> Trust:
         raise WaferlabError(f"{run.file('thresholds.json')}: field {exc}: missing or not a number") from None
 
 
+def write_scorer(run: Run, scorer: OODScorer) -> None:
+    """ood.json (settings) and, for a feature score, ood.safetensors (its arrays), atomically; a stale
+    arrays file of an earlier logit-only fit is removed."""
+    from safetensors.numpy import save_file
+
+    from waferlab.io import atomic_path
+
+    if scorer.arrays:
+        with atomic_path(run.file(OOD_ARRAYS)) as tmp:
+            save_file({k: np.ascontiguousarray(v, np.float32) for k, v in scorer.arrays.items()}, str(tmp))
+    elif run.has(OOD_ARRAYS):
+        run.file(OOD_ARRAYS).unlink()
+    run.write_json("ood.json", scorer.to_json())
+
+
+def read_scorer(run: Run) -> OODScorer:
+    """The fitted unknown-pattern scorer of ``run`` (ood.json + ood.safetensors when it has arrays)."""
+    where = str(run.file("ood.json"))
+    obj = run.read_json("ood.json")
+    arrays = None
+    if isinstance(obj, dict) and obj.get("arrays"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        path = run.file(OOD_ARRAYS)
+        try:
+            arrays = load_file(str(path))
+        except FileNotFoundError:
+            raise WaferlabError(f"{path}: missing (ood.json names its arrays); run 'waferlab calibrate "
+                                f"{run.path} --data LABELLED_SRC' again") from None
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise WaferlabError(f"{path}: unreadable unknown-pattern statistics ({exc})") from None
+    if not isinstance(obj, dict):
+        raise WaferlabError(f"{where}: expected a JSON object")
+    return OODScorer.from_json(obj, where, arrays)
+
+
 def run_fingerprint(run: Run) -> str:
     """SHA-256 (16 hex) of the weights and the trust files: an export records it, predict compares it."""
     import hashlib
 
     h = hashlib.sha256()
-    for name in ("model.safetensors", *TRUST_FILES):
+    for name in ("model.safetensors", *TRUST_FILES, OOD_ARRAYS):
         if run.has(name):
             h.update(name.encode())
             h.update(run.file(name).read_bytes())

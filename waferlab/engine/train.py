@@ -287,10 +287,26 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
         _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
         return val, labels
     try:
-        summary = fit_trust(run, val, labels)
+        summary = fit_trust(run, val, labels, train=_train_features(model, split, run, options))
     except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
         _note(f"not calibrated ({exc}); run waferlab calibrate RUN --data HELD_OUT")
         return val, labels
     _note(f"calibrated on {len(labels)} validation maps: temperature "
           f"{summary['calibration']['temperature']:.3g}")
     return val, labels
+
+
+def _train_features(model: Any, split: SplitData, run: Run, options: Any) -> Any:
+    """Logits, labels and pooled features of (a stratified sample of) the training part, un-augmented:
+    what the default unknown-pattern score fits its statistics on; ``None`` when it needs none."""
+    import numpy as np
+
+    from waferlab.deploy.ood import DEFAULT_METHOD, FEATURE_METHODS, FIT_MAPS, FitData, stratified_sample
+    from waferlab.engine.predict import predict
+
+    if DEFAULT_METHOD not in FEATURE_METHODS or len(split.train) == 0:
+        return None
+    rows = np.unique(split.train)
+    rows = rows[stratified_sample(split.data.labels[rows], FIT_MAPS, seed=0)]
+    pred = predict(model, split.data.maps[rows], run.spec(), replace(options, features=True))
+    return FitData(pred.logits, split.data.labels[rows], pred.features)
