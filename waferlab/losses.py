@@ -71,6 +71,13 @@ class CircleLoss(nn.Module):
         return F.cross_entropy(self.circle_logits(scores, target), target)
 
 
+class CrossEntropy(nn.CrossEntropyLoss):
+    """``nn.CrossEntropyLoss`` declaring what it expects (logits) as a class attribute, like the other losses,
+    rather than an attribute stuck onto a torch module instance."""
+
+    expects = "logits"
+
+
 class FocalLoss(nn.Module):
     """Focal loss (Lin et al. 2017): mean of w_y (1 - p_y)^gamma (-log p_y) over the batch.
 
@@ -273,9 +280,7 @@ def build_loss(name: str, num_classes: int,
             smoothing = float(kw.get("label_smoothing", 0.0))
             if not 0 <= smoothing < 1:
                 raise WaferlabError(f"loss {name!r}: label_smoothing must be in [0, 1), got {smoothing}")
-            loss: nn.Module = nn.CrossEntropyLoss(weight=weight, label_smoothing=smoothing)
-            loss.expects = "logits"  # type: ignore[assignment]
-            return loss
+            return CrossEntropy(weight=weight, label_smoothing=smoothing)
         if name == "focal":
             return FocalLoss(gamma=float(kw.get("gamma", 2.0)), weight=weight)
         return CircleLoss(gamma=float(kw.get("gamma", DEFAULT_COSINE_SCALE)),
