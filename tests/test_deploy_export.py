@@ -39,3 +39,19 @@ def test_onnx_matches_torch(name: str, tmp_path: Path) -> None:
         _, probs, score = run_session(session, batch, batch_size=4)
         assert np.abs(probs - ref.probs).max() <= 1e-4
         np.testing.assert_allclose(score, trust.scorer.score(ref.logits, ref.features), rtol=1e-3, atol=1e-3)
+
+
+def test_spanet_is_exported_fused(tmp_path: Path) -> None:
+    """SP&A-Net's ONNX graph is its fused inference copy: BatchNorms after convs folded, no Pad ops (the
+    unfused graph has dozens of each); the parity test above checks it still matches the torch model."""
+    import onnx
+
+    model = create_model("spanet", num_classes=len(CLASSES), in_chans=3).eval()
+    spec = InputSpec(SIZE, "onehot", CLASSES, 1.0)
+    scorer = OODScorer("msp", 1.0)
+    trust = Trust(temperature=1.0, none_threshold=None, ood_threshold=1.0, scorer=scorer, fingerprint="t")
+    path = export_onnx(model, Contract.of(spec, trust, "spanet"), trust, tmp_path / "spanet.onnx")
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    unfused = torch.nn.BatchNorm2d
+    n_bn = sum(isinstance(m, unfused) for m in model.modules())
+    assert n_bn > 30 and ops.count("BatchNormalization") < n_bn // 2 and "Pad" not in ops

@@ -630,11 +630,11 @@ class FusedCodeSA(nn.Module):
         self.expand = nn.Parameter(1.2 * sa.expand.weight.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = (int(d) for d in x.shape)  # constants in an exported graph
-        a = torch.matmul(self.score, x.reshape(n, c, h * w))  # (N, 1, HW): a 1-output conv as a product
+        c, h, w = (int(d) for d in x.shape[1:])  # constants when exported; batch (-1) dynamic
+        a = torch.matmul(self.score, x.reshape(-1, c, h * w))  # (N, 1, HW): a 1-output conv as a product
         s = a * torch.softmax(a, dim=-1) if self.spatial else a
         f = s * torch.rsqrt(s * s * self.ln_var + self.ln_eps) if self.ln_var is not None else s
-        hidden = torch.relu(torch.addcmul(self.beta, self.u, f.view(n, 1, h, w)))  # (N, C/r, H, W)
+        hidden = torch.relu(torch.addcmul(self.beta, self.u, f.view(-1, 1, h, w)))  # (N, C/r, H, W)
         return x * F.hardsigmoid(F.conv2d(hidden, self.expand))  # a 1x1 conv: blocked layout in ORT
 
 
