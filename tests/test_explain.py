@@ -348,6 +348,19 @@ def test_localisation_scores_on_known_cams():
     assert np.all(np.isnan(empty["pointing_game"]))  # no pattern region: not scored
 
 
+def test_pointing_game_scores_a_tied_peak_by_its_share_in_the_region():
+    """A plateau peak (an upsampled coarse CAM, a binary one) is not scored by its first raster pixel."""
+    maps = _disc(2)
+    masks = np.zeros_like(maps)
+    masks[:, 16:22, 16:22] = 1
+    cam = masks.astype(np.float32)
+    cam[:, 6:12, 10:16] = 1.0  # an equal peak outside the region, earlier in raster order
+    loc = localisation(cam, masks, maps)
+    np.testing.assert_allclose(loc["pointing_game"], 0.5)
+    cam[:, 6:12, 10:16] = 0.99  # a lower second mode: the single peak is inside
+    np.testing.assert_allclose(localisation(cam, masks, maps)["pointing_game"], 1.0)
+
+
 def test_mass_inside_iou_k_and_fail_mass_lift_on_known_cams():
     from waferlab.explain.localization import fail_mass_lift
 
