@@ -61,6 +61,24 @@ def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------- fail-weighted pooling
+_WRAPPED = "model."
+
+
+def _drop_wrapper_prefix(_module: nn.Module, state: dict, prefix: str, _meta: object) -> None:
+    """state_dict hook of :class:`FailPooled`: ``<prefix>model.x`` -> ``<prefix>x`` (order kept)."""
+    inner = prefix + _WRAPPED
+    items = list(state.items())
+    for key, _ in items:
+        del state[key]
+    for key, value in items:
+        state[prefix + key[len(inner):] if key.startswith(inner) else key] = value
+
+
+def _add_wrapper_prefix(_module: nn.Module, state: dict, prefix: str, *_args: object) -> None:
+    """load_state_dict pre-hook of :class:`FailPooled`: ``<prefix>x`` -> ``<prefix>model.x``."""
+    for key in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + _WRAPPED)]:
+        state[prefix + _WRAPPED + key[len(prefix):]] = state.pop(key)
+
 #: Added to the mean failed-die density before dividing by it: a map without failed dies gets weights 0.
 FAIL_POOL_EPS = 1e-3
 #: Encoded value above which a gray/rgb pixel is a failed die (levels 0, 0.5 or 127/255, and 1).
@@ -95,6 +113,8 @@ class FailPooled(nn.Module):
     call), so the class evidence the classifier sums comes from cells with failed dies, and a CAM taken on
     ``self.cam_target_layer`` (the gate) shows it there. Why: the plain models put Center/Loc evidence on the
     good dies around the pattern (``benchmarks/explain_inversion.py``), which no CAM method can fix.
+    The state dict is the wrapped model's, key for key (no ``model.`` prefix), so weights move freely between
+    a ``failpool`` run and a ``linear`` one (``--init``).
     """
 
     def __init__(self, model: nn.Module, encoding: str = "onehot") -> None:
@@ -102,6 +122,12 @@ class FailPooled(nn.Module):
         self.model = model
         self.gate = FailGate()
         self.encoding = encoding
+        save_hook = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        save_hook(_drop_wrapper_prefix)
+        if hasattr(self, "register_load_state_dict_pre_hook"):
+            self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+        else:  # torch < 2.5
+            self._register_load_state_dict_pre_hook(_add_wrapper_prefix, with_module=True)
 
     @property
     def cam_target_layer(self) -> nn.Module:
