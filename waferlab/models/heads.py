@@ -101,7 +101,12 @@ class FailGate(nn.Module):
     """
 
     def forward(self, fmap: torch.Tensor, failed: torch.Tensor) -> torch.Tensor:
-        d = F.adaptive_avg_pool2d(failed.to(fmap.dtype), fmap.shape[-2:])
+        from waferlab.models.study import pool_matrix
+
+        # adaptive average pooling as two matrix products: the same values, and it exports to ONNX at any size
+        (h_in, w_in), (h, w) = failed.shape[-2:], fmap.shape[-2:]
+        failed = failed.to(fmap.dtype)
+        d = pool_matrix(int(h_in), int(h), failed) @ failed @ pool_matrix(int(w_in), int(w), failed).T
         return fmap * (d / (d.mean(dim=(2, 3), keepdim=True) + FAIL_POOL_EPS))
 
 
