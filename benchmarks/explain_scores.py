@@ -13,11 +13,15 @@ Edge-Loc, Edge-Ring, Loc, Scratch), whose true pattern regions are known:
 * the fail-mass lift (CAM mass on failed dies / their share of the wafer; 1 = uniform), which needs no
   mask; with ``--real`` also per class on every real labelled map in ``$WAFERLAB_SHARED_DATA``.
 
-Localisation uses correctly classified maps only (the explained class is the true one).
+Localisation uses correctly classified maps only (the explained class is the true one). Models with an
+``output_stride`` option are trained at ``--output-stride`` (default 8: an 8x8 CAM layer at 64 px); the
+default preset's ``failpool`` head is used unless ``--set head=linear``. Results (table, rows, wall times)
+go to ``<work>/goal_table_<models>.json``.
 
     python benchmarks/explain_scores.py                                   # nine models, 64 px, default preset
-    python benchmarks/explain_scores.py --models resnet34,pan --epochs 2 --n 1500 --size 48
-    python benchmarks/explain_scores.py --set model_options.output_stride=16 --models resnet34
+    python benchmarks/explain_scores.py --n 600 --epochs 2 --size 48 --score-per-class 10 --steps 5 \
+        --set precise_bn_batches=4                                        # CPU-sized (issue 11's table)
+    python benchmarks/explain_scores.py --models resnet34,pan --set head=linear   # the plain GAP heads
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ REAL_SOURCES = (
     "gowwi07_wafermap_ai_png224_e3cf70a/samples_wm811k",
 )
 GOAL = {"pointing_mean": 0.85, "pointing_min": 0.7, "iou_ratio": 2.0}
+#: Seed models with an ``output_stride`` option (PAN and PAN_DA explain their last GAU at stride 4 already).
+STRIDE_OPTION = ("resnet34", "danet", "cbam", "cbam_da", "pan_inverse", "pan_dualinverse", "spanet")
 
 
 def _train(name: str, args: argparse.Namespace, data: Path, work: Path) -> tuple[Path, float | None]:
@@ -63,8 +69,11 @@ def _train(name: str, args: argparse.Namespace, data: Path, work: Path) -> tuple
     from waferlab.engine.config import build_config
     from waferlab.engine.train import train
 
-    tag = "_".join(s.replace("model_options.", "").replace("=", "") for s in args.set) or "preset"
-    run = work / f"{name}_{args.size}px_{args.epochs}ep_{tag}"
+    sets = list(args.set)
+    if args.output_stride and name in STRIDE_OPTION:
+        sets.append(f"model_options.output_stride={args.output_stride}")
+    tag = "_".join(s.replace("model_options.", "").replace("=", "") for s in sets) or "preset"
+    run = work / f"{name}_{args.size}px_{args.epochs}ep_{args.n}maps_{args.preset}_{tag}"
     if not args.retrain and (run / "model.safetensors").exists():
         return run, None
     if run.exists():
@@ -80,7 +89,7 @@ def _train(name: str, args: argparse.Namespace, data: Path, work: Path) -> tuple
             "batch_size": args.batch_size,
             "progress": False,
         },
-        sets=args.set,
+        sets=sets,
     )
     t0 = time.perf_counter()
     train(cfg)
@@ -202,6 +211,8 @@ def main() -> int:
     ap.add_argument("--methods", default="gradcam,gradcam++")
     ap.add_argument("--preset", default="default")
     ap.add_argument("--set", action="append", default=[], help="config override KEY=VALUE (repeatable)")
+    ap.add_argument("--output-stride", type=int, default=8,
+                    help=f"model_options.output_stride for {', '.join(STRIDE_OPTION)} (0: the model's own)")
     ap.add_argument("--n", type=int, default=2000, help="synthetic training maps (all 9 classes)")
     ap.add_argument("--n-test", type=int, default=300, help="held-out maps of the six localised classes")
     ap.add_argument("--size", type=int, default=64)
@@ -219,6 +230,7 @@ def main() -> int:
     from waferlab.data.synth import write_synthetic
     from waferlab.explain.runner import ExplainSettings, explain_runs
 
+    t_all = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     train_data, test_data = work / f"train_{args.n}.npz", work / f"heldout_localised_{args.n_test}.npz"
@@ -249,7 +261,8 @@ def main() -> int:
     explain_s = time.perf_counter() - t0
     rows = [_row(e["model"], m, e["scores"]) for e in summary["runs"].values() for m in methods]
     print(
-        f"\n# CAM goal table: preset {args.preset} {' '.join(args.set)}, {args.size} px, "
+        f"\n# CAM goal table: preset {args.preset} {' '.join(args.set)} output_stride "
+        f"{args.output_stride or 'own'} (where the model has the option), {args.size} px, "
         f"{args.epochs} epochs "
         f"on {args.n} synthetic maps; scored on up to {args.score_per_class}/class of {args.n_test} held-out "
         f"maps of the six localised classes"
@@ -279,7 +292,12 @@ def main() -> int:
         with atomic_path(args.grid) as tmp:
             shutil.copyfile(work / "explain" / grid_run / "study_grid.png", tmp)
         print(f"study grid of {grid_run} -> {args.grid}")
-    (work / "goal_table.json").write_text(json.dumps(doc, indent=1, default=str))
+    tag = "_".join(args.models.split(",")) if len(args.models.split(",")) < len(SEED_MODELS) else "all"
+    heads = "_".join(s.replace("=", "-") for s in args.set if s.startswith("head="))
+    out_json = work / f"goal_table_{tag}{'_' + heads if heads else ''}.json"
+    doc["wall_s"] = time.perf_counter() - t_all
+    out_json.write_text(json.dumps(doc, indent=1, default=str))
+    print(f"total wall time {doc['wall_s']:.0f} s")
     return 0
 
 

@@ -19,10 +19,11 @@ SIZE = 32
 CLASSES = tuple(f"c{i}" for i in range(5))
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_onnx_matches_torch(name: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("name", "head"), [(m, "linear") for m in list_models()]
+                         + [("spanet", "failpool"), ("pan", "failpool")])  # the default preset's head
+def test_onnx_matches_torch(name: str, head: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = create_model(name, num_classes=len(CLASSES), in_chans=3).eval()
+    model = create_model(name, num_classes=len(CLASSES), in_chans=3, head=head).eval()
     spec = InputSpec(SIZE, "onehot", CLASSES, 1.0)
     rng = np.random.default_rng(0)
     maps = rng.integers(0, 3, (6, SIZE, SIZE), dtype=np.uint8)

@@ -105,7 +105,7 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path: Path) -> None:
     (["--set", "nonsense=3"], "unknown config key 'nonsense'"),
     (["--resume"], "no checkpoint to resume from"),
     (["--set", "augment_options.spin=3"], "augment_options"),
-    (["--loss", "circle"], "head is 'linear'"),
+    (["--loss", "circle"], "head is 'failpool'"),
     (["--loss", "hinge"], "unknown loss 'hinge'"),
 ])
 def test_cli_bad_configs_exit_2_with_one_line(extra: list[str], message: str, synth_cache: Path,

@@ -348,6 +348,19 @@ def test_localisation_scores_on_known_cams():
     assert np.all(np.isnan(empty["pointing_game"]))  # no pattern region: not scored
 
 
+def test_pointing_game_scores_a_tied_peak_by_its_share_in_the_region():
+    """A plateau peak (an upsampled coarse CAM, a binary one) is not scored by its first raster pixel."""
+    maps = _disc(2)
+    masks = np.zeros_like(maps)
+    masks[:, 16:22, 16:22] = 1
+    cam = masks.astype(np.float32)
+    cam[:, 6:12, 10:16] = 1.0  # an equal peak outside the region, earlier in raster order
+    loc = localisation(cam, masks, maps)
+    np.testing.assert_allclose(loc["pointing_game"], 0.5)
+    cam[:, 6:12, 10:16] = 0.99  # a lower second mode: the single peak is inside
+    np.testing.assert_allclose(localisation(cam, masks, maps)["pointing_game"], 1.0)
+
+
 def test_mass_inside_iou_k_and_fail_mass_lift_on_known_cams():
     from waferlab.explain.localization import fail_mass_lift
 
@@ -435,6 +448,54 @@ def test_cam_deletion_beats_a_random_die_order(center_model):
     assert np.nanmean(cam_scores["deletion_auc"]) < min(rnd) - 0.02
     rnd_ins = np.nanmean(faithfulness(model, maps, None, targets, ONEHOT2, steps=10)["insertion_auc"])
     assert np.nanmean(cam_scores["insertion_auc"]) > rnd_ins
+
+
+# ------------------------------------- the default preset's models put the heat on the pattern (issue 11)
+
+
+def _mean_heat_inside_and_outside(cams: np.ndarray, masks: np.ndarray, maps: np.ndarray
+                                  ) -> tuple[float, float]:
+    wafer = maps > 0
+    inside = (masks > 0) & wafer
+    return float(cams[inside].mean()), float(cams[wafer & ~inside].mean())
+
+
+@pytest.mark.parametrize(("model", "size", "options"), [
+    ("spanet", 96, {}),  # stride 32 (its official layout): a 3x3 CAM layer at 96 px
+    ("pan", 32, {}),  # the study's PAN: its last GAU at stride 4, 8x8 at 32 px
+])
+def test_default_preset_cam_heat_sits_on_the_center_pattern(tmp_path, model, size, options):
+    """After a short training with the default preset on synthetic Center/none/Loc maps, the CAM's mean heat
+    on Center's true region exceeds its mean heat on the rest of the wafer, for GradCAM and GradCAM++.
+
+    An inverted CAM (heat on the good dies around the blob, as the plain GAP models of issue 11 gave) fails.
+    """
+    from waferlab.data.cache import load_prepared
+    from waferlab.data.synth import write_synthetic
+    from waferlab.engine.config import build_config
+    from waferlab.engine.run import Run
+    from waferlab.engine.train import train
+
+    classes = ["Center", "none", "Loc"]
+    write_synthetic(tmp_path / "train.npz", n=300, seed=3, classes=classes)
+    write_synthetic(tmp_path / "test.npz", n=30, seed=4, classes=["Center"])
+    torch.set_num_threads(1)
+    cfg = build_config("default", {"model": model, "data": str(tmp_path / "train.npz"),
+                                   "out": str(tmp_path / "run"), "epochs": 2, "image_size": size,
+                                   "batch_size": 32, "progress": False, "precise_bn_batches": 4,
+                                   "model_options": options})
+    assert cfg.head == "failpool"
+    train(cfg)
+    run = Run.open(tmp_path / "run")
+    spec, net = run.spec(), run.load_model()
+    test = load_prepared(str(tmp_path / "test.npz"), size)
+    center = spec.class_names.index("Center")
+    res = compute_cams(net, test.maps, spec, ["gradcam", "gradcam++"], targets=np.full(len(test), center))
+    for name, cams in res.cams.items():
+        inside, outside = _mean_heat_inside_and_outside(cams, test.masks, test.maps)
+        assert inside > outside, f"{model} {name}: mean heat {inside:.2f} on the region, {outside:.2f} off"
+        flipped = np.where(test.maps > 0, 1.0 - cams, 0.0)  # the check itself rejects an inverted CAM
+        assert np.greater(*_mean_heat_inside_and_outside(flipped, test.masks, test.maps)) is np.False_
 
 
 # ------------------------------------------------------------------------------------------- figures

@@ -89,6 +89,30 @@ def test_cosine_head(name: str) -> None:
     assert out.std() > 0
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_failpool_head(name: str) -> None:
+    """head="failpool": the same contract; the CAM layer's map is zero on cells without failed dies."""
+    from waferlab.data.encode import encode
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, in_chans=3, head="failpool")
+    assert isinstance(model.classifier, nn.Linear | nn.Conv2d) and model.model_name == name
+    _run(model, 3, 64)
+    maps = torch.ones(2, 64, 64, dtype=torch.uint8)
+    maps[:, :, :32] = 2  # failed dies on the left half only
+    seen: list[torch.Tensor] = []
+    handle = model.cam_target_layer.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    try:
+        model.eval()(encode(maps, "onehot"))
+    finally:
+        handle.remove()
+    fmap = seen[0]
+    w = fmap.shape[-1]
+    if w >= 2:
+        assert fmap[..., w // 2 + w % 2:].abs().max() == 0 and fmap[..., : w // 2].abs().max() > 0
+    assert not model.model.cam_target_layer._forward_hooks  # the gate's hook lives only during a forward
+
+
 def test_bad_model_options_are_user_errors() -> None:
     with pytest.raises(WaferlabError, match="unknown model"):
         create_model("no_such_net", num_classes=3)

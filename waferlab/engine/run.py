@@ -312,7 +312,7 @@ class Run:
 
         info = self.info
         return create_model(info.model_name, num_classes=len(info.class_names), in_chans=info.in_chans,
-                            pretrained=None, head=info.head, **info.model_options)
+                            pretrained=None, head=info.head, encoding=info.encoding, **info.model_options)
 
     def read_weights(self) -> dict[str, torch.Tensor]:
         """The tensors of model.safetensors (CPU); a corrupt file is a one-line error."""

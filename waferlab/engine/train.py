@@ -122,7 +122,7 @@ def _build_model(cfg: TrainConfig, classes: tuple[str, ...], hw: Hardware) -> An
     from waferlab.models import create_model
 
     model = create_model(cfg.model, num_classes=len(classes), in_chans=num_channels(cfg.encoding),
-                         pretrained=cfg.pretrained, head=cfg.head, **cfg.model_options)
+                         pretrained=cfg.pretrained, head=cfg.head, encoding=cfg.encoding, **cfg.model_options)
     if cfg.init:
         _init_from(model, Run.open(cfg.init), classes)
     return model.to(memory_format=torch.channels_last) if hw.accelerator != "cpu" else model

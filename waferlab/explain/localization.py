@@ -15,6 +15,8 @@ from waferlab.explain.cam import as_maps, wafer_area
 DEFAULT_TOP_FRACTION = 0.15
 #: Default absolute threshold on the [0, 1] CAM.
 DEFAULT_THRESHOLD = 0.5
+#: CAM values within this of the maximum count as the peak (ties of the pointing game).
+_PEAK_TOL = 1e-6
 
 
 def _iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -32,7 +34,8 @@ def localisation(
 ) -> dict[str, np.ndarray]:
     """Per-map localisation scores (NaN where the map has no pattern region on the wafer).
 
-    ``pointing_game``: 1 if the CAM's peak die lies in the mask (0 for a flat, all-zero CAM);
+    ``pointing_game``: 1 if the CAM's peak die lies in the mask (0 for a flat, all-zero CAM; a peak shared
+    by several dies scores the share of them inside the mask);
     ``pointing_chance``: the mask's share of the wafer; ``iou_threshold``: IoU of {CAM >= threshold}
     with the mask; ``iou_top``: IoU of the top ``top_fraction`` of wafer dies by CAM with the mask;
     ``iou_top_chance``: the expected IoU of that many dies drawn at random; ``iou_k``: IoU of the top k
@@ -49,8 +52,11 @@ def localisation(
     m_area = truth.sum(axis=1)
     valid = (m_area > 0) & (area > 0)
     peak_val = cam.max(axis=1)
-    peak = cam.argmax(axis=1)
-    hit = truth[np.arange(n), peak] & (peak_val > 0)
+    # Every wafer pixel at the peak counts (a plateau, e.g. an upsampled coarse CAM or a binary one, would
+    # otherwise be scored by whichever tied pixel comes first in raster order): the hit is the share of the
+    # peak pixels inside the mask, i.e. the chance that the peak, ties broken at random, lies in the region.
+    at_peak = wafer & (cam >= (peak_val - _PEAK_TOL)[:, None])
+    hit = np.where(peak_val > 0, (at_peak & truth).sum(axis=1) / np.maximum(at_peak.sum(axis=1), 1), 0.0)
     chance = m_area / np.maximum(area, 1)
 
     pred_thr = (cam >= threshold) & wafer & (peak_val[:, None] > 0)

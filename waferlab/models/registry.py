@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # torch is imported only when a model is built, so `waferlab 
 Builder = Callable[..., "nn.Module"]
 
 #: Modules whose import registers models; loaded on first use of the registry.
-#: Classifier heads ``create_model`` can put on a model: the model's own, or an L2-normalised cosine head.
-HEADS: tuple[str, ...] = ("linear", "cosine")
+#: Classifier heads ``create_model`` can put on a model: the model's own, an L2-normalised cosine head, or
+#: the model's own after a failed-die-weighted pooling (``waferlab.models.heads.FailPooled``).
+HEADS: tuple[str, ...] = ("linear", "cosine", "failpool")
 MODEL_MODULES = ("waferlab.models.study", "waferlab.models.spanet", "waferlab.models.baselines")
 
 
@@ -81,13 +82,16 @@ def create_model(
     in_chans: int = 3,
     pretrained: str | None = None,
     head: str = "linear",
+    encoding: str = "onehot",
     **options: object,
 ) -> nn.Module:
     """Build model ``name`` for ``num_classes`` classes and ``in_chans`` input channels.
 
     ``pretrained``: ``None``, ``"imagenet"`` (downloads through the library's weights API on a
     machine with network) or a path to a local ``.pth``/``.safetensors`` state dict.
-    ``head``: ``"linear"`` or ``"cosine"`` (L2-normalised cosine classifier, for Circle loss).
+    ``head``: ``"linear"``, ``"cosine"`` (L2-normalised cosine classifier, for Circle loss) or
+    ``"failpool"`` (the model's own classifier after a failed-die-weighted pooling; ``encoding`` says how
+    the input holds the failed dies).
     """
     from torch import nn
 
@@ -111,6 +115,10 @@ def create_model(
         if refusal:
             raise WaferlabError(f"model {name!r}: head 'cosine' is not supported: {refusal}")
         use_cosine_head(model)
+    elif head == "failpool":
+        from waferlab.models.heads import FailPooled
+
+        model = FailPooled(model, encoding)
     elif head != "linear":
         raise WaferlabError(f"unknown head {head!r}; use one of {', '.join(HEADS)}")
     model.model_name = name  # type: ignore[assignment]

@@ -75,7 +75,7 @@ class StudyResNet34(_GapClassifier):
         return self._classify(self.backbone(x)[-1])
 
 
-def _pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+def pool_matrix(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in) averaging matrix with adaptive pooling's bins [floor(i*n/m), ceil((i+1)*n/m))."""
     rows = []
     for i in range(n_out):
@@ -99,7 +99,7 @@ class GridPool(nn.Module):
         h, w = x.shape[-2:]
         if h == self.grid and w == self.grid:
             return x
-        ph, pw = _pool_matrix(h, self.grid, x), _pool_matrix(w, self.grid, x)
+        ph, pw = pool_matrix(h, self.grid, x), pool_matrix(w, self.grid, x)
         return torch.matmul(torch.matmul(ph, x), pw.t())
 
 
