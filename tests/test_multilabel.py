@@ -104,8 +104,10 @@ def test_task_config_key() -> None:
     assert build_config().task == "multiclass"
     with pytest.raises(WaferlabError, match="config task: unknown value 'multi'"):
         build_config(sets=["task=multi"])
-    with pytest.raises(WaferlabError, match="linear head"):
+    with pytest.raises(WaferlabError, match="linear or failpool"):
         build_config(sets=["task=multilabel", "head=cosine"])
+    # the default preset's failpool head is the model's own classifier after a weighted pooling: allowed
+    assert build_config(sets=["task=multilabel", "loss=bce"]).head == "failpool"
 
 
 def test_prepared_data_keeps_and_requires_multi_hot(tmp_path: Path) -> None:

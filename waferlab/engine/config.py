@@ -14,6 +14,9 @@ from waferlab.engine.optim import OPTIMIZERS, PLATEAU_MONITORS, SCHEDULERS
 from waferlab.errors import WaferlabError
 from waferlab.models.registry import HEADS
 
+#: Heads a multi-label run can use: a sigmoid per label needs free logits (not the cosine head's).
+MULTILABEL_HEADS = ("linear", "failpool")
+
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs"
 #: Which weights a run keeps: the best validation macro-F1 epoch, or the last epoch.
 CHECKPOINTS = ("best", "last")
@@ -251,9 +254,9 @@ def validate(cfg: TrainConfig) -> None:
         _choice(cfg, name, tuple(choices))
     if cfg.plateau_factor >= 1:
         raise WaferlabError(f"config plateau_factor must be < 1, got {cfg.plateau_factor:g}")
-    if cfg.task == "multilabel" and cfg.head != "linear":
-        raise WaferlabError(f"config head: task multilabel needs the linear head (one sigmoid per label), "
-                            f"got {cfg.head!r}")
+    if cfg.task == "multilabel" and cfg.head not in MULTILABEL_HEADS:
+        raise WaferlabError(f"config head: task multilabel needs a head with one free logit per label "
+                            f"({' or '.join(MULTILABEL_HEADS)}), got {cfg.head!r}")
     if not isinstance(cfg.model, str) or not cfg.model:
         raise WaferlabError("config model: a model name is required (see 'waferlab models')")
     for name in ("model_options", "loss_options", "augment_options", "balance_targets"):
