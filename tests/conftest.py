@@ -21,3 +21,14 @@ def shared_data() -> Path:
             pytest.fail(f"real samples not found at {SHARED_DATA}")
         pytest.skip(f"real samples not found at {SHARED_DATA} (set WAFERLAB_SHARED_DATA)")
     return SHARED_DATA
+
+
+def synthetic_cache(root: Path, n: int, size: int = 32) -> Path:
+    """``n`` generator maps (seed 0) prepared at ``size`` px under ``root``: the studies' tiny data."""
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.readers import load_table
+    from waferlab.data.synth import write_synthetic
+
+    write_synthetic(root / "maps.npz", n=n, seed=0)
+    save_cache(prepare(load_table(root / "maps.npz"), size, progress=False), root / f"maps{size}.npz")
+    return root / f"maps{size}.npz"

@@ -299,14 +299,9 @@ def _spec(path: Path, models: str, seeds: str, epochs: int = 1, explain: bool = 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from waferlab.data.cache import prepare, save_cache
-    from waferlab.data.readers import load_table
-    from waferlab.data.synth import write_synthetic
+    from conftest import synthetic_cache
 
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic(root / "maps.npz", n=180, seed=0)
-    save_cache(prepare(load_table(root / "maps.npz"), 32, progress=False), root / "maps32.npz")
-    return root / "maps32.npz"
+    return synthetic_cache(tmp_path_factory.mktemp("data"), n=180)
 
 
 @pytest.fixture(scope="module")

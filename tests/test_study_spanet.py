@@ -146,14 +146,9 @@ def test_peers_preset_uses_the_figure_sizes(tmp_path: Path, capsys) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from waferlab.data.cache import prepare, save_cache
-    from waferlab.data.readers import load_table
-    from waferlab.data.synth import write_synthetic
+    from conftest import synthetic_cache
 
-    root = tmp_path_factory.mktemp("data")
-    write_synthetic(root / "maps.npz", n=240, seed=0)
-    save_cache(prepare(load_table(root / "maps.npz"), 32, progress=False), root / "maps32.npz")
-    return root / "maps32.npz"
+    return synthetic_cache(tmp_path_factory.mktemp("data"), n=240)
 
 
 def _run(preset: str, out: Path, data: Path, only: list[str], extra: list[str]) -> Path:

@@ -266,18 +266,23 @@ def fig_acc_vs_params(summary) -> bytes:
         ax.annotate(
             row["group"], (row["params"] / 1e6, mean), textcoords="offset points", xytext=(6, 4), fontsize=8
         )
-    ax.set_xscale("log")
+    params_axes(ax, "Accuracy vs parameters")
+    return _png(fig)
+
+
+def params_axes(ax, title: str) -> None:
+    """The accuracy-vs-parameters axes: log-scale millions with plain tick labels, accuracy in %."""
     from matplotlib.ticker import FuncFormatter
 
+    ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("parameters (millions, log scale)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy vs parameters", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    return _png(fig)
 
 
 def fig_curves(records: list[RunRecord], groups: list[str]) -> bytes:

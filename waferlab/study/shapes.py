@@ -218,9 +218,8 @@ def fig_families(summary, fams: list[Family]) -> bytes:
     """Accuracy against parameters, one line per family through its sizes (SP&A-Net's raei/radi/rapi plot);
     groups outside a family are single points."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
 
-    from waferlab.study.report import _colors, _png
+    from waferlab.study.report import _colors, _png, params_axes
 
     groups = _by_group(summary)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -241,15 +240,7 @@ def fig_families(summary, fams: list[Family]) -> bytes:
             ax.plot([row["params"] / 1e6], [row["accuracy_mean"] * 100], "o", color="#555555")
             ax.annotate(name, (row["params"] / 1e6, row["accuracy_mean"] * 100), textcoords="offset points",
                         xytext=(6, 4), fontsize=8)
-    ax.set_xscale("log")
-    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain)
-    ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("parameters (millions, log scale)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy vs parameters, one line per model family (mean ± std over seeds)", fontsize=10)
-    ax.grid(alpha=0.3, which="both")
+    params_axes(ax, "Accuracy vs parameters, one line per model family (mean ± std over seeds)")
     if fams:
         ax.legend(fontsize=8)
     return _png(fig)
