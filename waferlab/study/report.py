@@ -18,6 +18,7 @@ from waferlab.errors import WaferlabError
 from waferlab.study.aggregate import COSTS, METRICS, RunRecord
 from waferlab.study.spec import SEED_AXIS, StudySpec
 from waferlab.study.stats import ALPHA, BOOTSTRAP_RESAMPLES, holm, paired_tests
+from waferlab.study.stats import as_finite as _num
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 #: Metrics shown as percentages (the rest, ECE, as a fraction).
@@ -543,14 +544,6 @@ def main_table(summary) -> dict[str, Any]:
         ]
         rows.append(cells)
     return {"headers": headers, "rows": rows}
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def per_class_tables(records: list[RunRecord], summary) -> list[dict[str, Any]]:

@@ -14,23 +14,15 @@ Each view is a table dict for the templates (``title``, ``note``, ``headers``, `
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from waferlab.study.spec import MODEL_AXIS, SEED_AXIS, StudySpec
+from waferlab.study.stats import as_finite as _num
 
 #: Marks in the ablation table: the row's base cell, a factor that does not apply, a cell not run (yet).
 BASE_MARK, NA_TEXT, MISSING_TEXT = " •", "n/a", "—"
 WIDTH_KEY = "model_options.width"
-
-
-def _num(v: Any) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _pct(mean: Any, std: Any = None) -> str:

@@ -26,6 +26,15 @@ _CHUNK = 250
 ALPHA = 0.05
 
 
+def as_finite(v: object) -> float | None:
+    """``v`` as a float when it is a finite number (a table cell may hold None, NaN or text), else None."""
+    try:
+        f = float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
 @dataclass(frozen=True)
 class Interval:
     """Mean, sample std (ddof 1) and a two-sided t-interval of the mean over ``n`` values."""
