@@ -492,39 +492,11 @@ def test_killed_study_resumes_to_the_same_results_and_emitted_commands_run_as_is
         text=True,
     ).communicate()[0]
     assert "resume from checkpoint" in dry
-    assert (
-        main(
-            [
-                "study",
-                "run",
-                str(spec),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--no-report",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    rerun = ["study", "run", str(spec), "--data", str(data), "--out", str(out),
+             "--no-report", "--no-progress"]
+    assert main(rerun) == 0
     assert "--resume" in (out / "logs" / "ghostnet_100__seed-3.log").read_text()
     _same_results(ref, cell)
     # started again, the finished study trains nothing
-    assert (
-        main(
-            [
-                "study",
-                "run",
-                str(spec),
-                "--data",
-                str(data),
-                "--out",
-                str(out),
-                "--no-report",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(rerun) == 0
     assert (out / "logs" / "ghostnet_100__seed-3.log").read_text().count("waferlab.cli train") == 2

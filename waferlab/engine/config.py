@@ -119,16 +119,22 @@ def resolve_config_path(name_or_path: str) -> Path:
     return preset
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """Read a config YAML into a dict, checking every key against :class:`TrainConfig`."""
+def load_yaml(path: Path) -> Any:
+    """Parse a YAML file; bad YAML is a one-line error naming the file and line (configs and study specs)."""
     import yaml
 
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise WaferlabError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a config YAML into a dict, checking every key against :class:`TrainConfig`."""
+    try:
+        raw = load_yaml(path)
     except OSError as exc:
         raise WaferlabError(f"cannot read config {path}: {exc.strerror}") from None
     if raw is None:

@@ -279,15 +279,10 @@ def resolve_spec_path(name_or_path: str) -> Path:
 def load_spec(name_or_path: str, sets: list[str] | None = None) -> StudySpec:
     """Read and check a spec (preset name or YAML file) with ``--set`` items merged into its ``set:``;
     every cell's config is validated up front, and no ``vary:`` variant may repeat its base's run."""
-    import yaml
+    from waferlab.engine.config import load_yaml
 
     path = resolve_spec_path(name_or_path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise WaferlabError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    raw = load_yaml(path)
     spec = parse_spec(raw if raw is not None else {}, str(path))
     merge_sets(spec, sets)
     if spec.config and ("/" in spec.config or spec.config.endswith((".yaml", ".yml"))):
