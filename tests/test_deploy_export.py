@@ -42,12 +42,14 @@ def test_onnx_matches_torch(name: str, head: str, tmp_path: Path) -> None:
         np.testing.assert_allclose(score, trust.scorer.score(ref.logits, ref.features), rtol=1e-3, atol=1e-3)
 
 
-def test_spanet_is_exported_fused(tmp_path: Path) -> None:
-    """SP&A-Net's ONNX graph is its fused inference copy: BatchNorms after convs folded, no Pad ops (the
-    unfused graph has dozens of each); the parity test above checks it still matches the torch model."""
+@pytest.mark.parametrize("head", ["linear", "failpool"])
+def test_spanet_is_exported_fused(head: str, tmp_path: Path) -> None:
+    """SP&A-Net's ONNX graph is its fused inference copy, also inside the default preset's ``failpool`` head:
+    BatchNorms after convs folded, no Pad ops (the unfused graph has dozens of each); the parity test above
+    checks it still matches the torch model."""
     import onnx
 
-    model = create_model("spanet", num_classes=len(CLASSES), in_chans=3).eval()
+    model = create_model("spanet", num_classes=len(CLASSES), in_chans=3, head=head).eval()
     spec = InputSpec(SIZE, "onehot", CLASSES, 1.0)
     scorer = OODScorer("msp", 1.0)
     trust = Trust(temperature=1.0, none_threshold=None, ood_threshold=1.0, scorer=scorer, fingerprint="t")

@@ -108,9 +108,13 @@ class DeployGraph(nn.Module):
 
 def inference_form(model: nn.Module) -> nn.Module:
     """The network as exported: SP&A-Net's fused copy (BN folded, closed-form SA; same outputs to float
-    rounding, ~1.5x the maps/s on ONNX Runtime, ``benchmarks/model_zoo.py``), any other model as it is."""
+    rounding, ~1.5x the maps/s on ONNX Runtime, ``benchmarks/model_zoo.py``), also inside the ``failpool``
+    head (the default preset's), any other model as it is."""
+    from waferlab.models.heads import FailPooled
     from waferlab.models.spanet import SPANet, fuse_for_inference
 
+    if isinstance(model, FailPooled) and isinstance(model.model, SPANet):
+        return FailPooled(fuse_for_inference(model.model), model.encoding)
     return fuse_for_inference(model) if isinstance(model, SPANet) else model
 
 
