@@ -67,6 +67,7 @@ class TrainConfig:
     logit_scale: float | None = None
     augment: bool = True
     augment_options: dict[str, Any] = field(default_factory=dict)
+    outlier_exposure: float = 0.0  # weight of the outlier-exposure loss on generic anomalies (0: off)
     freeze_bn: bool = False
     precise_bn_batches: int = 0
     checkpoint: str = "best"
@@ -254,6 +255,10 @@ def validate(cfg: TrainConfig) -> None:
     _number(cfg, "t_max", int, 1, allow_none=True)
     _number(cfg, "plateau_factor", float, 0.0, strict=True)
     _number(cfg, "plateau_patience", int, 0)
+    _number(cfg, "outlier_exposure", float, 0.0)
+    if cfg.outlier_exposure > 0 and (cfg.task != "multiclass" or cfg.head == "cosine"):
+        raise WaferlabError(f"config outlier_exposure: needs task multiclass and free logits (head linear or "
+                            f"failpool), got task {cfg.task!r}, head {cfg.head!r}")
     for name, choices in (("class_set", CLASS_SETS), ("encoding", ENCODINGS), ("split", SPLIT_METHODS),
                           ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("checkpoint", CHECKPOINTS),
                           ("head", HEADS), ("plateau_monitor", PLATEAU_MONITORS), ("task", TASKS)):

@@ -15,6 +15,9 @@ from waferlab.engine.config import DataSource, TrainConfig, data_sources
 from waferlab.engine.sampling import IndexBatchSampler, derive_seed, index_loader
 from waferlab.errors import WaferlabError
 
+#: With outlier exposure, a training batch of B known maps carries B // OUTLIER_SHARE generic anomalies.
+OUTLIER_SHARE = 2
+
 
 @dataclass
 class SplitData:
@@ -227,6 +230,13 @@ class WaferDataModule(L.LightningDataModule):
             maps = self.augmenter(maps)
         if maps.shape[-1] != self.cfg.image_size or maps.shape[-2] != self.cfg.image_size:
             maps = resize_maps(maps, self.cfg.image_size)
+        if train and self.cfg.outlier_exposure > 0:  # generic anomalies after the known maps (module.py)
+            from waferlab.data.anomalies import paint_anomalies
+
+            gen = torch.Generator(device=maps.device)
+            step = self.trainer.global_step if self.trainer is not None else 0
+            gen.manual_seed(derive_seed(self.cfg.seed, step, _rank(), 7919))
+            maps = torch.cat([maps, paint_anomalies(maps[:max(1, len(maps) // OUTLIER_SHARE)], gen)])
         x = encode(maps, self.cfg.encoding)
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)

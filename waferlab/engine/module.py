@@ -22,6 +22,12 @@ from waferlab.errors import WaferlabError
 from waferlab.losses import batch_normaliser
 
 
+def uniform_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy from the softmax to the uniform distribution (Hendrycks et al.'s outlier-exposure
+    term): minimal when every class gets the same probability."""
+    return -torch.log_softmax(logits.float(), dim=1).mean()
+
+
 class WaferClassifier(L.LightningModule):
     """Trains ``model`` with ``cfg``'s loss and optimizer; logs loss, macro-F1 and accuracy per epoch.
 
@@ -68,7 +74,10 @@ class WaferClassifier(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = self.criterion(self(x), y)
+        out = self(x)
+        loss = self.criterion(out[:len(y)], y)
+        if len(out) > len(y):  # outlier exposure: the anomalies after the known maps get a flat softmax
+            loss = loss + self.cfg.outlier_exposure * uniform_cross_entropy(out[len(y):])
         self.train_loss.update(loss.detach(), weight=len(y))
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
         if self.trainer.world_size > 1:
