@@ -87,7 +87,10 @@ def feature_layers(model: object) -> dict[str, object]:
     """Layers whose pooled output is collected: the model's ``cam_target_layer`` (the penultimate features
     of a GAP -> Linear head) and, for ResNet-style backbones, the earlier stages."""
     layers = {"cam": model.cam_target_layer}
-    backbone = getattr(model, "backbone", None)
+    inner = getattr(model, "model", model)  # a FailPooled wrapper's network
+    if inner is not model:
+        layers["ungated"] = inner.cam_target_layer  # the CAM-layer map before the failed-die gate
+    backbone = getattr(inner, "backbone", None)
     for name in ("layer2", "layer3"):
         if hasattr(backbone, name):
             layers[name] = getattr(backbone, name)
@@ -130,7 +133,8 @@ def run_fold(kind: str, held: tuple[str, ...], args: argparse.Namespace, folder:
     data, unknown = build_data(kind, held, args.n, args.size, folder, args.seed)
     cfg = build_config("default", {"model": args.model, "data": str(data), "out": str(folder / "run"),
                                    "epochs": args.epochs, "image_size": args.size, "batch_size": 64,
-                                   "progress": False, "seed": args.seed}, ["precise_bn_batches=5"])
+                                   "progress": False, "seed": args.seed},
+                       ["precise_bn_batches=5", *args.set])
     run = Run.open(train(cfg, overwrite=True) or "")
     split = load_split_data(cfg)
     model, spec = run.load_model("cpu").eval(), run.spec()
@@ -143,7 +147,8 @@ def run_fold(kind: str, held: tuple[str, ...], args: argparse.Namespace, folder:
         if part != "unknown":
             arrays[f"{part}/labels"] = split.data.labels[rows[part]]
     meta = {"data": kind, "held_out": "+".join(held), "model": args.model, "size": args.size,
-            "epochs": args.epochs, "temperature": run.temperature() if run.has("calibration.json") else 1.0}
+            "epochs": args.epochs, "head": cfg.head, "set": list(args.set),
+            "temperature": run.temperature() if run.has("calibration.json") else 1.0}
     out = folder / "collected.npz"
     np.savez(out, meta=json.dumps(meta), **arrays)
     return out
@@ -181,6 +186,37 @@ def _knn_concat(fold: Fold, layers: tuple[str, ...], k: int) -> Callable[[str], 
 
     bank = feats("train")
     return lambda part: ood.knn_distance(feats(part), bank, k)
+
+
+def _knn_class(fold: Fold, layer: str, k: int) -> Callable[[str], np.ndarray]:
+    """Class-conditional k-NN: distance to the k-th nearest training map of the predicted class."""
+    y = fold["train", "labels"]
+    banks = {c: ood.normalise(fold["train", layer][y == c]) for c in np.unique(y)}
+
+    def score(part: str) -> np.ndarray:
+        f, pred = ood.normalise(fold[part, layer]), fold[part, "logits"].argmax(1)
+        out = np.zeros(len(f), np.float32)
+        for c in np.unique(pred):
+            rows = pred == c
+            out[rows] = ood.knn_distance(f[rows], banks[c], k) if c in banks else 2.0
+        return out
+    return score
+
+
+def _shipped(fold: Fold, method: str) -> Callable[[str], np.ndarray]:
+    """The score exactly as training fits it (:func:`waferlab.deploy.ood.fit_scorer`): statistics from the
+    training part, threshold data (and a fused score's z-scoring) from the validation part."""
+    def data(part: str) -> ood.FitData:
+        return ood.FitData(fold[part, "logits"], fold[part, "labels"], fold[part, "cam"])
+
+    scorer, _ = ood.fit_scorer(method, data("val"), fold.meta["temperature"], data("train"))
+    return lambda part: scorer.score(fold[part, "logits"], fold[part, "cam"])
+
+
+def _rank_fuse(*fns: Callable[[str], np.ndarray], ref: str = "val") -> Callable[[str], np.ndarray]:
+    """Sum of each score's rank among the validation scores (its empirical CDF there)."""
+    refs = [np.sort(fn(ref)) for fn in fns]
+    return lambda part: sum(np.searchsorted(r, fn(part), side="right") / len(r) for fn, r in zip(fns, refs))
 
 
 def _vim(fold: Fold, layer: str) -> Callable[[str], np.ndarray]:
@@ -234,8 +270,19 @@ def candidates(fold: Fold) -> dict[str, Callable[[str], np.ndarray]]:
         c[f"knn k=5 {name}"] = _knn(fold, name, 5)
     if "layer3" in layers:
         c["knn k=5 layer3+cam concat"] = _knn_concat(fold, ("layer3", "cam"), 5)
+    c["knn k=5 cam GAP+GMP"] = _knn_concat(fold, ("cam", "cam_max"), 5)
+    if "train/ungated" in fold.a:
+        c["knn k=5 ungated (failpool: before the gate)"] = _knn(fold, "ungated", 5)
+    if "layer3" in layers:
+        c["knn k=5 layer3 GAP+GMP"] = _knn_concat(fold, ("layer3", "layer3_max"), 5)
+    c["knn k=5 class-conditional"] = _knn_class(fold, "cam", 5)
     c["vim"] = _vim(fold, "cam")
     c["knn k=5 + energy"] = _rank_sum(c["knn k=5"], c["energy"])
+    c["knn k=5 + energy (rank fusion)"] = _rank_fuse(c["knn k=5"], c["energy"])
+    c["knn+energy as shipped (ood.fit_scorer)"] = _shipped(fold, "knn+energy")
+    if "layer3" in layers:
+        c["knn cam + knn layer3 GAP+GMP + energy"] = _rank_sum(c["knn k=5"], c["knn k=5 layer3 GAP+GMP"],
+                                                               c["energy"])
     c["maha train + energy"] = _rank_sum(c["maha train"], c["energy"])
     return c
 
@@ -274,6 +321,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", default=",".join(DEFAULT_FOLDS), help="comma-separated A+B held-out sets")
     parser.add_argument("--no-real", action="store_true", help="skip the fold on the real samples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="training config override (as the CLI's --set), e.g. head=linear")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the runs and collected arrays in this folder")
     parser.add_argument("--reuse", default=None, help="only score the collected.npz files under this folder")

@@ -89,6 +89,27 @@ def test_feature_scores_flag_a_cluster_unlike_the_known_ones_at_the_fitted_recal
     assert means.shape == (3, 16) and prec.shape == (16, 16)
 
 
+def test_knn_energy_flags_maps_strange_in_either_part_and_weighs_both_the_same() -> None:
+    """The fused default: z-scored on the threshold's maps, so a map far from the bank (known-looking
+    logits) and a map with a low max-logit (known-looking features) both score high."""
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(3, 16)) * 3
+    y = rng.integers(0, 3, 1000)
+    feats = centres[y] + rng.normal(size=(1000, 16))
+    logits = np.eye(3)[y] * 8 + rng.normal(size=(1000, 3))
+    train = FitData(logits[:800], y[:800], feats[:800])
+    scorer, scores = fit_scorer("knn+energy", FitData(logits[800:], y[800:], feats[800:]), 1.0, train)
+    mean, std = scorer.arrays["fusion"][:, 0], scorer.arrays["fusion"][:, 1]
+    parts = scorer.parts(logits[800:], feats[800:])
+    np.testing.assert_allclose(mean, parts.mean(0), rtol=1e-4)  # fitted on the validation maps' parts
+    np.testing.assert_allclose(std, parts.std(0), rtol=1e-3)
+    np.testing.assert_allclose(scores, ((parts - mean) / std).sum(1), rtol=1e-4, atol=1e-4)
+    threshold = np.quantile(scores, 0.95, method="higher")
+    far = scorer.score(logits[:50], rng.normal(size=(50, 16)) * 3 + 10)  # strange features only
+    flat = scorer.score(np.zeros((50, 3)), feats[:50])  # strange logits only
+    assert (far > threshold).mean() > 0.9 and (flat > threshold).mean() > 0.9
+
+
 def test_knn_distance_is_the_distance_to_the_kth_nearest_bank_row() -> None:
     rng = np.random.default_rng(4)
     bank, f = normalise(rng.normal(size=(50, 8))), normalise(rng.normal(size=(7, 8)))

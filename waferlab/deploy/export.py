@@ -71,9 +71,11 @@ class DeployGraph(nn.Module):
             w = np.asarray(arrays["whitener"], np.float64)
             self.register_buffer("whitener", torch.as_tensor(w, dtype=torch.float32))
             self.register_buffer("wmeans", torch.as_tensor(arrays["means"] @ w, dtype=torch.float32))
-        elif self.method == "knn":
+        elif self.method in ("knn", "knn+energy"):
             self.register_buffer("bank", torch.as_tensor(np.asarray(arrays["bank"], np.float32)))
             self.k = max(1, min(self.k, len(arrays["bank"])))
+            if self.method == "knn+energy":
+                self.register_buffer("fusion", torch.as_tensor(np.asarray(arrays["fusion"], np.float32)))
 
     def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from waferlab.data.encode import encode
@@ -87,19 +89,23 @@ class DeployGraph(nn.Module):
         logits = out.float().reshape(out.shape[0], -1) * self.scale
         z = logits / self.temperature
         probs = torch.softmax(z, dim=1)
+        energy = -self.temperature * torch.logsumexp(z, dim=1)
         if self.method == "msp":
             score = 1.0 - probs.max(dim=1).values
         elif self.method == "maxlogit":
             score = -logits.max(dim=1).values
         elif self.method == "energy":
-            score = -self.temperature * torch.logsumexp(z, dim=1)
+            score = energy
         else:
             f = store[0].float()
             f = f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1)
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            if self.method == "knn":  # as ood.knn_distance: k-th largest cosine similarity -> distance
+            if self.method in ("knn", "knn+energy"):  # as ood.knn_distance: k-th largest cosine similarity
                 kth = torch.topk(f @ self.bank.t(), self.k, dim=1).values[:, -1]
                 score = torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
+                if self.method == "knn+energy":  # as OODScorer.score: z-scored parts, summed
+                    parts = torch.stack([score, energy], dim=1)
+                    score = ((parts - self.fusion[:, 0]) / self.fusion[:, 1]).sum(dim=1)
             else:
                 z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
                 score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values

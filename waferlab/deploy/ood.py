@@ -2,17 +2,20 @@
 
 ``msp`` (1 - max calibrated probability), ``maxlogit`` (- max logit), ``energy`` (- T logsumexp(logits/T)),
 ``mahalanobis`` (smallest class-conditional Mahalanobis distance of the pooled ``cam_target_layer``
-features, shared Ledoit-Wolf-shrunk covariance, features L2-normalised first) and ``knn`` (Sun et al. 2022:
+features, shared Ledoit-Wolf-shrunk covariance, features L2-normalised first), ``knn`` (Sun et al. 2022:
 distance of the L2-normalised pooled features to their k-th nearest neighbour among up to
-:data:`KNN_BANK` maps of the fitting data). The feature statistics are fitted on the training part when one
-is given (many more maps per class than the validation part) and the threshold on validation scores;
-without a training part (``waferlab calibrate``) on the labelled maps, scored out of fold.
+:data:`KNN_BANK` maps of the fitting data) and ``knn+energy`` (the two z-scored by their mean and standard
+deviation on the threshold's maps, then summed: each weighs the same). The feature statistics are fitted
+on the training part when one is given (many more maps per class than the validation part) and the
+threshold on validation scores; without a training part (``waferlab calibrate``) on the labelled maps,
+scored out of fold.
 ``benchmarks/open_set.py`` measures every score on held-out classes; :data:`DEFAULT_METHOD` is the one that
 measured best. Statistics live in ``ood.json`` (method, settings) and ``ood.safetensors`` (arrays).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +24,20 @@ import numpy as np
 from waferlab.errors import WaferlabError
 
 #: Unknown-pattern scores, each needing only logits except those in :data:`FEATURE_METHODS`.
-METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "knn")
-FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn")
+METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "knn", "knn+energy")
+FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "knn+energy")
 #: Chosen by ``benchmarks/open_set.py`` (README "Deploy": AUROC on held-out classes).
-DEFAULT_METHOD = "knn"
+DEFAULT_METHOD = "knn+energy"
 #: k of the ``knn`` score and the most maps its bank keeps (a stratified sample beyond that).
 KNN_K = 5
 KNN_BANK = 4096
 #: The most training maps (a stratified sample) whose features are computed for the fit after training.
 FIT_MAPS = 16384
 #: Arrays each feature method stores, with their number of dimensions.
-ARRAYS: dict[str, dict[str, int]] = {"mahalanobis": {"means": 2, "whitener": 2}, "knn": {"bank": 2}}
+ARRAYS: dict[str, dict[str, int]] = {"mahalanobis": {"means": 2, "whitener": 2}, "knn": {"bank": 2},
+                                     "knn+energy": {"bank": 2, "fusion": 2}}
+#: Rows of the ``fusion`` array of ``knn+energy``: (mean, std) of each part on the threshold's maps.
+FUSED_PARTS: tuple[str, ...] = ("knn", "energy")
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -84,6 +90,20 @@ class OODScorer:
         else:
             keep = stratified_sample(np.asarray(labels), KNN_BANK, seed)
             self.arrays = {"bank": normalise(f[keep]).astype(np.float32)}
+            if self.method == "knn+energy":  # neutral until fit_fusion sees the threshold's maps
+                self.arrays["fusion"] = np.array([[0.0, 1.0]] * len(FUSED_PARTS), np.float32)
+        return self
+
+    def parts(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """(N, 2) raw scores of a fused method's parts (:data:`FUSED_PARTS`), before z-scoring."""
+        knn = OODScorer("knn", self.temperature, {"bank": self.arrays["bank"]}, self.k)
+        return np.stack([knn.score(logits, features), OODScorer("energy", self.temperature).score(logits)], 1)
+
+    def fit_fusion(self, parts: np.ndarray) -> OODScorer:
+        """Set the z-scoring of a fused method from its parts' scores (N, 2) on held-out maps."""
+        p = np.asarray(parts, np.float64)
+        self.arrays["fusion"] = np.stack([p.mean(axis=0), np.maximum(p.std(axis=0), 1e-6)], 1).astype(
+            np.float32)
         return self
 
     def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
@@ -98,6 +118,9 @@ class OODScorer:
             return (-self.temperature * _logsumexp(z / self.temperature)).astype(np.float32)
         if features is None or set(self.arrays) != set(ARRAYS[self.method]):
             raise WaferlabError(f"{self.method} unknown-pattern score needs features and fitted statistics")
+        if self.method == "knn+energy":
+            mean, std = self.arrays["fusion"][:, 0], self.arrays["fusion"][:, 1]
+            return ((self.parts(z, features) - mean) / std).sum(axis=1).astype(np.float32)
         f = normalise(np.asarray(features, dtype=np.float32))
         if self.method == "knn":
             return knn_distance(f, self.arrays["bank"], self.k)
@@ -106,7 +129,7 @@ class OODScorer:
     def to_json(self) -> dict[str, Any]:
         """The settings (the arrays go to ``ood.safetensors``: :meth:`to_arrays`)."""
         out: dict[str, Any] = {"method": self.method, "temperature": self.temperature, **self.info}
-        if self.method == "knn":
+        if self.method in ("knn", "knn+energy"):
             out["k"] = self.k
         if self.arrays:
             out["arrays"] = {k: list(v.shape) for k, v in self.arrays.items()}
@@ -125,10 +148,11 @@ class OODScorer:
         need = ARRAYS.get(scorer.method, {})
         a = scorer.arrays
         if set(a) != set(need) or any(a[k].ndim != nd for k, nd in need.items()) or (
-                scorer.method == "mahalanobis" and a["whitener"].shape != (a["means"].shape[1],) * 2):
+                scorer.method == "mahalanobis" and a["whitener"].shape != (a["means"].shape[1],) * 2) or (
+                "fusion" in a and a["fusion"].shape != (len(FUSED_PARTS), 2)):
             raise WaferlabError(f"{where}: arrays {sorted(a)}: missing or inconsistent statistics for "
                                 f"{scorer.method!r} (expected {sorted(need)})")
-        if scorer.method == "knn" and scorer.k < 1:
+        if scorer.method in ("knn", "knn+energy") and scorer.k < 1:
             raise WaferlabError(f"{where}: field 'k': must be >= 1, got {scorer.k}")
         return scorer
 
@@ -203,26 +227,45 @@ def fit_scorer(method: str, val: FitData, temperature: float, train: FitData | N
     With ``train`` (the training part, at the end of training) the feature statistics come from it and
     the validation maps are scored as unseen maps. Without it they come from all of ``val``, and the
     threshold's scores from 2-fold fits that did not see the scored map (in-sample distances are too
-    small, a threshold set on them would flag far more than 1 - recall of new known maps).
+    small, a threshold set on them would flag far more than 1 - recall of new known maps). A fused score's
+    z-scoring is then fitted on those same honest validation scores of its parts.
     """
     scorer = OODScorer(method, temperature)
     if not scorer.needs_features:
         return scorer, scorer.score(val.logits)
     if val.features is None or len(val.features) == 0:
         raise WaferlabError(f"{method} unknown-pattern score: no features to fit")
+    raw = _raw_scorer(scorer)
     if train is not None and train.features is not None and len(train.features):
         scorer.fit(train.features, train.labels, seed)
         scorer.info["fitted_on"] = f"training part ({len(train.labels)} maps)"
-        return scorer, scorer.score(val.logits, val.features)
+        return _fused(scorer, raw(scorer, val.logits, val.features))
     scorer.fit(val.features, val.labels, seed)
     scorer.info["fitted_on"] = f"{len(val.labels)} labelled maps (threshold out of fold)"
-    scores = np.empty(len(val.labels), np.float32)
+    scores: np.ndarray | None = None
     fold = np.random.default_rng(seed).permutation(len(val.labels)) % 2
     for k in (0, 1):
         fit, held = fold != k, fold == k
-        if fit.sum() < 2 or not held.any():
-            scores[held] = scorer.score(val.logits[held], val.features[held])
-            continue
-        part = OODScorer(method, temperature).fit(val.features[fit], val.labels[fit], seed)
-        scores[held] = part.score(val.logits[held], val.features[held])
-    return scorer, scores
+        part = scorer
+        if fit.sum() >= 2 and held.any():
+            part = OODScorer(method, temperature).fit(val.features[fit], val.labels[fit], seed)
+        s = raw(part, val.logits[held], val.features[held])
+        scores = np.empty((len(val.labels), *s.shape[1:]), np.float32) if scores is None else scores
+        scores[held] = s
+    return _fused(scorer, scores)
+
+
+def _raw_scorer(scorer: OODScorer) -> Callable[[OODScorer, np.ndarray, np.ndarray | None], np.ndarray]:
+    """The scores a threshold (or, for a fused method, the z-scoring) is fitted on."""
+    if scorer.method == "knn+energy":
+        return lambda s, logits, features: s.parts(logits, features)
+    return lambda s, logits, features: s.score(logits, features)
+
+
+def _fused(scorer: OODScorer, raw: np.ndarray) -> tuple[OODScorer, np.ndarray]:
+    """(scorer, final validation scores): a fused method first fits its z-scoring on its parts' scores."""
+    if scorer.method != "knn+energy":
+        return scorer, raw
+    scorer.fit_fusion(raw)
+    mean, std = scorer.arrays["fusion"][:, 0], scorer.arrays["fusion"][:, 1]
+    return scorer, ((raw - mean) / std).sum(axis=1).astype(np.float32)
