@@ -401,6 +401,16 @@ def _run_with_corrupt_ood_arrays(setup: dict[str, Path], d: Path) -> tuple[list[
     return [str(run)], (str(run / "ood.safetensors"), "unreadable unknown-pattern statistics")
 
 
+def _run_with_misshapen_fusion(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    from safetensors.numpy import load_file, save_file
+
+    run = _run_copy(setup, d)  # the default knn+energy: its z-scoring needs (mean, std) for both parts
+    arrays = load_file(str(run / "ood.safetensors"))
+    arrays["fusion"] = np.ones((3, 2), np.float32)
+    save_file(arrays, str(run / "ood.safetensors"))
+    return [str(run)], (str(run / "ood.json"), "inconsistent statistics", "knn+energy")
+
+
 def _onnx_of_another_run(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
     run = _run_copy(setup, d)  # recalibrated after the export: the exported file no longer fits the run
     th = json.loads((run / "thresholds.json").read_text())
@@ -425,6 +435,7 @@ DEPLOY_CASES = {
     "run_without_thresholds": _run_without_thresholds,
     "run_without_ood_arrays": _run_without_ood_arrays,
     "run_with_corrupt_ood_arrays": _run_with_corrupt_ood_arrays,
+    "run_with_misshapen_fusion": _run_with_misshapen_fusion,
     "onnx_of_another_run": _onnx_of_another_run,
     "onnx_without_metadata": _onnx_without_metadata,
 }
