@@ -8,9 +8,12 @@ classes. Logits and pooled features of several layers are then collected once fo
 unknown. Prints AUROC (unknown = positive) and FPR at 95 % TPR (the share of unknown maps accepted when 95 %
 of known maps are accepted, i.e. at the threshold ``predict`` uses), per fold and the mean.
 
-    python benchmarks/open_set.py --keep /tmp/os              # synthetic folds + the real samples (slow)
-    python benchmarks/open_set.py --folds Donut+Scratch --no-real --n 1500 --epochs 4   # quick
+    python benchmarks/open_set.py --folds Donut+Scratch,Center+Edge-Loc --keep /tmp/os   # + the real samples
+    python benchmarks/open_set.py --folds Donut+Scratch --no-real --size 32 --epochs 4   # quick
+    python benchmarks/open_set.py --set head=linear --set outlier_exposure=0.5 ...    # training variants
     python benchmarks/open_set.py --reuse /tmp/os             # re-score collected folds, no training
+
+The default preset (ResNet34 + ``failpool`` head, 64 px) trains each fold; ``--set`` changes it.
 """
 
 from __future__ import annotations
@@ -301,7 +304,12 @@ def score_fold(path: Path) -> dict:
 
 def print_table(rows: list[dict]) -> None:
     """One line per score; one AUROC / FPR95 column per fold, then the mean."""
-    heads = [f"{r['data'][:5]} {r['held_out']} (acc {r['known_test_accuracy']:.2f})" for r in rows]
+    def head(r: dict) -> str:
+        oe = " OE" if any("outlier" in x for x in r.get("set", [])) else ""
+        recipe = f"{r.get('head', 'linear')} {r['size']}px {r['epochs']}ep{oe}"
+        return f"{r['data'][:5]} {r['held_out']} ({recipe}, acc {r['known_test_accuracy']:.2f})"
+
+    heads = [head(r) for r in rows]
     print("| score | " + " | ".join(heads) + " | mean AUROC | mean FPR95 |")
     print("|---|" + "---|" * (len(rows) + 2))
     names = list(rows[0]["scores"]) if rows else []
@@ -315,9 +323,9 @@ def print_table(rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet34")
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=64, help="image size (the default preset's: 64)")
     parser.add_argument("--n", type=int, default=2400, help="synthetic maps per fold (known classes)")
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", default=",".join(DEFAULT_FOLDS), help="comma-separated A+B held-out sets")
     parser.add_argument("--no-real", action="store_true", help="skip the fold on the real samples")
