@@ -209,11 +209,14 @@ def _knn_class(fold: Fold, layer: str, k: int) -> Callable[[str], np.ndarray]:
 def _shipped(fold: Fold, method: str) -> Callable[[str], np.ndarray]:
     """The score exactly as training fits it (:func:`waferlab.deploy.ood.fit_scorer`): statistics from the
     training part, threshold data (and a fused score's z-scoring) from the validation part."""
+    def feats(part: str) -> np.ndarray:  # the engine's layout: average | max pooling
+        return np.concatenate([fold[part, "cam"], fold[part, "cam_max"]], axis=1)
+
     def data(part: str) -> ood.FitData:
-        return ood.FitData(fold[part, "logits"], fold[part, "labels"], fold[part, "cam"])
+        return ood.FitData(fold[part, "logits"], fold[part, "labels"], feats(part))
 
     scorer, _ = ood.fit_scorer(method, data("val"), fold.meta["temperature"], data("train"))
-    return lambda part: scorer.score(fold[part, "logits"], fold[part, "cam"])
+    return lambda part: scorer.score(fold[part, "logits"], feats(part))
 
 
 def _rank_fuse(*fns: Callable[[str], np.ndarray], ref: str = "val") -> Callable[[str], np.ndarray]:
@@ -282,7 +285,8 @@ def candidates(fold: Fold) -> dict[str, Callable[[str], np.ndarray]]:
     c["vim"] = _vim(fold, "cam")
     c["knn k=5 + energy"] = _rank_sum(c["knn k=5"], c["energy"])
     c["knn k=5 + energy (rank fusion)"] = _rank_fuse(c["knn k=5"], c["energy"])
-    c["knn+energy as shipped (ood.fit_scorer)"] = _shipped(fold, "knn+energy")
+    c["knn+energy GAP+GMP as shipped (ood.fit_scorer)"] = _shipped(fold, "knn+energy")
+    c["knn GAP+GMP as shipped (ood.fit_scorer, the default)"] = _shipped(fold, "knn")
     if "layer3" in layers:
         c["knn cam + knn layer3 GAP+GMP + energy"] = _rank_sum(c["knn k=5"], c["knn k=5 layer3 GAP+GMP"],
                                                                c["energy"])

@@ -404,10 +404,13 @@ def _run_with_corrupt_ood_arrays(setup: dict[str, Path], d: Path) -> tuple[list[
 def _run_with_misshapen_fusion(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
     from safetensors.numpy import load_file, save_file
 
-    run = _run_copy(setup, d)  # the default knn+energy: its z-scoring needs (mean, std) for both parts
+    run = _run_copy(setup, d)  # a knn+energy fit: its z-scoring needs (mean, std) for both parts
     arrays = load_file(str(run / "ood.safetensors"))
     arrays["fusion"] = np.ones((3, 2), np.float32)
     save_file(arrays, str(run / "ood.safetensors"))
+    settings = json.loads((run / "ood.json").read_text())
+    settings.update(method="knn+energy", arrays={k: list(v.shape) for k, v in arrays.items()})
+    (run / "ood.json").write_text(json.dumps(settings))
     return [str(run)], (str(run / "ood.json"), "inconsistent statistics", "knn+energy")
 
 

@@ -110,6 +110,30 @@ def test_knn_energy_flags_maps_strange_in_either_part_and_weighs_both_the_same()
     assert (far > threshold).mean() > 0.9 and (flat > threshold).mean() > 0.9
 
 
+def test_feature_scores_pool_the_engines_average_and_max_features_and_old_runs_keep_average() -> None:
+    """The engine returns (average | max) pooled features; the default pooling uses both halves, each
+    L2-normalised; a run fitted before the pooling setting (no 'pool' in ood.json) used the average."""
+    from waferlab.deploy.ood import DEFAULT_POOL, pooled
+
+    rng = np.random.default_rng(6)
+    avg, top = rng.random((20, 4)) + 0.1, rng.random((20, 4)) * 9 + 0.1
+    f = np.concatenate([avg, top], 1)
+    assert DEFAULT_POOL == "avg+max"
+    np.testing.assert_allclose(pooled(f, "avg"), avg, rtol=1e-6)
+    np.testing.assert_allclose(pooled(f, "max"), top, rtol=1e-6)
+    np.testing.assert_allclose(pooled(f, "avg+max"), np.concatenate([normalise(avg), normalise(top)], 1),
+                               rtol=1e-5)
+    scorer = OODScorer("knn").fit(f, np.zeros(20, int))
+    assert scorer.arrays["bank"].shape == (20, 8) and scorer.to_json()["pool"] == "avg+max"
+    old = {"method": "knn", "temperature": 1.0, "k": 5, "arrays": {"bank": [20, 4]}}
+    legacy = OODScorer.from_json(old, "ood.json", {"bank": normalise(avg).astype(np.float32)})
+    assert legacy.pool == "avg"
+    want = knn_distance(normalise(avg), normalise(avg), 5)
+    np.testing.assert_allclose(legacy.score(np.zeros((20, 2)), f), want, atol=1e-5)
+    with pytest.raises(WaferlabError, match="ood.json: unknown-pattern pooling 'sum'"):
+        OODScorer.from_json({**old, "pool": "sum"}, "ood.json", {"bank": normalise(avg).astype(np.float32)})
+
+
 def test_knn_distance_is_the_distance_to_the_kth_nearest_bank_row() -> None:
     rng = np.random.default_rng(4)
     bank, f = normalise(rng.normal(size=(50, 8))), normalise(rng.normal(size=(7, 8)))

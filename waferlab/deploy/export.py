@@ -66,6 +66,7 @@ class DeployGraph(nn.Module):
         self.temperature = float(contract.temperature)
         self.method = trust.scorer.method
         self.k = int(trust.scorer.k)
+        self.pool = trust.scorer.pool
         arrays = trust.scorer.arrays
         if self.method == "mahalanobis":
             w = np.asarray(arrays["whitener"], np.float64)
@@ -97,8 +98,7 @@ class DeployGraph(nn.Module):
         elif self.method == "energy":
             score = energy
         else:
-            f = store[0].float()
-            f = f.mean(dim=(2, 3)) if f.dim() == 4 else f.flatten(1)
+            f = _pooled(store[0].float(), self.pool)  # as ood.pooled of the engine's features
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
             if self.method in ("knn", "knn+energy"):  # as ood.knn_distance: k-th largest cosine similarity
                 kth = torch.topk(f @ self.bank.t(), self.k, dim=1).values[:, -1]
@@ -110,6 +110,17 @@ class DeployGraph(nn.Module):
                 z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
                 score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values
         return logits, probs, score
+
+
+def _pooled(fmap: torch.Tensor, pool: str) -> torch.Tensor:
+    """The CAM-layer output pooled as ``ood.pooled`` reads the engine's (avg | max) features."""
+    avg, top = (fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))) if fmap.dim() == 4 else (fmap.flatten(1),) * 2
+    if pool == "avg":
+        return avg
+    if pool == "max":
+        return top
+    unit = [p / p.norm(dim=1, keepdim=True).clamp_min(1e-12) for p in (avg, top)]
+    return torch.cat(unit, dim=1)
 
 
 def inference_form(model: nn.Module) -> nn.Module:

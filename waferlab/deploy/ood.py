@@ -5,7 +5,9 @@
 features, shared Ledoit-Wolf-shrunk covariance, features L2-normalised first), ``knn`` (Sun et al. 2022:
 distance of the L2-normalised pooled features to their k-th nearest neighbour among up to
 :data:`KNN_BANK` maps of the fitting data) and ``knn+energy`` (the two z-scored by their mean and standard
-deviation on the threshold's maps, then summed: each weighs the same). The feature statistics are fitted
+deviation on the threshold's maps, then summed: each weighs the same). The feature scores pool the map by
+:data:`DEFAULT_POOL` (global average and global max pooling, each L2-normalised, concatenated: measured best
+on the benchmark's tuning fold). The feature statistics are fitted
 on the training part when one is given (many more maps per class than the validation part) and the
 threshold on validation scores; without a training part (``waferlab calibrate``) on the labelled maps,
 scored out of fold.
@@ -27,7 +29,12 @@ from waferlab.errors import WaferlabError
 METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "knn", "knn+energy")
 FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "knn+energy")
 #: Chosen by ``benchmarks/open_set.py`` (README "Deploy": AUROC on held-out classes).
-DEFAULT_METHOD = "knn+energy"
+DEFAULT_METHOD = "knn"
+#: How the feature scores pool the ``cam_target_layer`` map: the engine returns global average and global max
+#: pooling side by side (N, 2C); ``avg+max`` L2-normalises each and concatenates them (each weighs the same).
+POOLINGS: tuple[str, ...] = ("avg", "max", "avg+max")
+#: Chosen by ``benchmarks/open_set.py`` on its tuning fold; a run stored without one used ``avg``.
+DEFAULT_POOL = "avg+max"
 #: k of the ``knn`` score and the most maps its bank keeps (a stratified sample beyond that).
 KNN_K = 5
 KNN_BANK = 4096
@@ -68,10 +75,13 @@ class OODScorer:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # see ARRAYS
     k: int = KNN_K
     info: dict[str, Any] = field(default_factory=dict)
+    pool: str = DEFAULT_POOL  # see POOLINGS
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise WaferlabError(f"unknown-pattern method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.pool not in POOLINGS:
+            raise WaferlabError(f"unknown-pattern pooling {self.pool!r}; choose one of {', '.join(POOLINGS)}")
 
     @property
     def needs_features(self) -> bool:
@@ -81,7 +91,7 @@ class OODScorer:
         """Fit the feature statistics (no-op for the logit scores); returns self."""
         if not self.needs_features:
             return self
-        f = np.asarray(features, dtype=np.float32)
+        f = pooled(features, self.pool)
         if len(f) == 0:
             raise WaferlabError(f"{self.method} unknown-pattern score: no features to fit")
         if self.method == "mahalanobis":
@@ -96,7 +106,7 @@ class OODScorer:
 
     def parts(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """(N, 2) raw scores of a fused method's parts (:data:`FUSED_PARTS`), before z-scoring."""
-        knn = OODScorer("knn", self.temperature, {"bank": self.arrays["bank"]}, self.k)
+        knn = OODScorer("knn", self.temperature, {"bank": self.arrays["bank"]}, self.k, pool=self.pool)
         return np.stack([knn.score(logits, features), OODScorer("energy", self.temperature).score(logits)], 1)
 
     def fit_fusion(self, parts: np.ndarray) -> OODScorer:
@@ -121,7 +131,7 @@ class OODScorer:
         if self.method == "knn+energy":
             mean, std = self.arrays["fusion"][:, 0], self.arrays["fusion"][:, 1]
             return ((self.parts(z, features) - mean) / std).sum(axis=1).astype(np.float32)
-        f = normalise(np.asarray(features, dtype=np.float32))
+        f = normalise(pooled(features, self.pool))
         if self.method == "knn":
             return knn_distance(f, self.arrays["bank"], self.k)
         return mahalanobis_min(f, self.arrays["means"], self.arrays["whitener"]).astype(np.float32)
@@ -129,6 +139,8 @@ class OODScorer:
     def to_json(self) -> dict[str, Any]:
         """The settings (the arrays go to ``ood.safetensors``: :meth:`to_arrays`)."""
         out: dict[str, Any] = {"method": self.method, "temperature": self.temperature, **self.info}
+        if self.needs_features:
+            out["pool"] = self.pool
         if self.method in ("knn", "knn+energy"):
             out["k"] = self.k
         if self.arrays:
@@ -140,11 +152,13 @@ class OODScorer:
                   ) -> OODScorer:
         """Rebuild from :meth:`to_json` and the stored arrays; a missing or misshapen one is an error."""
         try:
-            info = {k: v for k, v in obj.items() if k not in ("method", "temperature", "k", "arrays")}
+            info = {k: v for k, v in obj.items() if k not in ("method", "temperature", "k", "arrays", "pool")}
             scorer = cls(str(obj["method"]), float(obj.get("temperature", 1.0)), dict(arrays or {}),
-                         int(obj.get("k", KNN_K)), info)
+                         int(obj.get("k", KNN_K)), info, str(obj.get("pool", "avg")))
         except (KeyError, TypeError, ValueError) as exc:
             raise WaferlabError(f"{where}: field {exc}: unreadable unknown-pattern settings") from None
+        except WaferlabError as exc:
+            raise WaferlabError(f"{where}: {exc}") from None
         need = ARRAYS.get(scorer.method, {})
         a = scorer.arrays
         if set(a) != set(need) or any(a[k].ndim != nd for k, nd in need.items()) or (
@@ -155,6 +169,18 @@ class OODScorer:
         if scorer.method in ("knn", "knn+energy") and scorer.k < 1:
             raise WaferlabError(f"{where}: field 'k': must be >= 1, got {scorer.k}")
         return scorer
+
+
+def pooled(features: np.ndarray, pool: str) -> np.ndarray:
+    """The engine's pooled features (N, 2C: global average | global max of the ``cam_target_layer`` map) as
+    one pooling of :data:`POOLINGS` asks: a half, or both halves L2-normalised and concatenated."""
+    f = np.asarray(features, dtype=np.float32)
+    half = f.shape[1] // 2
+    if pool == "avg":
+        return f[:, :half]
+    if pool == "max":
+        return f[:, half:]
+    return np.concatenate([normalise(f[:, :half]), normalise(f[:, half:])], axis=1)
 
 
 def normalise(f: np.ndarray) -> np.ndarray:

@@ -41,7 +41,7 @@ class PredictOptions:
     autocast: str = "auto"
     temperature: float = 1.0  # from calibration; divides the scaled logits before the softmax
     progress: bool = False
-    features: bool = False  # also return the pooled output of the model's ``cam_target_layer``
+    features: bool = False  # also return the pooled output of the model's ``cam_target_layer`` (avg | max)
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST_POLICIES:
@@ -105,13 +105,18 @@ def _as_maps(maps: Any) -> torch.Tensor:
 
 
 def _feature_hook(model: nn.Module, store: list[torch.Tensor]):
-    """Register a hook that keeps the global-average-pooled output of ``model.cam_target_layer``."""
+    """Register a hook that keeps the output of ``model.cam_target_layer`` global-average-pooled and
+    global-max-pooled, concatenated (N, 2C): the unknown-pattern scores choose (``ood.POOLINGS``)."""
     layer = getattr(model, "cam_target_layer", None)
     if layer is None:
         raise WaferlabError(f"model {type(model).__name__} has no cam_target_layer to take features from")
 
+    import torch
+
     def hook(_module, _inp, out):
-        store.append(out.float().mean(dim=(2, 3)) if out.dim() == 4 else out.float().flatten(1))
+        f = out.float()
+        store.append(torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], 1) if f.dim() == 4
+                     else torch.cat([f.flatten(1)] * 2, 1))
 
     return layer.register_forward_hook(hook)
 
