@@ -241,11 +241,7 @@ def test_predict_rows_in_every_format(setup: dict[str, Path], tmp_path: Path) ->
 def test_small_chunks_give_the_same_rows(setup: dict[str, Path], tmp_path: Path) -> None:
     whole = _predict(setup, tmp_path / "a.csv")
     chunked = _predict(setup, tmp_path / "b.csv", "--chunk-size", "16", "--batch-size", "7")
-    # the fused unknown score is in z units (divided by the k-NN distances' small spread): float32 rounding
-    # of batch-size-dependent kernels shows at 1e-5 there
-    pd.testing.assert_frame_equal(whole.drop(columns="unknown_score"), chunked.drop(columns="unknown_score"),
-                                  atol=1e-5)
-    np.testing.assert_allclose(whole["unknown_score"], chunked["unknown_score"], rtol=1e-4, atol=1e-4)
+    pd.testing.assert_frame_equal(whole, chunked, atol=1e-5)
 
 
 def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path], tmp_path: Path) -> None:
