@@ -124,12 +124,13 @@ class Plan:
 
 
 def _train(plan: Plan, data: list[str], out: Path, epochs: int, seed: int, *extra: str) -> float:
-    if (out / "metrics.json").is_file():  # reuse a finished run (delete it to retrain)
-        return 0.0
     sources = [a for d in data for a in ("--data", d)]
-    return _cli("train", "--model", plan.model, *sources, "--out", str(out), "--epochs", str(epochs),
-                "--image-size", str(plan.image_size), "--seed", str(seed), "--no-progress", "--overwrite",
-                *extra)
+    args = ("train", "--model", plan.model, *sources, "--out", str(out), "--epochs", str(epochs),
+            "--image-size", str(plan.image_size), "--seed", str(seed), "--no-progress", "--overwrite", *extra)
+    if (out / "metrics.json").is_file():  # reuse a finished run (delete it to retrain)
+        COMMANDS.append("(reused) waferlab " + shlex.join(args))
+        return 0.0
+    return _cli(*args)
 
 
 def _sets(*pairs: str) -> list[str]:
