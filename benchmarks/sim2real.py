@@ -120,6 +120,7 @@ class Plan:
     ft_epochs: int
     ft_lr: float
     ft_synth: float
+    ft_real_weight: float
     synth_set: tuple[str, ...]
 
 
@@ -145,13 +146,14 @@ def run_seed(plan: Plan, synth: Path, calib: Path, held: Path, out: Path, seed: 
                                       *_sets(*plan.synth_set)),
              "real only": _train(plan, [str(calib)], runs["real only"], plan.real_epochs, seed,
                                  *_sets("fractions=[0.8, 0.2, 0.0]"))}
-    ft_data = [str(calib)] + ([f"{synth}:{plan.ft_synth:g}"] if plan.ft_synth > 0 else [])
+    real = f"{calib}:{plan.ft_real_weight:g}" if plan.ft_real_weight != 1 else str(calib)
+    ft_data = [real] + ([f"{synth}:{plan.ft_synth:g}"] if plan.ft_synth > 0 else [])
     # synthetic maps mixed in: validation would be mostly synthetic; train on all real maps, keep the last
     ft_split = "fractions=[1.0, 0.0, 0.0]" if plan.ft_synth > 0 else "fractions=[0.8, 0.2, 0.0]"
     walls["synthetic + fine-tune"] = _train(plan, ft_data, runs["synthetic + fine-tune"], plan.ft_epochs,
                                             seed, "--init", str(runs["synthetic only"]),
-                                            *_sets(ft_split, f"lr={plan.ft_lr}", "warmup_epochs=0",
-                                                   *plan.synth_set))
+                                            *_sets(*plan.synth_set, ft_split, f"lr={plan.ft_lr}",
+                                                   "warmup_epochs=0"))
     results = {}
     for name, run in runs.items():
         if not (run / "eval_heldout" / "metrics.json").is_file():
@@ -177,6 +179,8 @@ def main() -> None:
     ap.add_argument("--ft-lr", type=float, default=3e-4, help="fine-tuning learning rate")
     ap.add_argument("--ft-synth", type=float, default=0.0,
                     help="share of the synthetic maps mixed into each fine-tuning epoch (0: real maps only)")
+    ap.add_argument("--ft-real-weight", type=float, default=1.0,
+                    help="sampling weight of the real maps in fine-tuning (each epoch sees them this often)")
     ap.add_argument("--synth-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for the synthetic run and fine-tuning (e.g. a loss option); repeatable")
     ap.add_argument("--image-size", type=int, default=48)
@@ -187,7 +191,7 @@ def main() -> None:
     print(f"real calibration part: {sum(n_calib.values())} maps {n_calib}\n"
           f"real held-out part: {sum(n_held.values())} maps {n_held}", flush=True)
     plan = Plan(args.model, args.image_size, args.epochs, args.real_epochs, args.ft_epochs, args.ft_lr,
-                args.ft_synth, tuple(args.synth_set))
+                args.ft_synth, args.ft_real_weight, tuple(args.synth_set))
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
