@@ -17,7 +17,8 @@ and the range over seeds; the real split stays ``--split-seed`` (the calibration
 was tuned on, so it must not move).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sim2real.py --n 6000 --model cbam --image-size 48 \\
-        --epochs 3 --seeds 0 1 --out runs/sim2real
+        --epochs 4 --seeds 0 1 --synth-set "fractions=[0.85, 0.15, 0.0]" --ft-synth 0.1 --ft-real-weight 3 \\
+        --ft-epochs 5 --ft-lr 3e-4 --out runs/sim2real
 """
 
 from __future__ import annotations

@@ -326,6 +326,10 @@ def test_realism_knobs_seeded_and_each_one_changes_the_maps(monkeypatch):
     on, off = pair(["Random"], RANDOM_PATCHY_P=(1.0, 0.0), RANDOM_RATE=((0.4, 0.4), (0.4, 0.4)))
     spread = [np.median([_cell_spread(m) for m in t.maps]) for t in (on, off)]
     assert spread[0] > 1.5 * spread[1]
+    # background: a larger gamma shape evens out the coarse density field
+    on, off = pair(["none"], BG_PATCH_SHAPE=(1.0, 100.0))
+    spread = [np.median([_cell_spread(m) for m in t.maps]) for t in (on, off)]
+    assert spread[0] > 1.3 * spread[1]
     # background of every class: edge die loss, tiny clusters, probe-card sites
     import waferlab.data.synth as synth
 
@@ -401,7 +405,7 @@ def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
                  SCRATCH_P_MIN=0.1, EDGE_LOSS_P=1.0, SPECKLE_P=1.0, PROBE_ARTEFACT_P=1.0, RING_SPARSE_P=1.0,
                  EDGE_LOC_HALF_MAX=170.0, EDGE_LOC_BLOB_P=1.0, EDGE_LOC_BLOB_MAX=0.6, SCRATCH_ALONG_RIM_P=1.0,
                  SCRATCH_KINK_P=1.0, SCRATCH_CURV_SD=1.0, SCRATCH_DASH=(0.5, 0.9), RANDOM_RATE=(0.5, 0.9),
-                 RANDOM_PATCHY_P=1.0, EDGE_LOC_SMALL_P=1.0, LOC_R_MIN=0.0)
+                 RANDOM_PATCHY_P=1.0, EDGE_LOC_SMALL_P=1.0, LOC_R_MIN=0.0, BG_PATCH_SHAPE=1.0)
     plain_after = _with_knobs(monkeypatch, 90, 8, None, **knobs)  # the knobs act on WM-811K maps ...
     assert sum(not np.array_equal(x, y) for x, y in zip(plain_before.maps, plain_after.maps)) > 45
     mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones
