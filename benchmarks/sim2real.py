@@ -7,13 +7,18 @@ the ``waferlab`` CLI:
 
 * synthetic only: ``--n`` generated maps (this tree's generator);
 * real only: the calibration part (a few hundred maps);
-* synthetic + fine-tuning: ``--init`` the synthetic run, then train on the calibration part.
+* synthetic + fine-tuning: ``--init`` the synthetic run, then train on the calibration part, optionally with
+  a share of the synthetic maps mixed into every epoch (``--ft-synth``: against forgetting).
 
 Each is evaluated with ``waferlab evaluate`` on the held-out part; the table gives per-class recall,
 macro-F1, the smallest per-class recall, ECE, the largest confusions, and the commands that reproduce it.
+With several ``--seeds`` every run (generator, training) is repeated per seed and the table gives the mean
+and the range over seeds; the real split stays ``--split-seed`` (the calibration part is what the generator
+was tuned on, so it must not move).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sim2real.py --n 6000 --model cbam --image-size 48 \\
-        --epochs 3 --out runs/sim2real
+        --epochs 4 --seeds 0 1 --synth-set "fractions=[0.85, 0.15, 0.0]" --ft-synth 0.1 --ft-real-weight 3 \\
+        --ft-epochs 5 --ft-lr 3e-4 --out runs/sim2real
 """
 
 from __future__ import annotations
@@ -78,21 +83,30 @@ def min_recall(metrics: dict) -> float:
                if metrics["per_class"][c]["support"])
 
 
-def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per class (recall on the held-out part), one column per training source."""
+def _cell(values: list[float]) -> str:
+    """``mean`` of one seed, ``mean (lo-hi)`` of several."""
+    mean = sum(values) / len(values)
+    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    """Markdown: one row per class (recall on the held-out part), one column per training source.
+
+    ``results`` maps a source name to one metrics dict per seed; cells are the mean (and range) over seeds.
+    """
     names = list(results)
-    first = next(iter(results.values()))
+    first = results[names[0]][0]
     head = "| class | held-out maps | " + " | ".join(names) + " |"
     lines = [head, "|---|---:|" + "---:|" * len(names)]
     for c in first["class_names"]:
         support = first["per_class"][c]["support"]
         if support:
-            cells = " | ".join(f"{results[n]['per_class'][c]['recall']:.3f}" for n in names)
+            cells = " | ".join(_cell([m["per_class"][c]["recall"] for m in results[n]]) for n in names)
             lines.append(f"| {c} recall | {support} | {cells} |")
     for label, fn in (("**macro-F1**", lambda m: m["macro_f1"]), ("min class recall", min_recall),
                       ("accuracy", lambda m: m["accuracy"]), ("ECE", lambda m: m["ece"])):
-        lines.append(f"| {label} | {first['n']} | " + " | ".join(f"{fn(results[n]):.3f}" for n in names)
-                     + " |")
+        lines.append(f"| {label} | {first['n']} | " + " | ".join(_cell([fn(m) for m in results[n]])
+                                                               for n in names) + " |")
     return "\n".join(lines)
 
 
@@ -102,37 +116,53 @@ class Plan:
 
     model: str
     image_size: int
-    seed: int
     epochs: int
     real_epochs: int
     ft_epochs: int
     ft_lr: float
+    ft_synth: float
+    ft_real_weight: float
+    synth_set: tuple[str, ...]
 
 
-def _train(plan: Plan, data: Path, out: Path, epochs: int, *extra: str) -> float:
+def _train(plan: Plan, data: list[str], out: Path, epochs: int, seed: int, *extra: str) -> float:
+    sources = [a for d in data for a in ("--data", d)]
+    args = ("train", "--model", plan.model, *sources, "--out", str(out), "--epochs", str(epochs),
+            "--image-size", str(plan.image_size), "--seed", str(seed), "--no-progress", "--overwrite", *extra)
     if (out / "metrics.json").is_file():  # reuse a finished run (delete it to retrain)
+        COMMANDS.append("(reused) waferlab " + shlex.join(args))
         return 0.0
-    return _cli("train", "--model", plan.model, "--data", str(data), "--out", str(out), "--epochs",
-                str(epochs), "--image-size", str(plan.image_size), "--seed", str(plan.seed), "--no-progress",
-                "--overwrite", *extra)
+    return _cli(*args)
 
 
-def run_all(plan: Plan, synth: Path, calib: Path, held: Path, out: Path) -> dict[str, dict]:
-    """Train the three runs (reusing finished ones), evaluate each on the held-out part."""
+def _sets(*pairs: str) -> list[str]:
+    return [a for p in pairs for a in ("--set", p)]
+
+
+def run_seed(plan: Plan, synth: Path, calib: Path, held: Path, out: Path, seed: int) -> dict[str, dict]:
+    """Train the three runs of one seed (reusing finished ones), evaluate each on the held-out part."""
     runs = {"synthetic only": out / "synth_only", "real only": out / "real_only",
             "synthetic + fine-tune": out / "synth_ft"}
-    walls = {"synthetic only": _train(plan, synth, runs["synthetic only"], plan.epochs),
-             "real only": _train(plan, calib, runs["real only"], plan.real_epochs,
-                                 "--set", "fractions=[0.8, 0.2, 0.0]")}
-    walls["synthetic + fine-tune"] = _train(plan, calib, runs["synthetic + fine-tune"], plan.ft_epochs,
-                                            "--init", str(runs["synthetic only"]), "--set",
-                                            "fractions=[0.8, 0.2, 0.0]", "--set", f"lr={plan.ft_lr}",
-                                            "--set", "warmup_epochs=0")
+    walls = {"synthetic only": _train(plan, [str(synth)], runs["synthetic only"], plan.epochs, seed,
+                                      *_sets(*plan.synth_set)),
+             "real only": _train(plan, [str(calib)], runs["real only"], plan.real_epochs, seed,
+                                 *_sets("fractions=[0.8, 0.2, 0.0]"))}
+    real = f"{calib}:{plan.ft_real_weight:g}" if plan.ft_real_weight != 1 else str(calib)
+    ft_data = [real] + ([f"{synth}:{plan.ft_synth:g}"] if plan.ft_synth > 0 else [])
+    # synthetic maps mixed in: validation would be mostly synthetic; train on all real maps, keep the last
+    ft_split = "fractions=[1.0, 0.0, 0.0]" if plan.ft_synth > 0 else "fractions=[0.8, 0.2, 0.0]"
+    walls["synthetic + fine-tune"] = _train(plan, ft_data, runs["synthetic + fine-tune"], plan.ft_epochs,
+                                            seed, "--init", str(runs["synthetic only"]),
+                                            *_sets(*plan.synth_set, ft_split, f"lr={plan.ft_lr}",
+                                                   "warmup_epochs=0"))
     results = {}
     for name, run in runs.items():
-        _cli("evaluate", str(run), "--data", str(held), "--out", str(run / "eval_heldout"), "--no-progress")
+        if not (run / "eval_heldout" / "metrics.json").is_file():
+            _cli("evaluate", str(run), "--data", str(held), "--out", str(run / "eval_heldout"),
+                 "--no-progress")
         results[name] = json.loads((run / "eval_heldout" / "metrics.json").read_text())
-        print(f"\n{name} (train {walls[name]:.0f} s) on the held-out real maps:\n{summarise(results[name])}")
+        print(f"\nseed {seed}, {name} (train {walls[name]:.0f} s) on the held-out real maps:\n"
+              f"{summarise(results[name])}", flush=True)
     return results
 
 
@@ -141,30 +171,39 @@ def main() -> None:
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="folder of real samples")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "sim2real", help="work folder")
     ap.add_argument("--n", type=int, default=6000, help="synthetic training maps")
-    ap.add_argument("--seed", type=int, default=0, help="generator, split and training seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="generator and training seeds")
+    ap.add_argument("--split-seed", type=int, default=0, help="seed of the real calibration/held-out split")
     ap.add_argument("--model", default="cbam")
     ap.add_argument("--epochs", type=int, default=3, help="epochs on the synthetic maps")
     ap.add_argument("--real-epochs", type=int, default=30, help="epochs of the real-only run")
     ap.add_argument("--ft-epochs", type=int, default=10, help="fine-tuning epochs on the real maps")
     ap.add_argument("--ft-lr", type=float, default=3e-4, help="fine-tuning learning rate")
+    ap.add_argument("--ft-synth", type=float, default=0.0,
+                    help="share of the synthetic maps mixed into each fine-tuning epoch (0: real maps only)")
+    ap.add_argument("--ft-real-weight", type=float, default=1.0,
+                    help="sampling weight of the real maps in fine-tuning (each epoch sees them this often)")
+    ap.add_argument("--synth-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra --set for the synthetic run and fine-tuning (e.g. a loss option); repeatable")
     ap.add_argument("--image-size", type=int, default=48)
-    ap.add_argument("--synth", type=Path, default=None, help="reuse this synthetic file, do not generate")
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    calib, held, n_calib, n_held = write_real(args.shared, args.out, args.seed)
+    calib, held, n_calib, n_held = write_real(args.shared, args.out, args.split_seed)
     print(f"real calibration part: {sum(n_calib.values())} maps {n_calib}\n"
           f"real held-out part: {sum(n_held.values())} maps {n_held}", flush=True)
-    synth = args.synth
-    if synth is None:
-        synth = args.out / "synth.npz"
+    plan = Plan(args.model, args.image_size, args.epochs, args.real_epochs, args.ft_epochs, args.ft_lr,
+                args.ft_synth, args.ft_real_weight, tuple(args.synth_set))
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        out = args.out / f"seed{seed}"
+        synth = out / "synth.npz"
         if not synth.is_file():
-            _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(args.seed))
-    plan = Plan(args.model, args.image_size, args.seed, args.epochs, args.real_epochs, args.ft_epochs,
-                args.ft_lr)
-    results = run_all(plan, synth, calib, held, args.out)
+            _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(seed))
+        for name, metrics in run_seed(plan, synth, calib, held, out, seed).items():
+            results.setdefault(name, []).append(metrics)
     print(f"\n{args.model} at {args.image_size} px; synthetic: {args.n} maps, {args.epochs} epochs; real: "
-          f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps")
+          f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps; "
+          f"seeds {' '.join(map(str, args.seeds))} (mean, range over seeds)")
     print(table(results))
     print("\ncommands (python -m waferlab.cli ...):")
     print("\n".join(f"  {c}" for c in COMMANDS))

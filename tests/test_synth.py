@@ -299,6 +299,37 @@ def test_realism_knobs_seeded_and_each_one_changes_the_maps(monkeypatch):
     on, off = pair(["Scratch"], SCRATCH_GAP_MAX=(0.6, 0.0), SCRATCH_P_MIN=(0.3, 1.0))
     fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks)]) for t in (on, off)]
     assert fill[0] < fill[1] - 0.2
+    # scratches along the rim sit farther out; kinks and curvature bend them; longer dashes break them less
+    on, off = pair(["Scratch"], SCRATCH_ALONG_RIM_P=(1.0, 0.0), SCRATCH_FROM_RIM_P=(0.0, 0.0))
+    r_on = [_norm_radius(k.shape)[k > 0].mean() for k in on.masks]
+    r_off = [_norm_radius(k.shape)[k > 0].mean() for k in off.masks]
+    assert np.median(r_on) > np.median(r_off) + 0.15
+    on, off = pair(["Scratch"], SCRATCH_KINK_P=(1.0, 0.0), SCRATCH_CURV_SD=(1.0, 0.0),
+                   SCRATCH_ARC_P=(0.0, 0.0), SCRATCH_ALONG_RIM_P=(0.0, 0.0))
+    bend = [np.median([np.sqrt(mn / mx) for mx, mn in map(_mask_axes, t.masks)]) for t in (on, off)]
+    assert bend[0] > 1.5 * bend[1]
+    on, off = pair(["Scratch"], SCRATCH_DASH=((0.6, 0.8), (0.05, 0.06)), SCRATCH_GAP_MAX=(0.5, 0.5),
+                   SCRATCH_P_MIN=(1.0, 1.0))
+    assert np.median(_stat(on, "line_length")) > 1.3 * np.median(_stat(off, "line_length"))
+    # Edge-Loc: solid rim blobs instead of arcs; Random: patchy density
+    on, off = pair(["Edge-Loc"], EDGE_LOC_BLOB_P=(1.0, 0.0), EDGE_LOC_BLOB_MAX=(0.4, 0.4),
+                   EDGE_LOC_SMALL_P=(0.0, 0.0))
+    inner = [np.median([_norm_radius(k.shape)[k > 0].min() for k in t.masks]) for t in (on, off)]
+    assert inner[0] < inner[1] - 0.06  # a blob reaches farther in than a 1-2 die deep arc
+    on, off = pair(["Edge-Loc"], EDGE_LOC_SMALL_P=(1.0, 0.0), EDGE_LOC_BLOB_P=(0.0, 0.0))
+    conc = [np.median([_angular_concentration(k) for k in t.masks]) for t in (on, off)]
+    assert 1 - conc[0] < 0.5 * (1 - conc[1])  # short arcs: their dies' polar angles are closer together
+    on, off = pair(["Loc"], LOC_R_MIN=(0.0, 0.18), LOC_NEAR_RIM_P=(0.0, 0.0))
+    r_on = [_norm_radius(k.shape)[k > 0].mean() for k in on.masks]
+    r_off = [_norm_radius(k.shape)[k > 0].mean() for k in off.masks]
+    assert np.median(r_on) < np.median(r_off) - 0.05
+    on, off = pair(["Random"], RANDOM_PATCHY_P=(1.0, 0.0), RANDOM_RATE=((0.4, 0.4), (0.4, 0.4)))
+    spread = [np.median([_cell_spread(m) for m in t.maps]) for t in (on, off)]
+    assert spread[0] > 1.5 * spread[1]
+    # background: a larger gamma shape evens out the coarse density field
+    on, off = pair(["none"], BG_PATCH_SHAPE=(1.0, 100.0))
+    spread = [np.median([_cell_spread(m) for m in t.maps]) for t in (on, off)]
+    assert spread[0] > 1.3 * spread[1]
     # background of every class: edge die loss, tiny clusters, probe-card sites
     import waferlab.data.synth as synth
 
@@ -318,6 +349,24 @@ def test_realism_knobs_seeded_and_each_one_changes_the_maps(monkeypatch):
     probe = extra(PROBE_ARTEFACT_P=1.0)  # a faint periodic site pattern over the whole wafer
     assert (probe > 0).sum() > g.inside.sum() / 16 and probe.max() <= 0.2
     assert np.array_equal(extra(EDGE_LOSS_P=1.0, SPECKLE_P=1.0), extra(EDGE_LOSS_P=1.0, SPECKLE_P=1.0))
+
+
+def _angular_concentration(mask):
+    """Length of the mean unit vector of the mask dies' polar angles (1: one direction, 0: all around)."""
+    h, w = mask.shape
+    ii, jj = np.nonzero(mask)
+    ang = np.arctan2(ii - (h - 1) / 2, jj - (w - 1) / 2)
+    return float(np.abs(np.exp(1j * ang).mean()))
+
+
+def _cell_spread(wafer):
+    """Std of the failed fraction over the 6x6 coarse cells of a map (patchiness)."""
+    h, w = wafer.shape
+    ci, cj = np.arange(h)[:, None] * 6 // h, np.arange(w)[None, :] * 6 // w
+    cell = (ci * 6 + cj)[wafer > 0]
+    tot = np.bincount(cell, minlength=36)
+    bad = np.bincount(cell, weights=(wafer == 2)[wafer > 0], minlength=36)
+    return float(np.std(bad[tot >= 8] / tot[tot >= 8]))
 
 
 def test_new_calibration_statistics_on_hand_made_maps():
@@ -354,7 +403,9 @@ def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
     knobs = dict(RING_THIN_P=0.0, RING_ECCENTRIC_P=1.0, RING_PARTIAL_P=1.0, LOC_NEAR_RIM_P=1.0,
                  LOC_LOBE_MAX=0.9, SCRATCH_FROM_RIM_P=1.0, SCRATCH_ARC_P=1.0, SCRATCH_GAP_MAX=0.9,
                  SCRATCH_P_MIN=0.1, EDGE_LOSS_P=1.0, SPECKLE_P=1.0, PROBE_ARTEFACT_P=1.0, RING_SPARSE_P=1.0,
-                 EDGE_LOC_HALF_MAX=170.0)
+                 EDGE_LOC_HALF_MAX=170.0, EDGE_LOC_BLOB_P=1.0, EDGE_LOC_BLOB_MAX=0.6, SCRATCH_ALONG_RIM_P=1.0,
+                 SCRATCH_KINK_P=1.0, SCRATCH_CURV_SD=1.0, SCRATCH_DASH=(0.5, 0.9), RANDOM_RATE=(0.5, 0.9),
+                 RANDOM_PATCHY_P=1.0, EDGE_LOC_SMALL_P=1.0, LOC_R_MIN=0.0, BG_PATCH_SHAPE=1.0)
     plain_after = _with_knobs(monkeypatch, 90, 8, None, **knobs)  # the knobs act on WM-811K maps ...
     assert sum(not np.array_equal(x, y) for x, y in zip(plain_before.maps, plain_after.maps)) > 45
     mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones

@@ -47,22 +47,48 @@ RING_PARTIAL_P = 0.25
 RING_SPARSE_P = 0.15
 #: Edge-Loc: widest half-angle of an arc, degrees (real arcs cover ~0.29 of the outermost ring, not 0.15).
 EDGE_LOC_HALF_MAX = 85.0
+#: Edge-Loc: a solid blob on the rim instead of an arc, and its largest radius (real rim blobs reach ~0.4 of
+#: the wafer radius and were called Loc; real Edge-Loc solidity 0.69, not 0.51).
+EDGE_LOC_BLOB_P = 0.4
+EDGE_LOC_BLOB_MAX = 0.4
+#: Edge-Loc: a short deep arc (6-18 degrees, 2-3.5 dies deep) instead of a long one: small real Edge-Loc
+#: clusters in noisy wafers were called none (edge die loss is 1 die deep).
+EDGE_LOC_SMALL_P = 0.25
 #: Loc: a blob close to (not on) the rim (real Loc profiles peak at radius 0.35, not 0.65).
 LOC_NEAR_RIM_P = 0.1
+#: Loc: smallest centre radius of a blob (real Loc blobs sit as close as ~0.12 to the centre and were
+#: called Center; Center blobs stay within ~0.1).
+LOC_R_MIN = 0.12
 #: Loc: largest relative amplitude of the lobed outline.
 LOC_LOBE_MAX = 0.3
 #: Scratch: starts at the rim.
 SCRATCH_FROM_RIM_P = 0.4
 #: Scratch: a clearly curved arc (real scratches are straighter: straightness 0.975, elongation 0.16).
 SCRATCH_ARC_P = 0.05
+#: Scratch: runs along the rim (a chord or an arc following the rim, 0.65-0.9 of the radius out): most real
+#: scratches the model missed sat there, while the generator aimed every scratch at the middle.
+SCRATCH_ALONG_RIM_P = 0.3
+#: Scratch: a polyline with 1-3 kinks; std of the gentle curvature (x 1/R). Real scratches are straight
+#: (straightness 0.975, elongation 0.16; 0.45 / 0.6 gave 0.948 / 0.25 and looked like streaky Loc blobs).
+SCRATCH_KINK_P = 0.15
+SCRATCH_CURV_SD = 0.25
+#: Scratch: dash length range (x R) between gaps (real longest unbroken piece ~0.31 of the diameter).
+SCRATCH_DASH = (0.2, 0.6)
 #: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die (faint, broken
 #: scratches: real scratches were mostly called none by a model trained on solid ones).
 SCRATCH_GAP_MAX = 0.35
-SCRATCH_P_MIN = 0.55
+SCRATCH_P_MIN = 0.7
 #: Background: short runs of failed dies along the rim (edge die loss), tiny clusters, probe-card artefacts.
 #: (EDGE_LOSS_P 0.85 matched the real none maps' rim clusters better but sent real Edge-Loc maps to none.)
 EDGE_LOSS_P = 0.5
+#: Random: failure-rate range, and the chance of strongly uneven density (real Random maps are denser and
+#: patchy: failed fraction 0.51, largest cluster 0.43 of the dies; patchy ones were called Donut or Loc).
+RANDOM_RATE = (0.2, 0.65)
+RANDOM_PATCHY_P = 0.4
 SPECKLE_P = 0.25
+#: Background: gamma shape of the 6x6 coarse density field (higher: more even; real none maps' failed dies
+#: are mostly isolated, 0.60 of them without a failed neighbour).
+BG_PATCH_SHAPE = 10.0
 PROBE_ARTEFACT_P = 0.08
 
 # Common real WM-811K grid shapes (from the shared samples) and how often they are drawn (relative).
@@ -246,17 +272,19 @@ def _edge_ring_mixed(g: _Geometry, rng: np.random.Generator) -> tuple[np.ndarray
 def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
     centre = rng.uniform(-np.pi, np.pi)
     p_in = rng.uniform(0.75, 1.0)
-    if rng.random() < 0.7:  # an arc along the rim, a few dies deep
+    if rng.random() < (0.7 if mixed else 1.0 - EDGE_LOC_BLOB_P):  # an arc along the rim, a few dies deep
         if mixed:
             depth = 1.0 + rng.exponential(1.0) + rng.uniform(0.0, 0.1) * g.radius
         else:  # real Edge-Loc arcs are ~1.4 dies deep
             depth = 1.0 + rng.exponential(0.6) + rng.uniform(0.0, 0.06) * g.radius
         half = np.deg2rad(rng.uniform(18.0, 60.0 if mixed else EDGE_LOC_HALF_MAX))
+        if not mixed and rng.random() < EDGE_LOC_SMALL_P:
+            depth, half = rng.uniform(2.0, 3.5), np.deg2rad(rng.uniform(6.0, 18.0))
         dang = _ang_dist(g.theta, centre)
         region = g.inside & (g.edge <= depth) & (dang <= half)
         prob = p_in * _logistic((half - dang) / 0.06) * _logistic((depth + 0.5 - g.edge) / 0.5)
     else:  # a blob centred on the rim
-        rad = rng.uniform(0.1, 0.25)
+        rad = rng.uniform(0.1, 0.25 if mixed else EDGE_LOC_BLOB_MAX)
         rc = rng.uniform(0.9, 1.0 + 0.4 * rad)
         d = np.sqrt((g.u - rc * np.cos(centre)) ** 2 + (g.v - rc * np.sin(centre)) ** 2)
         region = g.inside & (d <= rad)
@@ -275,7 +303,7 @@ def _loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarra
         if not mixed and rng.random() < LOC_NEAR_RIM_P:  # near (not on) the rim, as real Loc often is
             rc = rng.uniform(max(0.25, 0.9 - rad), max(0.3, 0.98 - 0.6 * rad))
         else:
-            rc = rng.uniform(0.18, max(0.25, 0.92 - rad))
+            rc = rng.uniform(0.18 if mixed else LOC_R_MIN, max(0.25, 0.92 - rad))
         ang = rng.uniform(-np.pi, np.pi)
         rot = rng.uniform(-np.pi, np.pi)
         ell = np.exp(rng.normal(0.0, 0.45 if not mixed else 0.3))  # some streaky, elongated blobs
@@ -306,11 +334,15 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     r1, a1 = 0.5 * np.sqrt(rng.random()), rng.uniform(-np.pi, np.pi)
     heading0 = np.arctan2((r1 * np.sin(a1) - r0 * np.sin(a0)) * h, (r1 * np.cos(a1) - r0 * np.cos(a0)) * w)
     heading0 += rng.normal(0.0, 0.35)
-    curv = rng.normal(0.0, 0.6) / rad  # gentle curvature (radius of curvature mostly > 1.5 R)
+    curv = rng.normal(0.0, 0.6 if mixed else SCRATCH_CURV_SD) / rad  # gentle (radius of curvature > 1.5 R)
     if not mixed and rng.random() < SCRATCH_ARC_P:  # a clearly curved arc (radius of curvature ~ R)
         curv = rng.choice([-1.0, 1.0]) * rng.uniform(0.7, 1.4) / rad
+    if not mixed and rng.random() < SCRATCH_ALONG_RIM_P:  # along the rim: tangential, straight or bent
+        r0, turn = rng.uniform(0.65, 0.9), rng.choice([-1.0, 1.0])
+        heading0 = np.arctan2(r0 * np.cos(a0) * h * turn, -r0 * np.sin(a0) * w * turn)
+        curv = turn * rng.uniform(0.0, 1.0) / (r0 * rad)  # 1 / (r0 R): bends with the rim
     heading = heading0 + curv * t
-    if rng.random() < 0.45:  # a polyline: 1-3 kinks of 10-40 degrees
+    if rng.random() < (0.45 if mixed else SCRATCH_KINK_P):  # a polyline: 1-3 kinks of 10-40 degrees
         kinks = np.sort(rng.uniform(0.15, 0.85, rng.integers(1, 4))) * length
         bends = np.deg2rad(rng.uniform(10.0, 40.0, len(kinks))) * rng.choice([-1.0, 1.0])
         heading = heading + np.concatenate([[0.0], np.cumsum(bends)])[np.searchsorted(kinks, t)]
@@ -321,7 +353,7 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     ii, jj = np.rint(y).astype(np.int64), np.rint(x).astype(np.int64)
     # gaps: drop some chunks of the line (drawn with low probability, still part of the region)
     # real scratches are broken into dashes and dots: short chunks, up to ~half of them missing
-    chunk_len = max(rad * 0.15, 2.0) if mixed else max(rad * rng.uniform(0.08, 0.2), 2.0)
+    chunk_len = max(rad * 0.15, 2.0) if mixed else max(rad * rng.uniform(*SCRATCH_DASH), 2.0)
     chunk = np.minimum((t / chunk_len).astype(np.int64), 10_000)
     solid = rng.random(chunk.max() + 1) > rng.uniform(0.0, 0.1 if mixed else SCRATCH_GAP_MAX)
     region = np.zeros((h, w), bool)
@@ -387,7 +419,8 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
         g = _geometry(h, w, int(rng.integers(_N_VARIANTS)))
     shape = g.r.shape
     p_bg = _background_rate(g, rng, mixed)
-    coarse = rng.gamma(4.0, 0.25, (6, 6)).astype(np.float32)  # clustered background, mean 1
+    shape_k = 4.0 if mixed else BG_PATCH_SHAPE
+    coarse = rng.gamma(shape_k, 1.0 / shape_k, (6, 6)).astype(np.float32)  # clustered background, mean 1
     # dies at the rim fail more often: the outermost ring about 2-5x the interior rate, as in WM-811K
     rim = 1.0 + np.float32(np.exp(rng.normal(np.log(1.0 if mixed else 2.5), 0.5))) * g.rim
     keep = 1.0 - np.minimum(p_bg * coarse[g.coarse_i, g.coarse_j] * rim, 0.3)  # background never a pattern
@@ -398,9 +431,12 @@ def _one_map(types: tuple[str, ...], rng: np.random.Generator, mixed: bool) -> t
         if t in _PATTERNS:
             prob, reg = _PATTERNS[t](g, rng, mixed)
         elif t == "Random":
-            lo, hi = (0.2, 0.5) if mixed else (0.15, 0.6)
+            lo, hi = (0.2, 0.5) if mixed else RANDOM_RATE
             prob = np.full(shape, rng.uniform(lo, hi), np.float32)
-            if rng.random() < 0.5:  # mild large-scale density variation
+            if not mixed and rng.random() < RANDOM_PATCHY_P:  # strongly uneven: dense and sparse patches
+                prob = np.minimum(prob * (0.35 + 1.3 * rng.random((6, 6)).astype(np.float32)
+                                          [g.coarse_i, g.coarse_j]), 0.95)
+            elif rng.random() < 0.5:  # mild large-scale density variation
                 prob = prob * (0.7 + 0.6 * rng.random((6, 6)).astype(np.float32)[g.coarse_i, g.coarse_j])
             reg = g.inside
         elif t == "Near-full":
