@@ -89,13 +89,14 @@ def sniff(path: str | os.PathLike[str]) -> str:
     return "text"
 
 
-def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> WaferTable:
+def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None, lean: bool = False) -> WaferTable:
     """Read any supported source into a :class:`WaferTable` (maps at original size).
 
     ``.pkl``/``.pickle`` (optionally ``.gz``/``.zip``/...): LSWMD pickle (runs code from the file:
     trusted files only); ``.csv``/``.tsv``: CSV export; ``.npz``: MixedWM38 or waferlab safe; images;
     fab files (STDF, SEMI G85, TSK, KLARF; by extension or content, see :mod:`waferlab.data.fab`), made
-    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes).
+    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes). ``lean``: an LSWMD pickle keeps
+    its maps packed (see :func:`~waferlab.data.lswmd.read_lswmd`), for a reader that only iterates them.
     """
     p = Path(path)
     if not p.exists():
@@ -107,7 +108,7 @@ def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> W
     ext = suffixes[-1] if suffixes else ""
     if ext in _COMPRESSED and len(suffixes) == 2 and suffixes[0] in (".pkl", ".pickle"):
         _expect(p, kind, (_COMPRESSED[ext],), "".join(suffixes))
-        return read_lswmd(p)
+        return read_lswmd(p, lean=lean)
     if ext not in _EXPECTED:
         fmt = detect_fab(p, kind)
         if fmt is not None:
@@ -119,7 +120,7 @@ def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> W
                             "export, a .npz (MixedWM38 or waferlab safe), an image, a folder of images or a "
                             "fab file (STDF, SEMI G85, TSK, KLARF)")
     if kind == "pickle":
-        return read_lswmd(p)
+        return read_lswmd(p, lean=lean)
     if kind == "zip":
         return read_npz(p)
     if kind in _IMAGE_KINDS:
