@@ -1,11 +1,14 @@
 """Scale check of the data path on a full-size (811,457-row) LSWMD-layout pickle.
 
 Generates the pickle quickly from a small pool of realistic maps (perturbed per row, so every row is its own
-array as in the real file), then measures, each step in a fresh subprocess: ``load_table`` time and peak RSS,
-``prepare(size=64)`` time and peak RSS, and the pickle-free round trip (``write_safe`` / ``read_safe``).
+array as in the real file), written as pandas 0.19 under Python 2 wrote the original (``--layout``), then
+measures, each step in a fresh subprocess: ``load_table`` time and peak RSS, the same for the lean reader
+predict uses (``load_lean``), ``prepare(size=64)`` time and peak RSS, and the pickle-free round trip
+(``write_safe`` / ``read_safe``).
 
-    python benchmarks/data_scale.py                 # full size (needs ~10 GB free RAM and a few minutes)
+    python benchmarks/data_scale.py                 # full size (needs ~4 GB free RAM and a few minutes)
     python benchmarks/data_scale.py --rows 50000    # quick
+    python benchmarks/data_scale.py --steps generate,load,load_lean --layout protocol2   # a Python-3 file
 """
 
 from __future__ import annotations
@@ -101,6 +104,16 @@ def step_load(path: Path) -> dict:
     return {"rows": len(table), "load_s": round(time.perf_counter() - t0, 1), "classes": table.class_counts()}
 
 
+def step_load_lean(path: Path) -> dict:
+    """``load_table(lean=True)``, what predict reads: the maps stay the pickled bytes (waferlab.data.lean)."""
+    from waferlab.data.readers import load_table
+
+    t0 = time.perf_counter()
+    table = load_table(path, lean=True)
+    return {"rows": len(table), "load_s": round(time.perf_counter() - t0, 1),
+            "maps": type(table.maps).__name__}
+
+
 def step_prepare(path: Path, size: int) -> dict:
     from waferlab.data.readers import load_table
 
@@ -141,6 +154,8 @@ def _child(args: argparse.Namespace) -> None:
         result = generate(path, args.rows, args.seed, args.layout)
     elif args.step == "load":
         result = step_load(path)
+    elif args.step == "load_lean":
+        result = step_load_lean(path)
     elif args.step == "prepare":
         result = step_prepare(path, args.size)
     elif args.step == "write_safe":
@@ -171,7 +186,7 @@ def main() -> None:
                         help="how the generated pickle is written (default py2, as the original LSWMD.pkl)")
     parser.add_argument("--dir", default=None, help="where to write the files (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
-    parser.add_argument("--steps", default="generate,load,prepare,write_safe,read_safe",
+    parser.add_argument("--steps", default="generate,load,load_lean,prepare,write_safe,read_safe",
                         help="comma-separated steps to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from waferlab.cli import main
-from waferlab.data.lean import PackedMaps
+from waferlab.data.lean import MapStore, PackedMaps
 from waferlab.data.lswmd import frame_from_table, normalize_class, read_lswmd, read_lswmd_csv, write_lswmd
 from waferlab.data.py2pickle import dump_py2
 from waferlab.data.readers import (
@@ -290,10 +290,12 @@ def _every_layout(table: WaferTable, folder: Path) -> dict[str, Path]:
     return paths
 
 
-def test_lean_reader_keeps_the_pickled_bytes_and_gives_the_same_table(shared_data: Path, tmp_path: Path):
+@pytest.mark.parametrize("batch", [4096, 7])  # 7: many batches, the last one short
+def test_lean_reader_packs_the_maps_and_gives_the_same_table(shared_data: Path, tmp_path: Path, batch: int,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(MapStore, "BATCH", batch)
     table = load_table(shared_data / SUB100)  # 3 unlabelled rows (empty label arrays)
     table.maps = [np.asfortranarray(m) if i % 2 else m for i, m in enumerate(table.maps)]  # LSWMD's are F
-    raw_type = {"py2": str, "protocol2": str, "protocol4": bytes, "protocol5": bytearray}
     for layout, path in {**_every_layout(table, tmp_path), "sample": shared_data / PKL}.items():
         full, lean = read_lswmd(path), read_lswmd(path, lean=True)
         assert isinstance(lean.maps, PackedMaps) and isinstance(full.maps, list), layout
@@ -301,13 +303,15 @@ def test_lean_reader_keeps_the_pickled_bytes_and_gives_the_same_table(shared_dat
         assert np.array_equal(lean.orig_shape, full.orig_shape) and lean.source == full.source
         assert [m.flags.f_contiguous for m in lean.maps] == [m.flags.f_contiguous for m in full.maps]
         assert all(m.flags.writeable for m in lean.maps)
-        # a map stays the very text / bytes the unpickler made (the memo's object, not a copy)
-        assert {type(r) for r in lean.maps._raw} == {raw_type.get(layout, bytearray)}, layout
+        dies = sum(m.size for m in full.maps)  # 2 bits a die, not a byte
+        assert lean.maps.nbytes <= dies // 4 + 4 * (len(full) // batch + 1), layout
     sub = lean.subset([3, 1])
     assert [m.shape for m in sub.maps] == [tuple(full.orig_shape[3]), tuple(full.orig_shape[1])]
 
 
-def test_lean_reader_falls_back_or_fails_exactly_as_the_full_reader(tmp_path: Path):
+def test_lean_reader_falls_back_or_fails_exactly_as_the_full_reader(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(MapStore, "BATCH", 3)  # the bad map (row 5) ends a batch that stays unpacked
     masked = tmp_path / "masked.pkl"
     write_lswmd(_small_table(masks=True), masked)  # a layout it does not keep packed: the full reader
     back = read_lswmd(masked, lean=True)

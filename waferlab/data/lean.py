@@ -22,6 +22,7 @@ import contextlib
 import gc
 import operator
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -37,38 +38,111 @@ class NotLean(Exception):
 
 
 class PackedMaps(Sequence):
-    """2-D uint8 wafer maps kept as the raw bytes (or latin1 text) a pickle held; decoded on each access.
+    """2-D uint8 wafer maps kept in a :class:`MapStore` (or, for a map that needed converting, as an
+    array); each access decodes one into a fresh writable array, like an unpickled one."""
 
-    Entries are ``str`` (a Python-2 pickle's data as latin1 text), ``bytes``/``bytearray``, or an already
-    decoded ``np.ndarray`` (a map that needed converting); ``shapes`` (N, 2) and ``fortran`` (N,) say how
-    to lay each one out. Access returns a fresh writable array, like an unpickled one.
-    """
-
-    def __init__(self, raw: list[Any], shapes: np.ndarray, fortran: np.ndarray) -> None:
-        self._raw, self.shapes, self._fortran = raw, shapes, fortran
+    def __init__(self, store: MapStore, entries: list[Any], shapes: np.ndarray, fortran: np.ndarray) -> None:
+        self._store, self._entries, self.shapes, self._fortran = store, entries, shapes, fortran
 
     def __len__(self) -> int:
-        return len(self._raw)
+        return len(self._entries)
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = operator.index(i)
-        r = self._raw[i]
-        if isinstance(r, np.ndarray):
-            return r
-        if r is None:
-            raise IndexError(f"map {i} was released")
-        flat = np.frombuffer(r.encode("latin1") if type(r) is str else r, np.uint8)
+        e = self._entries[i]
+        if type(e) is not int:
+            if e is None:
+                raise IndexError(f"map {i} was released")
+            return e
+        raw = self._store.raw(e)  # a fresh array, or the bytes of a batch kept as it came
+        flat = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, np.uint8).copy()
         h, w = self.shapes[i]
-        return flat.reshape((int(h), int(w)), order="F" if self._fortran[i] else "C").copy(order="K")
+        return flat.reshape((int(h), int(w)), order="F" if self._fortran[i] else "C")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
 
     def release(self, start: int, stop: int) -> None:
         """Drop maps ``start:stop`` (a streaming reader is done with them); accessing one then fails."""
-        self._raw[start:stop] = [None] * (stop - start)
+        self._entries[start:stop] = [None] * (stop - start)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the maps take: the store's and those of maps kept as arrays."""
+        return self._store.nbytes + sum(e.nbytes for e in self._entries if isinstance(e, np.ndarray))
+
+
+class MapStore:
+    """Wafer maps packed four to a byte (2 bits a die: 0, 1, 2), in batches of :data:`BATCH` maps.
+
+    The lean unpickler hands every 2-D uint8 array to :meth:`add` as it is unpickled, so a Python-2
+    pickle's text of a map (which nothing else holds) is freed at once: the maps of WM-811K take a quarter
+    of their bytes. A batch holding any value above 2 stays as it came (the table check reports the row).
+    """
+
+    BATCH = 4096
+
+    def __init__(self) -> None:
+        self._pending: list[Any] = []
+        self._batches: list[tuple[Any, np.ndarray]] = []  # (packed bytes or the raw list, map offsets)
+
+    def __len__(self) -> int:
+        return len(self._batches) * self.BATCH + len(self._pending)
+
+    def add(self, raw: Any) -> int:
+        """Keep ``raw`` (a map's bytes or latin1 text); its handle for :meth:`get`."""
+        self._pending.append(raw)
+        if len(self._pending) == self.BATCH:
+            self.flush()
+        return len(self) - 1
+
+    def flush(self) -> None:
+        """Pack the pending maps (the last batch may be short)."""
+        raws, self._pending = self._pending, []
+        if not raws:
+            return
+        offsets = np.zeros(len(raws) + 1, np.int64)
+        np.cumsum([len(r) for r in raws], out=offsets[1:])
+        pad = -int(offsets[-1]) % 4  # to whole 4-die words
+        if all(type(r) is str for r in raws):
+            joined = "".join(raws).encode("latin1") + bytes(pad)
+        else:
+            parts = [r.encode("latin1") if type(r) is str else bytes(r) for r in raws]
+            joined = b"".join([*parts, bytes(pad)])
+        if joined and int(np.frombuffer(joined, np.uint8).max()) > 2:
+            self._batches.append((raws, offsets))
+            return
+        words = np.frombuffer(joined, "<u4")  # dies d0..d3 in bytes 0..3 -> d0 | d1 << 2 | d2 << 4 | d3 << 6
+        packed, shifted = words.copy(), np.empty_like(words)
+        for bits in (6, 12, 18):
+            packed |= np.right_shift(words, bits, out=shifted)
+        self._batches.append((packed.astype(np.uint8).tobytes(), offsets))  # the low byte of each word
+
+    def raw(self, handle: int) -> Any:
+        """The map's bytes (uint8 per die) for :class:`PackedMaps`."""
+        data, offsets = self._batches[handle // self.BATCH]
+        k = handle % self.BATCH
+        if type(data) is list:
+            r = data[k]
+            return r.encode("latin1") if type(r) is str else r
+        start, stop = int(offsets[k]), int(offsets[k + 1])
+        quads = _UNPACK[np.frombuffer(data, np.uint8, count=(stop + 3) // 4 - start // 4, offset=start // 4)]
+        return quads.reshape(-1)[start % 4:start % 4 + stop - start]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed batches, and the raw text/bytes of a batch kept as it came."""
+        return sum(len(d) if type(d) is bytes else sum(len(r) for r in d) for d, _ in self._batches)
+
+    def is_checked(self, handle: int) -> bool:
+        """The map is packed, so every value is 0, 1 or 2."""
+        return type(self._batches[handle // self.BATCH][0]) is bytes
+
+
+_UNPACK = ((np.arange(256)[:, None] >> np.array([0, 2, 4, 6])) & 3).astype(np.uint8)  # byte -> 4 dies
+_STORE = threading.local()  # the MapStore of the lean load in progress in this thread
 
 
 # ---------------------------------------------------------------------------------------------- stand-ins
@@ -84,13 +158,15 @@ class _ArrayStub:
         else:
             shape, self.dtype, self.fortran, self.raw = state
         self.shape = _SHAPES.setdefault(shape, shape)
+        if type(self.dtype) is _UINT8_CLASS and self.is_packed_map():
+            self.raw = _STORE.maps.add(self.raw)  # an int handle from now on
 
     def is_packed_map(self) -> bool:
-        """A 2-D uint8 map whose raw data can be kept as it is."""
+        """A 2-D uint8 map whose raw data can be kept as it is (or already is, in the store)."""
         raw, shape, dtype = self.raw, self.shape, self.dtype
-        return ((dtype is _UINT8 or isinstance(dtype, np.dtype) and dtype.char == "B")
-                and type(raw) in _RAW_TYPES and len(shape) == 2 and type(shape[0]) is int
-                and type(shape[1]) is int and shape[0] > 0 and len(raw) == shape[0] * shape[1])
+        return (isinstance(dtype, np.dtype) and dtype.char == "B"
+                and len(shape) == 2 and type(shape[0]) is int and type(shape[1]) is int
+                and (type(raw) is int or type(raw) in _RAW_TYPES and len(raw) == shape[0] * shape[1] > 0))
 
     def array(self) -> np.ndarray:
         """The real array, built by numpy exactly as the full unpickler would."""
@@ -101,8 +177,9 @@ class _ArrayStub:
             for i, v in enumerate(self.raw):
                 out[i] = materialize(v)
             return out.reshape(self.shape)
+        raw = self.raw if type(self.raw) is not int else bytes(_STORE.maps.raw(self.raw))
         a = np.ndarray.__new__(np.ndarray, (0,), "b")
-        a.__setstate__((1, self.shape, self.dtype, self.fortran, self.raw))
+        a.__setstate__((1, self.shape, self.dtype, self.fortran, raw))
         return a
 
 
@@ -113,12 +190,13 @@ class _BufferStub(_ArrayStub):
 
     def array(self) -> np.ndarray:
         """numpy's own ``_frombuffer``."""
-        flat = np.frombuffer(self.raw, dtype=self.dtype)
+        raw = self.raw if type(self.raw) is not int else bytearray(_STORE.maps.raw(self.raw))
+        flat = np.frombuffer(raw, dtype=self.dtype)
         return flat.reshape(self.shape, order="F" if self.fortran else "C")
 
 
 _SHAPES: dict[tuple, tuple] = {}  # one tuple per distinct shape, shared by every stub
-_UINT8 = np.dtype(np.uint8)
+_UINT8_CLASS = type(np.dtype(np.uint8))  # numpy >= 1.20: one class per dtype
 _RAW_TYPES = (str, bytes, bytearray)
 
 
@@ -224,7 +302,8 @@ def _lean_unpickler(fh: IO[bytes], path: str) -> Any:
 
 
 def load_lean(path: str | os.PathLike[str]) -> _FrameStub:
-    """The stand-in frame of an LSWMD pickle (protocol 2-5), or :class:`NotLean`. The cyclic garbage
+    """The stand-in frame of an LSWMD pickle (protocol 2-5), its maps in ``_STORE.maps`` (a
+    :class:`MapStore` the caller sets up), or :class:`NotLean`. The cyclic garbage
     collector is paused meanwhile: it would rescan the millions of new stand-ins, none of them garbage,
     again and again (that doubles the load time of the full file)."""
     from waferlab.data.lswmd import load_pickle
@@ -292,35 +371,31 @@ def packed_maps(cells: Sequence[Any], path: Path, index: Sequence[Any]) -> Packe
     :func:`~waferlab.data.lswmd._validate_maps` (per chunk: conversions first, then the value range)."""
     from waferlab.data.lswmd import _CHUNK, _bad, _convert_map, _levels
 
+    store: MapStore = _STORE.maps
     n = len(cells)
-    raw: list[Any] = [None] * n
+    entries: list[Any] = [None] * n
     shapes: list[tuple[int, int]] = [(0, 0)] * n
     fortran: list[bool] = [False] * n
     for start in range(0, n, _CHUNK):
         stop = min(start + _CHUNK, n)
         for i in range(start, stop):
             c = cells[i]
-            if isinstance(c, _ArrayStub) and c.is_packed_map():
-                raw[i], shapes[i], fortran[i] = c.raw, c.shape, bool(c.fortran)
+            if isinstance(c, _ArrayStub) and type(c.raw) is int:
+                entries[i], shapes[i], fortran[i] = c.raw, c.shape, bool(c.fortran)
             else:
                 m = materialize(c)
                 ok = type(m) is np.ndarray and m.dtype.char == "B" and m.ndim == 2 and m.size
-                raw[i] = m if ok else _convert_map(m, path, i, index[i], "waferMap")
-                shapes[i] = raw[i].shape
+                entries[i] = m if ok else _convert_map(m, path, i, index[i], "waferMap")
+                shapes[i] = entries[i].shape
         for i in range(start, stop):
-            r = raw[i]
-            levels = _LEVELS.get(type(r))
-            if levels is not None:  # a map of only 0/1/2 strips to nothing (no copy, no array)
-                high = 0 if not r.strip(levels) else int(np.frombuffer(
-                    r.encode("latin1") if type(r) is str else r, np.uint8).max())
-            else:
-                high = int(r.max())
+            e = entries[i]
+            if type(e) is not int:
+                high = int(e.max())
+            else:  # a packed batch holds only 0/1/2; another one is checked map by map
+                high = 0 if store.is_checked(e) else int(np.frombuffer(store.raw(e), np.uint8).max())
             if high > 2:
                 raise _bad(path, f"value {high} outside {_levels(2)}", i, "waferMap", index[i])
-    return PackedMaps(raw, np.array(shapes, np.int32).reshape(n, 2), np.array(fortran, bool))
-
-
-_LEVELS = {str: "\x00\x01\x02", bytes: b"\x00\x01\x02", bytearray: b"\x00\x01\x02"}
+    return PackedMaps(store, entries, np.array(shapes, np.int32).reshape(n, 2), np.array(fortran, bool))
 
 
 def _label_cells(cells: list[Any]) -> list[Any]:
@@ -347,18 +422,26 @@ def read_lswmd_lean(path: str | os.PathLike[str]) -> WaferTable | None:
     """An LSWMD pickle as a :class:`WaferTable` whose maps stay packed (:class:`PackedMaps`), with the same
     rows, labels and errors as :func:`~waferlab.data.lswmd.read_lswmd`; None when the file's layout is not
     one the stand-ins know (anything failing while loading counts: the full reader repeats or reports it)."""
+    path = Path(path)
+    _STORE.maps = MapStore()
+    try:
+        return _read(path)
+    finally:
+        del _STORE.maps
+        _SHAPES.clear()
+
+
+def _read(path: Path) -> WaferTable | None:
     from waferlab.data.lswmd import MASK_COLUMN, MULTI_HOT_COLUMN, check_columns
 
-    path = Path(path)
     try:
         frame = load_lean(path)
+        _STORE.maps.flush()
         names, index, cells = _columns(frame)
         if MASK_COLUMN in names or MULTI_HOT_COLUMN in names or frame.state.get("attrs"):
             raise NotLean("mask / multi-hot columns")
     except Exception:  # noqa: BLE001 - NotLean, or an error the full reader will report in its own words
         return None
-    finally:
-        _SHAPES.clear()
     del frame
     check_columns(names, path)
     try:
