@@ -201,7 +201,7 @@ def test_small_chunks_give_the_same_rows(setup: dict[str, Path], tmp_path: Path)
 
 def test_a_python2_lswmd_pickle_predicts_the_same_rows_as_the_safe_file(setup: dict[str, Path],
                                                                          tmp_path: Path) -> None:
-    # the pickle's maps stay packed (waferlab.data.lean) and are released chunk by chunk
+    # the pickle is read lean: its maps stay packed (waferlab.data.lean) until their chunk
     from waferlab.data.lswmd import frame_from_table
     from waferlab.data.py2pickle import write_py2
     from waferlab.data.readers import load_table

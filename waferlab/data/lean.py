@@ -1,18 +1,20 @@
-"""An LSWMD pickle read straight into a compact :class:`WaferTable`: no DataFrame, no numpy array per map.
+"""An LSWMD pickle read straight into a compact :class:`WaferTable`: no DataFrame, maps packed 2 bits a die.
 
 ``predict`` on the whole 811,457-row ``LSWMD.pkl`` must fit in a few GB. Unpickled the usual way, every row
-becomes three numpy arrays (the map and two (1,1) label arrays, each with its own dtype object) inside a
-pandas frame, and a file written by Python 3 at protocol 2 also keeps each map's bytes a second time in the
-unpickler's memo (as the text ``_codecs.encode`` is called with) until the load ends. Here the same
-restricted unpickler (:class:`~waferlab.data.lswmd._LswmdUnpickler`: the same allowlist, checked first)
-resolves the few classes of the LSWMD layout to small stand-ins instead: an array becomes an
-:class:`_ArrayStub` that keeps the raw data string the pickle already holds (referenced, not copied), a
-frame and its block manager keep their state. The table is then built from those: maps stay packed
-(:class:`PackedMaps`, decoded to uint8 per access, i.e. per predict chunk), labels become plain strings,
-and every other column goes through the same checks as :func:`~waferlab.data.lswmd.table_from_frame`.
+becomes three numpy arrays (the map and two (1,1) label arrays) inside a pandas frame: about 2.6 KB a row,
+and a file written by Python 3 at protocol 2 also keeps each map's bytes a second time in the unpickler's
+memo (the text ``_codecs.encode`` is called with) until the load ends. Here the same restricted unpickler
+(:class:`~waferlab.data.lswmd._LswmdUnpickler`: its allowlist is checked first, unchanged) resolves the few
+classes of the LSWMD layout to small stand-ins instead: an array becomes an :class:`_ArrayStub`, a frame
+and its block manager keep their state, and every 2-D uint8 array is handed, as it is unpickled, to a
+:class:`MapStore` that packs the maps four dies to a byte in batches, so the text of a Python-2 map (which
+nothing else holds) is freed at once. The table is then built from the stand-ins: maps stay packed
+(:class:`PackedMaps`, decoded per access, i.e. per predict chunk), labels become plain strings, and every
+column goes through the same checks, in the same order and words, as
+:func:`~waferlab.data.lswmd.table_from_frame`.
 
-A pickle in any other layout (other classes, masks, multi-hot columns, protocol 0/1) raises
-:class:`NotLean` before anything is returned, and the caller reads it the usual way.
+A pickle in any other layout (other classes, masks, multi-hot columns), or one whose stand-ins numpy would
+reject, is read by the full reader instead (:func:`read_lswmd_lean` returns None).
 """
 
 from __future__ import annotations
@@ -53,8 +55,6 @@ class PackedMaps(Sequence):
         i = operator.index(i)
         e = self._entries[i]
         if type(e) is not int:
-            if e is None:
-                raise IndexError(f"map {i} was released")
             return e
         raw = self._store.raw(e)  # a fresh array, or the bytes of a batch kept as it came
         flat = raw if isinstance(raw, np.ndarray) else np.frombuffer(raw, np.uint8).copy()
@@ -63,10 +63,6 @@ class PackedMaps(Sequence):
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return (self[i] for i in range(len(self)))
-
-    def release(self, start: int, stop: int) -> None:
-        """Drop maps ``start:stop`` (a streaming reader is done with them); accessing one then fails."""
-        self._entries[start:stop] = [None] * (stop - start)
 
     @property
     def nbytes(self) -> int:

@@ -422,8 +422,8 @@ def read_lswmd(path: str | os.PathLike[str], lean: bool = False) -> WaferTable:
     Handles nested label arrays (``[['Center']]``, empty for unlabelled), plain-string/NaN labels,
     ``trianTestLabel`` or ``trainTestLabel``, float ``waferIndex``, extra columns (ignored, except
     ``patternMask`` -> ``masks`` and ``multiHot``). Loading a pickle runs code: use trusted files only.
-    ``lean``: keep the maps packed (:mod:`waferlab.data.lean`, a fraction of the memory; ``table.maps`` is
-    then a read-only sequence decoding each map on access), when the file's layout allows it.
+    ``lean``: keep the maps packed (:mod:`waferlab.data.lean`, a third of the memory; ``table.maps`` is
+    then a sequence decoding each map on access), when the file's layout allows it.
     """
     import pandas as pd
 

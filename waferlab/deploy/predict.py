@@ -1,7 +1,7 @@
 """``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
 
-The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, see
-:mod:`waferlab.data.lean`); each chunk of maps is then prepared (nearest-resized
+The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, 2 bits a
+die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (nearest-resized
 to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
 overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
 while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
@@ -313,7 +313,6 @@ class BackgroundWriter:
 def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> tuple[int, Iterator[Chunk]]:
     """(number of maps, chunks of prepared maps) from any source the readers take, or a prepared cache."""
     from waferlab.data.cache import is_cache, load_cache, prepare, resize_prepared
-    from waferlab.data.lean import PackedMaps
     from waferlab.data.readers import load_table
 
     if not Path(src).exists():
@@ -334,8 +333,6 @@ def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> 
         for start in range(0, len(table), chunk_size):
             rows = np.arange(start, min(start + chunk_size, len(table)))
             yield _chunk(rows, prepare(table.subset(rows), size))
-            if isinstance(table.maps, PackedMaps):
-                table.maps.release(start, start + len(rows))  # no longer needed: its memory is reused
     return len(table), from_table()
 
 
