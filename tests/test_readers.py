@@ -336,7 +336,15 @@ def test_lean_reader_falls_back_or_fails_exactly_as_the_full_reader(tmp_path: Pa
         read_lswmd(tmp_path / "evil.pkl", lean=True)
 
 
-def test_pickle_variants(tmp_path: Path):
+def _lean_and_full(path: Path) -> WaferTable:
+    """The full reader's table of ``path``, after checking the lean reader gives the same one."""
+    full, lean = load_table(path), load_table(path, lean=True)
+    _assert_same(lean, full)
+    assert np.array_equal(lean.orig_shape, full.orig_shape)
+    return full
+
+
+def test_pickle_variants(tmp_path: Path):  # each read by both readers (the lean one keeps maps packed)
     table = _small_table(12)
     df = frame_from_table(table)
     # labels flattened to plain strings, NaN / None for unlabelled rows, split column spelt correctly
@@ -349,22 +357,22 @@ def test_pickle_variants(tmp_path: Path):
     flat["someExtra"] = "ignored"
     flat["failureNum"] = 3
     flat.to_pickle(tmp_path / "flat.pkl")
-    back = load_table(tmp_path / "flat.pkl")
+    back = _lean_and_full(tmp_path / "flat.pkl")
     _assert_same(back, table)
     # labels as text like the CSV export, in an arbitrary (non-range) index, compressed
     text = df.copy()
     text["failureType"] = ["[]" if lab == UNLABELED else f"[['{lab}']]" for lab in table.labels]
     text.index = np.arange(100, 100 + len(text)) * 7
     text.to_pickle(tmp_path / "text.pkl.gz")
-    _assert_same(load_table(tmp_path / "text.pkl.gz"), table)
+    _assert_same(_lean_and_full(tmp_path / "text.pkl.gz"), table)
     with zipfile.ZipFile(tmp_path / "LSWMD.pkl.zip", "w") as zf:
         zf.writestr("LSWMD.pkl", pickle.dumps(df))
-    _assert_same(load_table(tmp_path / "LSWMD.pkl.zip"), table)
+    _assert_same(_lean_and_full(tmp_path / "LSWMD.pkl.zip"), table)
     # maps stored as int64 arrays or nested lists are converted (and checked)
     lists = df.copy()
     lists["waferMap"] = [m.astype(np.int64) if i % 2 else m.tolist() for i, m in enumerate(table.maps)]
     lists.to_pickle(tmp_path / "lists.pickle")
-    _assert_same(load_table(tmp_path / "lists.pickle"), table)
+    _assert_same(_lean_and_full(tmp_path / "lists.pickle"), table)
 
 
 def test_content_sniffing_without_extension(tmp_path: Path):

@@ -301,7 +301,7 @@ def _lean_unpickler(fh: IO[bytes], path: str) -> Any:
     return _LeanUnpickler(fh, path)
 
 
-def load_lean(path: str | os.PathLike[str]) -> _FrameStub:
+def _load(path: str | os.PathLike[str]) -> _FrameStub:
     """The stand-in frame of an LSWMD pickle (protocol 2-5), its maps in ``_STORE.maps`` (a
     :class:`MapStore` the caller sets up), or :class:`NotLean`. The cyclic garbage
     collector is paused meanwhile: it would rescan the millions of new stand-ins, none of them garbage,
@@ -435,7 +435,7 @@ def _read(path: Path) -> WaferTable | None:
     from waferlab.data.lswmd import MASK_COLUMN, MULTI_HOT_COLUMN, check_columns
 
     try:
-        frame = load_lean(path)
+        frame = _load(path)
         _STORE.maps.flush()
         names, index, cells = _columns(frame)
         if MASK_COLUMN in names or MULTI_HOT_COLUMN in names or frame.state.get("attrs"):
