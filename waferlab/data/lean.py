@@ -89,7 +89,7 @@ class MapStore:
         return len(self._batches) * self.BATCH + len(self._pending)
 
     def add(self, raw: Any) -> int:
-        """Keep ``raw`` (a map's bytes or latin1 text); its handle for :meth:`get`."""
+        """Keep ``raw`` (a map's bytes or latin1 text); its handle for :meth:`raw`."""
         self._pending.append(raw)
         if len(self._pending) == self.BATCH:
             self.flush()
