@@ -336,6 +336,31 @@ def test_lean_reader_falls_back_or_fails_exactly_as_the_full_reader(tmp_path: Pa
         read_lswmd(tmp_path / "evil.pkl", lean=True)
 
 
+@pytest.mark.parametrize("batch", [4096, 7])
+def test_lean_safe_npz_is_read_in_packed_batches_with_the_full_readers_checks(
+        shared_data: Path, tmp_path: Path, batch: int, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(MapStore, "BATCH", batch)
+    table = load_table(shared_data / SUB100)
+    write_safe(table, tmp_path / "t.npz")
+    full, lean = load_table(tmp_path / "t.npz"), load_table(tmp_path / "t.npz", lean=True)
+    assert isinstance(lean.maps, PackedMaps) and isinstance(full.maps, list)
+    _assert_same(lean, full)
+    assert np.array_equal(lean.orig_shape, full.orig_shape) and lean.source == full.source
+    assert lean.maps.nbytes <= sum(m.size for m in full.maps) // 4 + 4 * (len(full) // batch + 1)
+    bad = _small_table(8)
+    bad.maps[5] = bad.maps[5].copy()
+    bad.maps[5][bad.maps[5].shape[0] // 2, bad.maps[5].shape[1] // 2] = 3
+    write_safe(bad, tmp_path / "bad.npz")
+    with pytest.raises(WaferlabError, match=r"row 5, field 'maps': value 3 outside") as lean_err:
+        load_table(tmp_path / "bad.npz", lean=True)
+    with pytest.raises(WaferlabError) as full_err:
+        load_table(tmp_path / "bad.npz")
+    assert str(lean_err.value) == str(full_err.value)
+    write_safe(_small_table(masks=True), tmp_path / "masks.npz")  # masks index the flat buffer: read whole
+    masked = load_table(tmp_path / "masks.npz", lean=True)
+    assert isinstance(masked.maps, list) and masked.masks is not None
+
+
 def _lean_and_full(path: Path) -> WaferTable:
     """The full reader's table of ``path``, after checking the lean reader gives the same one."""
     full, lean = load_table(path), load_table(path, lean=True)

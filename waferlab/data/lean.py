@@ -86,7 +86,9 @@ class MapStore:
         self._unpacked: tuple[int, np.ndarray | None] = (-1, None)  # (batch, its dies), see raw()
 
     def __len__(self) -> int:
-        return len(self._batches) * self.BATCH + len(self._pending)
+        if self._batches:  # every batch but the last is full
+            return (len(self._batches) - 1) * self.BATCH + len(self._batches[-1][1]) - 1 + len(self._pending)
+        return len(self._pending)
 
     def add(self, raw: Any) -> int:
         """Keep ``raw`` (a map's bytes or latin1 text); its handle for :meth:`raw`."""
@@ -102,20 +104,24 @@ class MapStore:
             return
         offsets = np.zeros(len(raws) + 1, np.int64)
         np.cumsum([len(r) for r in raws], out=offsets[1:])
-        pad = -int(offsets[-1]) % 4  # to whole 4-die words
         if all(type(r) is str for r in raws):
-            joined = "".join(raws).encode("latin1") + bytes(pad)
+            joined = "".join(raws).encode("latin1")
         else:
-            parts = [r.encode("latin1") if type(r) is str else bytes(r) for r in raws]
-            joined = b"".join([*parts, bytes(pad)])
+            joined = b"".join([r.encode("latin1") if type(r) is str else bytes(r) for r in raws])
         if joined and int(np.frombuffer(joined, np.uint8).max()) > 2:
             self._batches.append((raws, offsets))
-            return
-        words = np.frombuffer(joined, "<u4")  # dies d0..d3 in bytes 0..3 -> d0 | d1 << 2 | d2 << 4 | d3 << 6
-        packed, shifted = words.copy(), np.empty_like(words)
-        for bits in (6, 12, 18):
-            packed |= np.right_shift(words, bits, out=shifted)
-        self._batches.append((packed.astype(np.uint8).tobytes(), offsets))  # the low byte of each word
+        else:
+            self._batches.append((_pack(joined), offsets))
+
+    def extend(self, dies: bytes, offsets: np.ndarray) -> int:
+        """Keep a whole batch at once (at most :data:`BATCH` maps, values checked to be 0/1/2 by the
+        caller): ``dies`` holds the maps back to back, map k at ``offsets[k]:offsets[k + 1]``; the handle of
+        the first. Only after full batches."""
+        if self._pending or len(offsets) - 1 > self.BATCH or len(self) % self.BATCH:
+            raise ValueError("MapStore.extend: after full batches only, at most BATCH maps")
+        first = len(self)
+        self._batches.append((_pack(dies), np.asarray(offsets, np.int64) - int(offsets[0])))
+        return first
 
     def raw(self, handle: int) -> Any:
         """The map's dies (a fresh uint8 array; bytes for a batch kept as it came). The last batch used is
@@ -138,6 +144,15 @@ class MapStore:
     def is_checked(self, handle: int) -> bool:
         """The map is packed, so every value is 0, 1 or 2."""
         return type(self._batches[handle // self.BATCH][0]) is bytes
+
+
+def _pack(dies: bytes) -> bytes:
+    """Dies of value 0..3, four to a byte (d0 | d1 << 2 | d2 << 4 | d3 << 6)."""
+    words = np.frombuffer(dies + bytes(-len(dies) % 4), "<u4")  # dies d0..d3 in bytes 0..3 of a word
+    packed, shifted = words.copy(), np.empty_like(words)
+    for bits in (6, 12, 18):
+        packed |= np.right_shift(words, bits, out=shifted)
+    return packed.astype(np.uint8).tobytes()  # the low byte of each word
 
 
 # byte -> its 4 dies, as the bytes of one little-endian uint32 (a 1-D lookup: faster than a (256, 4) one)
