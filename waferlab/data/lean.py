@@ -76,6 +76,7 @@ class MapStore:
     The lean unpickler hands every 2-D uint8 array to :meth:`add` as it is unpickled, so a Python-2
     pickle's text of a map (which nothing else holds) is freed at once: the maps of WM-811K take a quarter
     of their bytes. A batch holding any value above 2 stays as it came (the table check reports the row).
+    A safe ``.npz`` is streamed into it a batch at a time (:meth:`extend`).
     """
 
     BATCH = 4096

@@ -95,8 +95,9 @@ def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None, lean
     ``.pkl``/``.pickle`` (optionally ``.gz``/``.zip``/...): LSWMD pickle (runs code from the file:
     trusted files only); ``.csv``/``.tsv``: CSV export; ``.npz``: MixedWM38 or waferlab safe; images;
     fab files (STDF, SEMI G85, TSK, KLARF; by extension or content, see :mod:`waferlab.data.fab`), made
-    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes). ``lean``: an LSWMD pickle keeps
-    its maps packed (see :func:`~waferlab.data.lswmd.read_lswmd`), for a reader that only iterates them.
+    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes). ``lean``: an LSWMD pickle or a
+    safe ``.npz`` keeps its maps packed, 2 bits a die (see :mod:`waferlab.data.lean`; ``table.maps`` then
+    decodes each map on access), for a reader that goes through them once, like ``predict``.
     """
     p = Path(path)
     if not p.exists():
