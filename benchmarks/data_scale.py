@@ -1,11 +1,14 @@
 """Scale check of the data path on a full-size (811,457-row) LSWMD-layout pickle.
 
 Generates the pickle quickly from a small pool of realistic maps (perturbed per row, so every row is its own
-array as in the real file), then measures, each step in a fresh subprocess: ``load_table`` time and peak RSS,
-``prepare(size=64)`` time and peak RSS, and the pickle-free round trip (``write_safe`` / ``read_safe``).
+array as in the real file), written as pandas 0.19 under Python 2 wrote the original (``--layout``), then
+measures, each step in a fresh subprocess: ``load_table`` time and peak RSS, the same for the lean reader
+predict uses (``load_lean``), ``prepare(size=64)`` time and peak RSS, and the pickle-free round trip
+(``write_safe`` / ``read_safe``).
 
-    python benchmarks/data_scale.py                 # full size (needs ~10 GB free RAM and a few minutes)
+    python benchmarks/data_scale.py                 # full size (needs ~4 GB free RAM and a few minutes)
     python benchmarks/data_scale.py --rows 50000    # quick
+    python benchmarks/data_scale.py --steps generate,load,load_lean --layout protocol2   # a Python-3 file
 """
 
 from __future__ import annotations
@@ -48,10 +51,16 @@ def _pool(rng: np.random.Generator, n: int = 600) -> list[np.ndarray]:
     return pool
 
 
-def generate(path: Path, rows: int, seed: int = 0, protocol: int = 2) -> dict:
+#: How the generated pickle is written: "py2" as pandas 0.19 under Python 2 wrote the original LSWMD.pkl
+#: (waferlab.data.py2pickle: its opcodes, module paths and memo), or by today's pickler at a protocol.
+LAYOUTS = ("py2", "protocol2", "protocol4", "protocol5")
+
+
+def generate(path: Path, rows: int, seed: int = 0, layout: str = "py2") -> dict:
     """Write an LSWMD-layout pickle of ``rows`` maps (nested label arrays, ~79 % unlabelled).
 
-    Protocol 2 by default: the opcode mix of the original Python-2 LSWMD.pkl.
+    ``py2`` by default: the original file's layout. ``protocol2`` (today's pickler at protocol 2) has the
+    same protocol but not the same memo: it keeps every map a second time while loading.
     """
     from tqdm import tqdm
 
@@ -77,7 +86,13 @@ def generate(path: Path, rows: int, seed: int = 0, protocol: int = 2) -> dict:
     lots = np.array([f"lot{i // 25 + 1}" for i in range(rows)], dtype=object)
     table = WaferTable(maps=maps, labels=labels, split=split, lot=lots, wafer_index=np.arange(rows) % 25 + 1,
                        source="synthetic-scale")
-    write_lswmd(table, path, protocol=protocol)
+    if layout == "py2":
+        from waferlab.data.lswmd import frame_from_table
+        from waferlab.data.py2pickle import write_py2
+
+        write_py2(frame_from_table(table), path)
+    else:
+        write_lswmd(table, path, protocol=int(layout.removeprefix("protocol")))
     return {"rows": rows, "labelled": int(labelled.sum()), "file_mb": round(path.stat().st_size / 2**20, 1)}
 
 
@@ -87,6 +102,16 @@ def step_load(path: Path) -> dict:
     t0 = time.perf_counter()
     table = load_table(path)
     return {"rows": len(table), "load_s": round(time.perf_counter() - t0, 1), "classes": table.class_counts()}
+
+
+def step_load_lean(path: Path) -> dict:
+    """``load_table(lean=True)``, what predict reads: the maps stay the pickled bytes (waferlab.data.lean)."""
+    from waferlab.data.readers import load_table
+
+    t0 = time.perf_counter()
+    table = load_table(path, lean=True)
+    return {"rows": len(table), "load_s": round(time.perf_counter() - t0, 1),
+            "maps": type(table.maps).__name__}
 
 
 def step_prepare(path: Path, size: int) -> dict:
@@ -126,9 +151,11 @@ def _child(args: argparse.Namespace) -> None:
     path, out = Path(args.path), Path(args.path).with_suffix(".safe.npz")
     t0 = time.perf_counter()
     if args.step == "generate":
-        result = generate(path, args.rows, args.seed, args.protocol)
+        result = generate(path, args.rows, args.seed, args.layout)
     elif args.step == "load":
         result = step_load(path)
+    elif args.step == "load_lean":
+        result = step_load_lean(path)
     elif args.step == "prepare":
         result = step_prepare(path, args.size)
     elif args.step == "write_safe":
@@ -142,7 +169,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run_step(step: str, path: Path, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--child", step, "--path", str(path), "--rows", str(args.rows),
-           "--size", str(args.size), "--seed", str(args.seed), "--protocol", str(args.protocol)]
+           "--size", str(args.size), "--seed", str(args.seed), "--layout", args.layout]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -155,11 +182,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=FULL_ROWS, help=f"rows to generate (default {FULL_ROWS})")
     parser.add_argument("--size", type=int, default=64, help="prepare size (default 64)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--protocol", type=int, default=2,
-                        help="pickle protocol of the generated file (default 2, as the original LSWMD.pkl)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="py2",
+                        help="how the generated pickle is written (default py2, as the original LSWMD.pkl)")
     parser.add_argument("--dir", default=None, help="where to write the files (default: a temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
-    parser.add_argument("--steps", default="generate,load,prepare,write_safe,read_safe",
+    parser.add_argument("--steps", default="generate,load,load_lean,prepare,write_safe,read_safe",
                         help="comma-separated steps to run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--path", default=None, help=argparse.SUPPRESS)

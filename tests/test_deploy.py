@@ -244,6 +244,19 @@ def test_small_chunks_give_the_same_rows(setup: dict[str, Path], tmp_path: Path)
     pd.testing.assert_frame_equal(whole, chunked, atol=1e-5)
 
 
+def test_a_python2_lswmd_pickle_predicts_the_same_rows_as_the_safe_file(setup: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    # the pickle is read lean: its maps stay packed (waferlab.data.lean) until their chunk
+    from waferlab.data.lswmd import frame_from_table
+    from waferlab.data.py2pickle import write_py2
+    from waferlab.data.readers import load_table
+
+    write_py2(frame_from_table(load_table(setup["data"])), tmp_path / "LSWMD.pkl")
+    safe = _predict(setup, tmp_path / "safe.csv", "--chunk-size", "16")
+    pkl = _predict({**setup, "data": tmp_path / "LSWMD.pkl"}, tmp_path / "pkl.csv", "--chunk-size", "16")
+    pd.testing.assert_frame_equal(safe, pkl, atol=1e-6)
+
+
 def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path], tmp_path: Path) -> None:
     torch_rows = _predict(setup, tmp_path / "torch.csv")
     assert main(["export", str(setup["run"]), "--format", "onnx"]) == 0

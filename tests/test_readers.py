@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import copyreg
 import gzip
 import io
 import json
+import os
 import pickle
-import struct
 import zipfile
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,9 @@ import pytest
 from PIL import Image
 
 from waferlab.cli import main
+from waferlab.data.lean import MapStore, PackedMaps
 from waferlab.data.lswmd import frame_from_table, normalize_class, read_lswmd, read_lswmd_csv, write_lswmd
+from waferlab.data.py2pickle import dump_py2
 from waferlab.data.readers import (
     VIRIDIS_LEVELS,
     class_from_filename,
@@ -238,96 +239,11 @@ def test_write_lswmd_multi_hot_round_trip(tmp_path: Path):
     assert back.labels[0] == "Center+Scratch"
 
 
-# A real pandas-0.19 / Python-2 pickle, emulated: protocol 2, py2 ``str`` opcodes for bytes and ASCII
-# text (so float data needs encoding='latin1'), the 0.14.1 BlockManager state built with no arguments, and
-# the old module paths pandas.indexes.base / pandas.indexes.range / pandas.indexes.numeric.Int64Index.
-class Int64Index:  # stands in for pandas 0.19's Int64Index in the written stream
-    pass
-
-
-class _LegacyManager:
-    def __init__(self, state: tuple) -> None:
-        self.state = state
-
-
-class _Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
-
-    def save_py2str(self, obj):
-        data = obj if isinstance(obj, bytes) else obj.encode("ascii")
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-
-    def save_text(self, obj):
-        if obj.isascii():
-            self.save_py2str(obj)
-        else:
-            pickle._Pickler.save_str(self, obj)  # type: ignore[attr-defined]
-
-    def save_manager(self, obj):
-        from pandas.core.internals import BlockManager
-
-        self.save(BlockManager)
-        self.save(())
-        self.write(pickle.NEWOBJ)
-        self.save(obj.state)
-        self.write(pickle.BUILD)
-
-    dispatch[bytes] = save_py2str
-    dispatch[str] = save_text
-    dispatch[_LegacyManager] = save_manager
-
-    def reducer_override(self, obj):
-        from pandas.core.indexes.base import _new_Index
-
-        if isinstance(obj, pd.DataFrame):
-            return copyreg.__newobj__, (pd.DataFrame,), {"_data": _legacy_manager(obj), "_typ": "dataframe",
-                                                         "_metadata": []}
-        if isinstance(obj, pd.RangeIndex):
-            return _new_Index, (pd.RangeIndex, {"start": obj.start, "stop": obj.stop, "step": obj.step,
-                                                "name": obj.name})
-        if isinstance(obj, pd.Index):
-            if obj.dtype.kind in "iu":
-                return _new_Index, (Int64Index, {"data": np.asarray(obj, np.int64), "name": obj.name})
-            return _new_Index, (pd.Index, {"data": np.asarray(obj, dtype=object), "name": obj.name})
-        return NotImplemented
-
-
-def _legacy_manager(df: pd.DataFrame) -> _LegacyManager:
-    n = len(df)
-    num = [i for i, c in enumerate(df.columns) if df[c].dtype.kind in "fiu"]
-    blocks = []
-    for locs, dtype in (([i for i in range(df.shape[1]) if i not in num], object), (num, np.float64)):
-        if not locs:
-            continue
-        values = np.empty((len(locs), n), dtype=dtype)
-        for j, i in enumerate(locs):
-            for r, v in enumerate(df.iloc[:, i].tolist()):
-                values[j, r] = v
-        blocks.append({"values": values, "mgr_locs": np.asarray(locs, dtype=np.int64)})
-    axes = [df.columns, df.index]
-    return _LegacyManager((axes, [b["values"] for b in blocks], [df.columns[b["mgr_locs"]] for b in blocks],
-                           {"0.14.1": {"axes": axes, "blocks": blocks}}))
-
-
 def legacy_pickle_bytes(df: pd.DataFrame) -> bytes:
-    """``df`` pickled the way pandas 0.19 under Python 2 wrote LSWMD.pkl."""
+    """``df`` pickled the way pandas 0.19 under Python 2 wrote LSWMD.pkl (waferlab.data.py2pickle)."""
     buf = io.BytesIO()
-    _Py2Pickler(buf, protocol=2).dump(df)
-    data = buf.getvalue()
-    for old, new in (
-        (b"cpandas\nDataFrame\n", b"cpandas.core.frame\nDataFrame\n"),
-        (b"cpandas.core.internals.managers\nBlockManager\n", b"cpandas.core.internals\nBlockManager\n"),
-        (b"cpandas.core.indexes.base\n_new_Index\n", b"cpandas.indexes.base\n_new_Index\n"),
-        (b"cpandas\nIndex\n", b"cpandas.indexes.base\nIndex\n"),
-        (b"cpandas\nRangeIndex\n", b"cpandas.indexes.range\nRangeIndex\n"),
-        (f"c{Int64Index.__module__}\nInt64Index\n".encode(), b"cpandas.indexes.numeric\nInt64Index\n"),
-        (b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"),
-    ):
-        data = data.replace(old, new)
-    return data
+    dump_py2(df, buf)
+    return buf.getvalue()
 
 
 def test_legacy_python2_pickle(shared_data: Path, tmp_path: Path):
@@ -350,7 +266,110 @@ def test_legacy_pickle_with_unlabelled_rows_and_range_index(shared_data: Path, t
     assert back.class_counts()[UNLABELED] == 3
 
 
-def test_pickle_variants(tmp_path: Path):
+def test_py2_writer_files_map_bytes_outside_the_memo_as_cpickle_did():
+    # cPickle memoized an object only when something else held it too, so an array's raw-data string (a
+    # temporary of its __reduce__) never went into the memo; Python 3's pickler files it (twice, at
+    # protocol 2: the text and the bytes _codecs.encode makes of it). The scale files must be the former.
+    import pickletools
+
+    frame = frame_from_table(_small_table(6))
+    ops = [op.name for op, _, _ in pickletools.genops(legacy_pickle_bytes(frame))]
+    after_maps = [ops[i + 1] for i, name in enumerate(ops) if name == "BINSTRING"]  # maps: >= 256 bytes
+    assert len(after_maps) == 6 and not any("PUT" in name for name in after_maps)
+    modern = [op.name for op, _, _ in pickletools.genops(pickle.dumps(frame, protocol=2))]
+    assert "BINSTRING" not in modern and "_codecs" in str(pickle.dumps(frame, protocol=2))
+
+
+def _every_layout(table: WaferTable, folder: Path) -> dict[str, Path]:
+    """``table`` as the original Python-2 LSWMD.pkl and as today's pickler writes it at protocols 2/4/5."""
+    paths = {"py2": folder / "py2.pkl"}
+    paths["py2"].write_bytes(legacy_pickle_bytes(frame_from_table(table)))
+    for protocol in (2, 4, 5):
+        paths[f"protocol{protocol}"] = folder / f"p{protocol}.pkl"
+        write_lswmd(table, paths[f"protocol{protocol}"], protocol=protocol)
+    return paths
+
+
+@pytest.mark.parametrize("batch", [4096, 7])  # 7: many batches, the last one short
+def test_lean_reader_packs_the_maps_and_gives_the_same_table(shared_data: Path, tmp_path: Path, batch: int,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(MapStore, "BATCH", batch)
+    table = load_table(shared_data / SUB100)  # 3 unlabelled rows (empty label arrays)
+    table.maps = [np.asfortranarray(m) if i % 2 else m for i, m in enumerate(table.maps)]  # LSWMD's are F
+    for layout, path in {**_every_layout(table, tmp_path), "sample": shared_data / PKL}.items():
+        full, lean = read_lswmd(path), read_lswmd(path, lean=True)
+        assert isinstance(lean.maps, PackedMaps) and isinstance(full.maps, list), layout
+        _assert_same(lean, full)
+        assert np.array_equal(lean.orig_shape, full.orig_shape) and lean.source == full.source
+        assert [m.flags.f_contiguous for m in lean.maps] == [m.flags.f_contiguous for m in full.maps]
+        assert all(m.flags.writeable for m in lean.maps)
+        dies = sum(m.size for m in full.maps)  # 2 bits a die, not a byte
+        assert lean.maps.nbytes <= dies // 4 + 4 * (len(full) // batch + 1), layout
+    sub = lean.subset([3, 1])
+    assert [m.shape for m in sub.maps] == [tuple(full.orig_shape[3]), tuple(full.orig_shape[1])]
+
+
+def test_lean_reader_falls_back_or_fails_exactly_as_the_full_reader(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(MapStore, "BATCH", 3)  # the bad map (row 5) ends a batch that stays unpacked
+    masked = tmp_path / "masked.pkl"
+    write_lswmd(_small_table(masks=True), masked)  # a layout it does not keep packed: the full reader
+    back = read_lswmd(masked, lean=True)
+    assert isinstance(back.maps, list) and back.masks is not None
+    _assert_same(back, read_lswmd(masked), masks=True)
+    bad = _small_table(8)
+    bad.maps[5] = bad.maps[5].copy()
+    bad.maps[5][bad.maps[5].shape[0] // 2, bad.maps[5].shape[1] // 2] = 3
+    for layout, path in _every_layout(bad, tmp_path).items():
+        with pytest.raises(WaferlabError, match=r"row 5, field 'waferMap': value 3 outside") as lean_err:
+            read_lswmd(path, lean=True)
+        with pytest.raises(WaferlabError) as full_err:
+            read_lswmd(path)
+        assert str(lean_err.value) == str(full_err.value), layout
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Evil(), protocol=2))
+    with pytest.raises(WaferlabError, match="refusing to load it"):
+        read_lswmd(tmp_path / "evil.pkl", lean=True)
+
+
+@pytest.mark.parametrize("batch", [4096, 7])
+def test_lean_safe_npz_is_read_in_packed_batches_with_the_full_readers_checks(
+        shared_data: Path, tmp_path: Path, batch: int, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(MapStore, "BATCH", batch)
+    table = load_table(shared_data / SUB100)
+    write_safe(table, tmp_path / "t.npz")
+    full, lean = load_table(tmp_path / "t.npz"), load_table(tmp_path / "t.npz", lean=True)
+    assert isinstance(lean.maps, PackedMaps) and isinstance(full.maps, list)
+    _assert_same(lean, full)
+    assert np.array_equal(lean.orig_shape, full.orig_shape) and lean.source == full.source
+    assert lean.maps.nbytes <= sum(m.size for m in full.maps) // 4 + 4 * (len(full) // batch + 1)
+    bad = _small_table(8)
+    bad.maps[5] = bad.maps[5].copy()
+    bad.maps[5][bad.maps[5].shape[0] // 2, bad.maps[5].shape[1] // 2] = 3
+    write_safe(bad, tmp_path / "bad.npz")
+    with pytest.raises(WaferlabError, match=r"row 5, field 'maps': value 3 outside") as lean_err:
+        load_table(tmp_path / "bad.npz", lean=True)
+    with pytest.raises(WaferlabError) as full_err:
+        load_table(tmp_path / "bad.npz")
+    assert str(lean_err.value) == str(full_err.value)
+    write_safe(_small_table(masks=True), tmp_path / "masks.npz")  # masks index the flat buffer: read whole
+    masked = load_table(tmp_path / "masks.npz", lean=True)
+    assert isinstance(masked.maps, list) and masked.masks is not None
+
+
+def _lean_and_full(path: Path) -> WaferTable:
+    """The full reader's table of ``path``, after checking the lean reader gives the same one."""
+    full, lean = load_table(path), load_table(path, lean=True)
+    _assert_same(lean, full)
+    assert np.array_equal(lean.orig_shape, full.orig_shape)
+    return full
+
+
+def test_pickle_variants(tmp_path: Path):  # each read by both readers (the lean one keeps maps packed)
     table = _small_table(12)
     df = frame_from_table(table)
     # labels flattened to plain strings, NaN / None for unlabelled rows, split column spelt correctly
@@ -363,22 +382,22 @@ def test_pickle_variants(tmp_path: Path):
     flat["someExtra"] = "ignored"
     flat["failureNum"] = 3
     flat.to_pickle(tmp_path / "flat.pkl")
-    back = load_table(tmp_path / "flat.pkl")
+    back = _lean_and_full(tmp_path / "flat.pkl")
     _assert_same(back, table)
     # labels as text like the CSV export, in an arbitrary (non-range) index, compressed
     text = df.copy()
     text["failureType"] = ["[]" if lab == UNLABELED else f"[['{lab}']]" for lab in table.labels]
     text.index = np.arange(100, 100 + len(text)) * 7
     text.to_pickle(tmp_path / "text.pkl.gz")
-    _assert_same(load_table(tmp_path / "text.pkl.gz"), table)
+    _assert_same(_lean_and_full(tmp_path / "text.pkl.gz"), table)
     with zipfile.ZipFile(tmp_path / "LSWMD.pkl.zip", "w") as zf:
         zf.writestr("LSWMD.pkl", pickle.dumps(df))
-    _assert_same(load_table(tmp_path / "LSWMD.pkl.zip"), table)
+    _assert_same(_lean_and_full(tmp_path / "LSWMD.pkl.zip"), table)
     # maps stored as int64 arrays or nested lists are converted (and checked)
     lists = df.copy()
     lists["waferMap"] = [m.astype(np.int64) if i % 2 else m.tolist() for i, m in enumerate(table.maps)]
     lists.to_pickle(tmp_path / "lists.pickle")
-    _assert_same(load_table(tmp_path / "lists.pickle"), table)
+    _assert_same(_lean_and_full(tmp_path / "lists.pickle"), table)
 
 
 def test_content_sniffing_without_extension(tmp_path: Path):

@@ -34,6 +34,8 @@ MASK_COLUMN = "patternMask"
 #: Extra column written by :func:`write_lswmd` for mixed-type tables: one multi-hot row per map.
 MULTI_HOT_COLUMN = "multiHot"
 _SPLIT_COLUMNS = ("trianTestLabel", "trainTestLabel")
+#: The columns a table is made of (besides ``waferIndex``): every other column is ignored.
+_CELL_COLUMNS = ("waferMap", "failureType", *_SPLIT_COLUMNS, "lotName", MASK_COLUMN, MULTI_HOT_COLUMN)
 _CHUNK = 20_000
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,10 +195,11 @@ def _open_maybe_compressed(path: Path, fh: IO[bytes]) -> IO[bytes]:
     return fh
 
 
-def load_pickle(path: str | os.PathLike[str]) -> Any:
+def load_pickle(path: str | os.PathLike[str], unpickler: Any = None) -> Any:
     """Unpickle ``path`` with the legacy-pandas aliases (Python-2 ``latin1`` strings included).
 
     Loading a pickle runs code from the file; only numpy/pandas classes are resolved, but trust the source.
+    ``unpickler(stream, path)`` may replace :class:`_LswmdUnpickler` by a subclass of it.
     """
     path = Path(path)
     try:
@@ -208,7 +211,7 @@ def load_pickle(path: str | os.PathLike[str]) -> Any:
             if head[:1] != b"\x80" or not 2 <= head[1] <= 5:
                 raise WaferlabError(f"{path}: not a pickle (no pickle protocol 2-5 header)")
             stream.seek(0)
-            return _LswmdUnpickler(stream, str(path)).load()  # type: ignore[arg-type]
+            return (unpickler or _LswmdUnpickler)(stream, str(path)).load()  # type: ignore[arg-type]
     except WaferlabError:
         raise
     except (EOFError, pickle.UnpicklingError) as exc:
@@ -413,16 +416,24 @@ def _multi_hot_from_parts(labels: np.ndarray, parts: list[tuple[str, ...] | None
 # LSWMD pickle
 
 
-def read_lswmd(path: str | os.PathLike[str]) -> WaferTable:
+def read_lswmd(path: str | os.PathLike[str], lean: bool = False) -> WaferTable:
     """Read a WM-811K ``LSWMD.pkl`` (pandas 0.19/Python 2 or modern pandas) into a :class:`WaferTable`.
 
     Handles nested label arrays (``[['Center']]``, empty for unlabelled), plain-string/NaN labels,
     ``trianTestLabel`` or ``trainTestLabel``, float ``waferIndex``, extra columns (ignored, except
     ``patternMask`` -> ``masks`` and ``multiHot``). Loading a pickle runs code: use trusted files only.
+    ``lean``: keep the maps packed (:mod:`waferlab.data.lean`, a third of the memory; ``table.maps`` is
+    then a sequence decoding each map on access), when the file's layout allows it.
     """
     import pandas as pd
 
     path = Path(path)
+    if lean:
+        from waferlab.data.lean import read_lswmd_lean
+
+        table = read_lswmd_lean(path)
+        if table is not None:
+            return table
     obj = load_pickle(path)
     if not isinstance(obj, pd.DataFrame):
         raise WaferlabError(f"{path}: the pickle holds a {type(obj).__name__}, not a pandas DataFrame "
@@ -436,36 +447,52 @@ def table_from_frame(df: Any, path: str | os.PathLike[str]) -> WaferTable:
 
     path = Path(path)
     columns = [str(c) for c in df.columns]
+    check_columns(columns, path)
+    df = df.set_axis(columns, axis=1)
+    n = len(df)
+    index = df.index.tolist() if not isinstance(df.index, pd.RangeIndex) else range(n)
+    cells: dict[str, Any] = {c: df[c].tolist() for c in columns if c in _CELL_COLUMNS}
+    if "waferIndex" in df.columns:
+        cells["waferIndex"] = df["waferIndex"]
+    maps = _validate_maps(cells.pop("waferMap"), path, index)
+    return table_from_cells(cells, maps, n, index, path, df.attrs)
+
+
+def check_columns(columns: list[str], path: Path) -> None:
+    """Column names are unique and include the map and the label."""
     if len(set(columns)) != len(columns):
         dup = sorted(c for c in set(columns) if columns.count(c) > 1)
         raise WaferlabError(f"{path}: duplicate column names {dup}")
-    df = df.set_axis(columns, axis=1)
     for need in ("waferMap", "failureType"):
-        if need not in df.columns:
+        if need not in columns:
             raise WaferlabError(f"{path}: missing column {need!r} (columns: {', '.join(columns) or 'none'})")
-    n = len(df)
-    index = df.index.tolist() if not isinstance(df.index, pd.RangeIndex) else range(n)
 
-    maps = _validate_maps(df["waferMap"].tolist(), path, index)
-    labels, parts = _labels_from_cells(df["failureType"].tolist(), path, "failureType", index)
-    split_col = next((c for c in _SPLIT_COLUMNS if c in df.columns), None)
-    split = (_splits_from_cells(df[split_col].tolist(), path, split_col, index) if split_col
+
+def table_from_cells(cells: dict[str, Any], maps: Sequence[np.ndarray], n: int, index: Sequence[Any],
+                     path: Path, attrs: dict | None = None, orig_shape: np.ndarray | None = None
+                     ) -> WaferTable:
+    """The table of checked ``maps`` and the other LSWMD columns (name -> cells; ``waferIndex`` a Series)."""
+    import pandas as pd
+
+    labels, parts = _labels_from_cells(cells["failureType"], path, "failureType", index)
+    split_col = next((c for c in _SPLIT_COLUMNS if c in cells), None)
+    split = (_splits_from_cells(cells[split_col], path, split_col, index) if split_col
              else np.full(n, "", dtype=object))
-    if "lotName" in df.columns:
+    if "lotName" in cells:
         lot = np.array(["" if v is None or isinstance(v, float) and math.isnan(v) else
                         (v.decode("latin1") if isinstance(v, bytes) else str(v))
-                        for v in df["lotName"].tolist()], dtype=object)
+                        for v in cells["lotName"]], dtype=object)
     else:
         lot = np.full(n, "", dtype=object)
-    if "waferIndex" in df.columns:
-        wi = pd.to_numeric(df["waferIndex"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    if "waferIndex" in cells:
+        wi = pd.to_numeric(cells["waferIndex"], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
         wafer_index = np.where(np.isfinite(wi), wi, -1).astype(np.int64)
     else:
         wafer_index = np.full(n, -1, dtype=np.int64)
 
     masks = None
-    if MASK_COLUMN in df.columns:
-        masks = _validate_maps(df[MASK_COLUMN].tolist(), path, index, MASK_COLUMN, allowed_max=1)
+    if MASK_COLUMN in cells:
+        masks = _validate_maps(cells[MASK_COLUMN], path, index, MASK_COLUMN, allowed_max=1)
         for i, (m, k) in enumerate(zip(maps, masks)):
             if m.shape != k.shape:
                 raise _bad(path, f"mask shape {k.shape} differs from map shape {m.shape}", i, MASK_COLUMN,
@@ -473,11 +500,13 @@ def table_from_frame(df: Any, path: str | os.PathLike[str]) -> WaferTable:
 
     multi_hot = _multi_hot_from_parts(labels, parts)
     names: tuple[str, ...] = MIXED38_TYPES if multi_hot is not None else ()
-    if MULTI_HOT_COLUMN in df.columns:
-        names = tuple(df.attrs.get("multi_label_names", MIXED38_TYPES))
-        multi_hot = _multi_hot_column(df[MULTI_HOT_COLUMN].tolist(), len(names), path, index)
-    return WaferTable(maps=maps, labels=labels, split=split, lot=lot, wafer_index=wafer_index,
-                      source=str(path), multi_hot=multi_hot, multi_label_names=names, masks=masks)
+    if MULTI_HOT_COLUMN in cells:
+        names = tuple((attrs or {}).get("multi_label_names", MIXED38_TYPES))
+        multi_hot = _multi_hot_column(cells[MULTI_HOT_COLUMN], len(names), path, index)
+    extra = {} if orig_shape is None else {"orig_shape": orig_shape}
+    return WaferTable(maps=maps, labels=labels, split=split, lot=lot,  # type: ignore[arg-type]
+                      wafer_index=wafer_index, source=str(path), multi_hot=multi_hot, multi_label_names=names,
+                      masks=masks, **extra)
 
 
 def _multi_hot_column(cells: list[Any], k: int, path: Path, index: Sequence[Any]) -> np.ndarray:

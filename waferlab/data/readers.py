@@ -89,13 +89,15 @@ def sniff(path: str | os.PathLike[str]) -> str:
     return "text"
 
 
-def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> WaferTable:
+def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None, lean: bool = False) -> WaferTable:
     """Read any supported source into a :class:`WaferTable` (maps at original size).
 
     ``.pkl``/``.pickle`` (optionally ``.gz``/``.zip``/...): LSWMD pickle (runs code from the file:
     trusted files only); ``.csv``/``.tsv``: CSV export; ``.npz``: MixedWM38 or waferlab safe; images;
     fab files (STDF, SEMI G85, TSK, KLARF; by extension or content, see :mod:`waferlab.data.fab`), made
-    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes).
+    into pass/fail maps as ``fab`` says (default: STDF hard bin 1 passes). ``lean``: an LSWMD pickle or a
+    safe ``.npz`` keeps its maps packed, 2 bits a die (see :mod:`waferlab.data.lean`; ``table.maps`` then
+    decodes each map on access), for a reader that goes through them once, like ``predict``.
     """
     p = Path(path)
     if not p.exists():
@@ -107,7 +109,7 @@ def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> W
     ext = suffixes[-1] if suffixes else ""
     if ext in _COMPRESSED and len(suffixes) == 2 and suffixes[0] in (".pkl", ".pickle"):
         _expect(p, kind, (_COMPRESSED[ext],), "".join(suffixes))
-        return read_lswmd(p)
+        return read_lswmd(p, lean=lean)
     if ext not in _EXPECTED:
         fmt = detect_fab(p, kind)
         if fmt is not None:
@@ -119,9 +121,9 @@ def load_table(path: str | os.PathLike[str], fab: FabOptions | None = None) -> W
                             "export, a .npz (MixedWM38 or waferlab safe), an image, a folder of images or a "
                             "fab file (STDF, SEMI G85, TSK, KLARF)")
     if kind == "pickle":
-        return read_lswmd(p)
+        return read_lswmd(p, lean=lean)
     if kind == "zip":
-        return read_npz(p)
+        return read_npz(p, lean=lean)
     if kind in _IMAGE_KINDS:
         return read_image_file(p)
     return read_lswmd_csv(p)
@@ -163,8 +165,9 @@ def _member(npz: Any, path: Path, key: str) -> np.ndarray:
         raise WaferlabError(f"{path}: field {key!r} is corrupt or truncated ({_short(exc)})") from None
 
 
-def read_npz(path: str | os.PathLike[str]) -> WaferTable:
-    """Read a MixedWM38 ``.npz`` (``arr_0``/``arr_1``) or a waferlab safe ``.npz``; reject prepared caches."""
+def read_npz(path: str | os.PathLike[str], lean: bool = False) -> WaferTable:
+    """Read a MixedWM38 ``.npz`` (``arr_0``/``arr_1``) or a waferlab safe ``.npz``; reject prepared caches.
+    ``lean``: a safe file's maps are read in batches and kept packed (see :func:`_read_safe_npz`)."""
     path = Path(path)
     with _open_npz(path) as npz:
         keys = set(npz.files)
@@ -173,7 +176,7 @@ def read_npz(path: str | os.PathLike[str]) -> WaferTable:
                                 "not a source table; pass it where a cache is accepted, or use the original "
                                 "source")
         if SAFE_MARKER in keys:
-            return _read_safe_npz(npz, path)
+            return _read_safe_npz(npz, path, lean)
         if {"arr_0", "arr_1"} <= keys:
             return _read_mixed38_npz(npz, path)
         raise WaferlabError(f"{path}: npz has keys {sorted(keys)}; expected 'arr_0' and 'arr_1' (MixedWM38) "
@@ -304,12 +307,16 @@ def read_safe(path: str | os.PathLike[str]) -> WaferTable:
         return _read_safe_npz(npz, path)
 
 
-def _read_safe_npz(npz: Any, path: Path) -> WaferTable:
+def _read_safe_npz(npz: Any, path: Path, lean: bool = False) -> WaferTable:
+    """The table of a safe file. ``lean`` (a plain file: uint8 maps, no masks or bins): the maps are read
+    in batches straight from the archive and kept packed (:class:`~waferlab.data.lean.MapStore`), never
+    as one buffer; the checks and their words are the same."""
     version = _member(npz, path, SAFE_MARKER)
     if version.shape != () or int(version) != SAFE_VERSION:
         raise WaferlabError(f"{path}: safe-format version {version.tolist()} is not supported "
                             f"(this waferlab reads version {SAFE_VERSION})")
-    flat = _member(npz, path, "maps")
+    header = _npy_header(npz, "maps") if lean and not {"masks", "bins"} & set(npz.files) else None
+    flat = header if header is not None else _member(npz, path, "maps")
     shapes = _member(npz, path, "shapes")
     offsets = _member(npz, path, "offsets")
     if shapes.ndim != 2 or shapes.shape[1] != 2 or shapes.dtype.kind not in "iu":
@@ -322,7 +329,12 @@ def _read_safe_npz(npz: Any, path: Path) -> WaferTable:
     if (flat.ndim != 1 or offsets.shape != (n + 1,) or offsets[0] != 0
             or not np.array_equal(np.diff(offsets), sizes) or offsets[-1] != flat.size):
         raise WaferlabError(f"{path}: fields 'maps'/'shapes'/'offsets' disagree (corrupt file)")
-    flat = _check_map_block(flat, path, "maps", 2, offsets)
+    if header is not None:
+        packed = _packed_safe_maps(npz, path, offsets, shapes)
+        if packed is None:  # the archive could not be streamed: read it whole, as usual
+            return _read_safe_npz(npz, path)
+    else:
+        flat = _check_map_block(flat, path, "maps", 2, offsets)
     columns = {}
     for key in ("labels", "split", "lot"):
         col = _member(npz, path, key)
@@ -340,7 +352,11 @@ def _read_safe_npz(npz: Any, path: Path) -> WaferTable:
     orig_shape = _member(npz, path, "orig_shape")
     if wafer_index.shape != (n,) or orig_shape.shape != (n, 2):
         raise WaferlabError(f"{path}: fields 'wafer_index'/'orig_shape' do not have {n} rows")
-    maps = [flat[offsets[i]:offsets[i + 1]].reshape(int(shapes[i, 0]), int(shapes[i, 1])) for i in range(n)]
+    if header is not None:
+        maps, map_shapes = packed, shapes  # (N, 2) rows reshape as the shape tuples do
+    else:
+        map_shapes = [(int(h), int(w)) for h, w in shapes.tolist()]
+        maps = [flat[offsets[i]:offsets[i + 1]].reshape(map_shapes[i]) for i in range(n)]
     masks = None
     if "masks" in npz.files:
         mflat = _member(npz, path, "masks")
@@ -356,7 +372,7 @@ def _read_safe_npz(npz: Any, path: Path) -> WaferTable:
             raise WaferlabError(f"{path}: field 'multi_hot' has shape {multi_hot.shape}, expected "
                                 f"({n}, {len(names)})")
         multi_hot = _check_map_block(multi_hot, path, "multi_hot", 1)
-    bins, wafer_id = _read_fab_columns(npz, path, offsets, [m.shape for m in maps])
+    bins, wafer_id = _read_fab_columns(npz, path, offsets, map_shapes)
     source = _member(npz, path, "source") if "source" in npz.files else np.array(str(path))
     return WaferTable(maps=maps, labels=columns["labels"], split=columns["split"], lot=columns["lot"],
                       wafer_index=wafer_index.astype(np.int64), source=str(source.tolist()) or str(path),
@@ -364,8 +380,57 @@ def _read_safe_npz(npz: Any, path: Path) -> WaferTable:
                       orig_shape=orig_shape.astype(np.int32), bins=bins, wafer_id=wafer_id)
 
 
+def _npy_header(npz: Any, key: str) -> Any:
+    """(shape, size, ndim) of a plain 1-D uint8 member, read from its header only; None otherwise."""
+    from types import SimpleNamespace
+
+    try:
+        with npz.zip.open(f"{key}.npy") as fp:
+            shape, fortran, dtype = _read_npy_header(fp)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    if dtype != np.uint8 or len(shape) != 1:
+        return None
+    return SimpleNamespace(shape=shape, size=int(shape[0]), ndim=1)
+
+
+def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(fp)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(fp)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(fp)
+    raise ValueError(f"npy format version {version}")
+
+
+def _packed_safe_maps(npz: Any, path: Path, offsets: np.ndarray, shapes: np.ndarray) -> Any:
+    """The maps of a safe file, read batch by batch and packed; the value check of
+    :func:`_check_map_block` on each batch, in order. None when the member cannot be streamed."""
+    from waferlab.data.lean import MapStore, PackedMaps
+
+    n, store = len(shapes), MapStore()
+    try:
+        with npz.zip.open("maps.npy") as fp:
+            _read_npy_header(fp)
+            for start in range(0, n, store.BATCH):
+                stop = min(start + store.BATCH, n)
+                dies = fp.read(int(offsets[stop] - offsets[start]))
+                if len(dies) != offsets[stop] - offsets[start]:
+                    return None
+                values = np.frombuffer(dies, np.uint8)
+                if values.size and values.max() > 2:
+                    pos = int(offsets[start]) + int(np.flatnonzero(values > 2)[0])
+                    row = int(np.searchsorted(offsets, pos, side="right") - 1)
+                    raise WaferlabError(f"{path}: row {row}, field 'maps': value "
+                                        f"{values[pos - offsets[start]]:g} outside 0..2")
+                store.extend(dies, offsets[start:stop + 1])
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
+        return None
+    return PackedMaps(store, range(n), shapes.astype(np.int32), np.zeros(n, bool))
+
+
 def _read_fab_columns(npz: Any, path: Path, offsets: np.ndarray,
-                      shapes: list[tuple[int, ...]]) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
+                      shapes: Any) -> tuple[list[np.ndarray] | None, np.ndarray | None]:
     """The optional fab-file columns of a safe file: per-die bins (int32) and wafer id strings."""
     n = len(shapes)
     bins = wafer_id = None

@@ -1,6 +1,7 @@
 """``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
 
-The source is read once (a pickle must be loaded whole); each chunk of maps is then prepared (nearest-resized
+The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, 2 bits a
+die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (nearest-resized
 to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
 overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
 while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
@@ -326,7 +327,7 @@ def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> 
         return len(p), from_cache()
     if progress:
         print(f"waferlab: reading {src} ...", file=sys.stderr)
-    table = load_table(src)
+    table = load_table(src, lean=True)  # an LSWMD pickle's maps stay packed until their chunk
 
     def from_table() -> Iterator[Chunk]:
         for start in range(0, len(table), chunk_size):
