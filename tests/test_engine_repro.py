@@ -47,6 +47,20 @@ class _Crash(L.Callback):
             raise RuntimeError("simulated kill")
 
 
+class _RngLog(L.Callback):
+    """The global RNG state (what dropout draws from) at each training step, by (epoch, batch)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[int, int], bytes] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: object,
+                             batch_idx: int) -> None:
+        self.seen[(trainer.current_epoch, batch_idx)] = torch.get_rng_state().numpy().tobytes()
+
+
+REFERENCE_RNG = _RngLog()
+
+
 def _metrics(run: Path) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
@@ -58,7 +72,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference_run(small_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 2-epoch run, default recipe (augmentation, warm-up + cosine, best checkpoint)."""
-    return train(_cfg(small_cache, tmp_path_factory.mktemp("ref") / "run"))
+    return train(_cfg(small_cache, tmp_path_factory.mktemp("ref") / "run"), callbacks=[REFERENCE_RNG])
 
 
 def test_same_config_and_seed_give_identical_results(reference_run: Path, small_cache: Path,
@@ -76,7 +90,11 @@ def test_resume_after_mid_epoch_kill_matches_uninterrupted(reference_run: Path, 
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(_cfg(small_cache, run), callbacks=[_Crash()])
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
-    train(_cfg(small_cache, run), resume=True)
+    resumed = _RngLog()
+    train(_cfg(small_cache, run), resume=True, callbacks=[resumed])
+    # every replayed step draws dropout from the same RNG state as the uninterrupted run (the per-epoch
+    # reseed did not: Lightning draws from the global RNG between epoch start and the first step)
+    assert resumed.seen and all(resumed.seen[k] == REFERENCE_RNG.seen[k] for k in resumed.seen)
     assert _metrics(run) == _metrics(reference_run)
     assert (run / "curves.csv").read_text() == (reference_run / "curves.csv").read_text()
     a, b = _weights(reference_run), _weights(run)

@@ -447,11 +447,6 @@ def _same_results(a: Path, b: Path) -> None:
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "KNOWN BUG, open: since the round-4 generator, the resumed ghostnet_100 run's epoch 2 differs from the "
-    "uninterrupted run in the last float digits (nll 2.198531 vs 2.198504; same best epoch, same val "
-    "macro-F1). It needs the full augmentation: with augment off, or with any one of dihedral / rotation / "
-    "die-flip alone, the resumed run is bit-exact; mobilenetv2_100 is bit-exact with it. Not yet found."))
 def test_killed_study_resumes_to_the_same_results_and_emitted_commands_run_as_is(
     tmp_path: Path, data: Path
 ) -> None:

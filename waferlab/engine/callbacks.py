@@ -22,15 +22,22 @@ def _batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-class SeedEpoch(L.Callback):
-    """Dropout & co. draw from the global RNG: reseed it per (seed, epoch, rank) at each epoch start, so a
-    resumed run replays an epoch exactly as the uninterrupted run did."""
+class SeedStep(L.Callback):
+    """Dropout & co. draw from the global RNG: reseed it per (seed, epoch, batch, rank) right before each
+    training step, so a resumed run replays every step exactly as the uninterrupted run did.
+
+    Per step, not per epoch: between an epoch's start and its first step Lightning itself may draw from the
+    global RNG (the DataLoader iterator's base seed), and a resumed run does so at another point than an
+    uninterrupted one; a per-epoch reseed let the two runs' dropout masks differ from the first resumed step
+    (a killed ghostnet_100 study cell resumed to other weights; ``tests/test_engine_repro.py``).
+    """
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        torch.manual_seed(derive_seed(self.seed, trainer.current_epoch, _rank(), 15485863))
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        torch.manual_seed(derive_seed(self.seed, trainer.current_epoch, batch_idx, _rank(), 15485863))
 
 
 class FreezeBN(L.Callback):

@@ -77,7 +77,7 @@ def _callbacks(cfg: TrainConfig, run: Run, has_val: bool, extra: list[Any]) -> t
     callback whose file holds the weights to keep."""
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from waferlab.engine.callbacks import EpochLines, FreezeBN, PreciseBN, SeedEpoch
+    from waferlab.engine.callbacks import EpochLines, FreezeBN, PreciseBN, SeedStep
 
     # last.ckpt after EVERY epoch (what --resume continues from). Lightning's save_last=True writes it only
     # when the monitored checkpoint improves, which would make a resumed run redo epochs.
@@ -87,7 +87,7 @@ def _callbacks(cfg: TrainConfig, run: Run, has_val: bool, extra: list[Any]) -> t
     if cfg.checkpoint == "best" and has_val:
         keep = ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", monitor="val_macro_f1",
                                mode="max", save_top_k=1, enable_version_counter=False)
-    cbs: list[Any] = [*dict.fromkeys([keep, last]), SeedEpoch(cfg.seed)]
+    cbs: list[Any] = [*dict.fromkeys([keep, last]), SeedStep(cfg.seed)]
     if cfg.freeze_bn:
         cbs.append(FreezeBN())
     if cfg.precise_bn_batches > 0:
