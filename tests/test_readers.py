@@ -356,6 +356,12 @@ def test_lean_safe_npz_is_read_in_packed_batches_with_the_full_readers_checks(
     with pytest.raises(WaferlabError) as full_err:
         load_table(tmp_path / "bad.npz")
     assert str(lean_err.value) == str(full_err.value)
+    late = _small_table(12)  # a bad map in the second batch (of 7) names its row in the file, not the batch
+    late.maps[9] = late.maps[9].copy()
+    late.maps[9][late.maps[9].shape[0] // 2, late.maps[9].shape[1] // 2] = 3
+    write_safe(late, tmp_path / "late.npz")
+    with pytest.raises(WaferlabError, match=r"row 9, field 'maps': value 3 outside"):
+        load_table(tmp_path / "late.npz", lean=True)
     write_safe(_small_table(masks=True), tmp_path / "masks.npz")  # masks index the flat buffer: read whole
     masked = load_table(tmp_path / "masks.npz", lean=True)
     assert isinstance(masked.maps, list) and masked.masks is not None

@@ -209,8 +209,9 @@ def _read_mixed38_npz(npz: Any, path: Path) -> WaferTable:
 
 
 def _check_map_block(arr: np.ndarray, path: Path, field: str, allowed_max: int,
-                     offsets: np.ndarray | None = None) -> np.ndarray:
-    """Range-check a block of maps at once; the error names the first bad row. Returns uint8."""
+                     offsets: np.ndarray | None = None, first_row: int = 0) -> np.ndarray:
+    """Range-check a block of maps at once; the error names the first bad row (the block's first row being
+    ``first_row`` of the file). Returns uint8."""
     if arr.dtype.kind not in "biuf":
         raise WaferlabError(f"{path}: field {field!r} has dtype {arr.dtype}, expected integers "
                             f"0..{allowed_max}")
@@ -233,7 +234,7 @@ def _check_map_block(arr: np.ndarray, path: Path, field: str, allowed_max: int,
             row = int(np.searchsorted(offsets, pos, side="right") - 1)
             value = flat[pos]
         what = "NaN or infinity" if not np.isfinite(value) else f"value {value:g} outside 0..{allowed_max}"
-        raise WaferlabError(f"{path}: row {row}, field {field!r}: {what}")
+        raise WaferlabError(f"{path}: row {first_row + row}, field {field!r}: {what}")
     return arr if arr.dtype == np.uint8 else arr.astype(np.uint8)
 
 
@@ -404,8 +405,8 @@ def _read_npy_header(fp: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 def _packed_safe_maps(npz: Any, path: Path, offsets: np.ndarray, shapes: np.ndarray) -> Any:
-    """The maps of a safe file, read batch by batch and packed; the value check of
-    :func:`_check_map_block` on each batch, in order. None when the member cannot be streamed."""
+    """The maps of a safe file, read batch by batch and packed; :func:`_check_map_block` on each batch, in
+    order. None when the member cannot be streamed."""
     from waferlab.data.lean import MapStore, PackedMaps
 
     n, store = len(shapes), MapStore()
@@ -417,13 +418,9 @@ def _packed_safe_maps(npz: Any, path: Path, offsets: np.ndarray, shapes: np.ndar
                 dies = fp.read(int(offsets[stop] - offsets[start]))
                 if len(dies) != offsets[stop] - offsets[start]:
                     return None
-                values = np.frombuffer(dies, np.uint8)
-                if values.size and values.max() > 2:
-                    pos = int(offsets[start]) + int(np.flatnonzero(values > 2)[0])
-                    row = int(np.searchsorted(offsets, pos, side="right") - 1)
-                    raise WaferlabError(f"{path}: row {row}, field 'maps': value "
-                                        f"{values[pos - offsets[start]]:g} outside 0..2")
-                store.extend(dies, offsets[start:stop + 1])
+                batch = offsets[start:stop + 1] - offsets[start]
+                _check_map_block(np.frombuffer(dies, np.uint8), path, "maps", 2, batch, first_row=start)
+                store.extend(dies, batch)
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
     return PackedMaps(store, range(n), shapes.astype(np.int32), np.zeros(n, bool))
