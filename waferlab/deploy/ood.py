@@ -109,6 +109,11 @@ class OODScorer:
         knn = OODScorer("knn", self.temperature, {"bank": self.arrays["bank"]}, self.k, pool=self.pool)
         return np.stack([knn.score(logits, features), OODScorer("energy", self.temperature).score(logits)], 1)
 
+    def fuse(self, parts: np.ndarray) -> np.ndarray:
+        """A fused method's score from its parts' raw scores (N, 2): z-scored by ``fusion``, summed."""
+        mean, std = self.arrays["fusion"][:, 0], self.arrays["fusion"][:, 1]
+        return ((parts - mean) / std).sum(axis=1).astype(np.float32)
+
     def fit_fusion(self, parts: np.ndarray) -> OODScorer:
         """Set the z-scoring of a fused method from its parts' scores (N, 2) on held-out maps."""
         p = np.asarray(parts, np.float64)
@@ -129,8 +134,7 @@ class OODScorer:
         if features is None or set(self.arrays) != set(ARRAYS[self.method]):
             raise WaferlabError(f"{self.method} unknown-pattern score needs features and fitted statistics")
         if self.method == "knn+energy":
-            mean, std = self.arrays["fusion"][:, 0], self.arrays["fusion"][:, 1]
-            return ((self.parts(z, features) - mean) / std).sum(axis=1).astype(np.float32)
+            return self.fuse(self.parts(z, features))
         f = normalise(pooled(features, self.pool))
         if self.method == "knn":
             return knn_distance(f, self.arrays["bank"], self.k)
@@ -292,6 +296,4 @@ def _fused(scorer: OODScorer, raw: np.ndarray) -> tuple[OODScorer, np.ndarray]:
     """(scorer, final validation scores): a fused method first fits its z-scoring on its parts' scores."""
     if scorer.method != "knn+energy":
         return scorer, raw
-    scorer.fit_fusion(raw)
-    mean, std = scorer.arrays["fusion"][:, 0], scorer.arrays["fusion"][:, 1]
-    return scorer, ((raw - mean) / std).sum(axis=1).astype(np.float32)
+    return scorer, scorer.fit_fusion(raw).fuse(raw)
