@@ -6,6 +6,11 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
   prepare, infer, unknown-pattern score, write), maps/s;
 * bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
 * ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``;
+* the int8 export (``waferlab export --quantize int8``, calibrated on the run's validation part) the same
+  way, bare and end to end (``predict FILE.onnx``); ``--agreement DIR`` adds, per model, how far int8 moves
+  the outputs of a TRAINED run (``DIR/MODEL`` exported with ``--quantize int8``: the held-out check in its
+  metadata: top-1 agreement, max abs probability difference, macro-F1 of both, unknown-score Spearman);
+* ``--batches B1,B2``: bare maps/s of torch, ONNX Runtime float32 and int8 at other batch sizes;
 * OpenVINO on the same exported graph, bare (float32, and bfloat16 for information) and ``--backend
   openvino``, when ``openvino`` imports;
 * start-up: the same call on a 1-map file (checks, opening the model/session, first-call warm-up), so the
@@ -16,7 +21,7 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
 ``--scale N,M`` also runs predict on N-row (and M-row) files in fresh processes and reports wall time and
 peak resident memory, to show memory stays flat in the number of maps.
 
-    python benchmarks/predict_throughput.py --n 1000 --threads 2 --stages      # the README's table
+    python benchmarks/predict_throughput.py --n 1000 --threads 2 --stages --batches 16,64 --agreement DIR
     python benchmarks/predict_throughput.py --models spanet --n 0 --scale 50000,100000 --scale-model spanet
 """
 
@@ -89,10 +94,10 @@ def bare_torch(run_dir: Path, maps: np.ndarray, batch: int) -> float:
     return len(maps) / (time.perf_counter() - t0)
 
 
-def bare_onnx(onnx: Path, maps: np.ndarray, batch: int) -> float:
+def bare_onnx(onnx: Path, maps: np.ndarray, batch: int, threads: int | None = None) -> float:
     from waferlab.deploy.export import open_session, run_session
 
-    session, _ = open_session(onnx)
+    session, _ = open_session(onnx, threads)
     run_session(session, maps[:batch], batch)
     t0 = time.perf_counter()
     run_session(session, maps, batch)
@@ -179,6 +184,7 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
     from waferlab.data.cache import prepare
     from waferlab.data.readers import load_table
     from waferlab.deploy.export import export_run
+    from waferlab.deploy.quantize import QuantizeOptions
 
     src, one = folder / f"lswmd_{args.n}.pkl", folder / "lswmd_1.pkl"
     write_source(src, args.n)
@@ -188,13 +194,19 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
     for model in args.models.split(","):
         run = make_run(folder, model, args.size)
         onnx = export_run(run)
-        r = {"model": model, "size": args.size, "maps": args.n, "threads": args.threads}
+        int8 = export_run(run, quantize=QuantizeOptions("int8"))
+        r = {"model": model, "size": args.size, "maps": args.n, "threads": args.threads, "batch": args.batch}
         r["bare_torch"] = bare_torch(run, maps, args.batch)
         r["e2e_torch"], r["startup_torch"], r["steady_torch"] = e2e_rates(
             run, src, one, folder / "out.csv", "torch", args.batch, args.n)
         r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
         r["e2e_onnx"], r["startup_onnx"], r["steady_onnx"] = e2e_rates(
             run, src, one, folder / "out.csv", "onnx", args.batch, args.n)
+        r["bare_int8"] = bare_onnx(int8, maps, args.batch)
+        r["e2e_int8"], r["startup_int8"], r["steady_int8"] = e2e_rates(
+            int8, src, one, folder / "out.csv", "onnx", args.batch, args.n)
+        r["batches"] = {b: {"torch": bare_torch(run, maps, b), "onnx": bare_onnx(onnx, maps, b, args.threads),
+                            "int8": bare_onnx(int8, maps, b, args.threads)} for b in args.batch_sizes}
         r["bare_openvino"] = bare_openvino(onnx, maps, args.batch, args.threads)
         r["bare_openvino_bf16"] = bare_openvino(onnx, maps, args.batch, args.threads, "bf16")
         if r["bare_openvino"] is not None:
@@ -241,24 +253,38 @@ def child(args: argparse.Namespace) -> None:
                                   "peak_rss_gb": round(peak, 2)}), flush=True)
 
 
+BACKEND_NAMES = {"torch": "torch", "onnx": "onnx", "int8": "onnx int8", "openvino": "openvino"}
+
+
 def print_throughput(rows: list[dict]) -> None:
     """Per model and backend: bare maps/s, predict end to end (whole call, and once started), start-up."""
     print("| model | px | maps | threads | backend | bare maps/s | vs torch bare | predict e2e maps/s | "
           "e2e / bare | start-up s | e2e once started maps/s | started / bare |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        for b in ("torch", "onnx", "openvino"):
+        for b in ("torch", "onnx", "int8", "openvino"):
             if r.get(f"bare_{b}") is None:
                 continue
             bare = r[f"bare_{b}"]
-            print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {b} | {bare:.0f} | "
-                  f"{bare / r['bare_torch']:.2f}x | {r[f'e2e_{b}']:.0f} | {r[f'e2e_{b}'] / bare:.2f} | "
-                  f"{r[f'startup_{b}']:.1f} | {r[f'steady_{b}']:.0f} | {r[f'steady_{b}'] / bare:.2f} |")
+            print(f"| {r['model']} | {r['size']} | {r['maps']} | {r['threads']} | {BACKEND_NAMES[b]} | "
+                  f"{bare:.0f} | {bare / r['bare_torch']:.2f}x | {r[f'e2e_{b}']:.0f} | "
+                  f"{r[f'e2e_{b}'] / bare:.2f} | {r[f'startup_{b}']:.1f} | {r[f'steady_{b}']:.0f} | "
+                  f"{r[f'steady_{b}'] / bare:.2f} |")
     bf16 = [r for r in rows if r.get("bare_openvino_bf16")]
     if bf16:
         print("\nOpenVINO in bfloat16 (not offered: outside the 1e-4 parity): " + ", ".join(
             f"{r['model']} {r['bare_openvino_bf16']:.0f} maps/s "
             f"({r['bare_openvino_bf16'] / r['bare_torch']:.2f}x torch)" for r in bf16))
+    sized = [r for r in rows if r.get("batches")]
+    if sized:
+        print("\n| model | batch | torch maps/s | onnx fp32 maps/s | fp32 / torch | onnx int8 maps/s | "
+              "int8 / torch |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sized:
+            for b, v in sorted({r.get("batch", 256): {"torch": r["bare_torch"], "onnx": r["bare_onnx"],
+                                                      "int8": r["bare_int8"]}, **r["batches"]}.items()):
+                print(f"| {r['model']} | {b} | {v['torch']:.0f} | {v['onnx']:.0f} | "
+                      f"{v['onnx'] / v['torch']:.2f}x | {v['int8']:.0f} | {v['int8'] / v['torch']:.2f}x |")
     staged = [r for r in rows if "stages" in r]
     if staged:
         print("\n| model | read s | prepare s | infer + score s | format + write CSV s | sum s |")
@@ -269,6 +295,31 @@ def print_throughput(rows: list[dict]) -> None:
                   f"{st['write']:.2f} | {sum(st.values()):.2f} |")
 
 
+def agreement(folder: Path, models: list[str], rows: list[dict]) -> None:
+    """Print the held-out check in the int8 exports of trained runs ``folder/MODEL`` (what
+    ``waferlab export --quantize int8`` measured on each run's test part) next to the int8 speed."""
+    from waferlab.deploy.export import export_name, open_session
+
+    speed = {r["model"]: r for r in rows}
+    print("\n| model (trained run) | calibrated on | held-out maps | top-1 agreement | max abs prob diff | "
+          "macro-F1 fp32 | macro-F1 int8 | unknown-score Spearman | unknown-flag agreement | "
+          "defect-flag agreement | int8 bare vs torch | int8 e2e maps/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for model in models:
+        path = folder / model / "exports" / export_name("int8")
+        if not path.is_file():
+            print(f"| {model} | (no {path}) |" + " |" * 10)
+            continue
+        c = open_session(path, optimize=False)[1]
+        k, r = c.quantization_check or {}, speed.get(model, {})
+        rate = (f"{r['bare_int8'] / r['bare_torch']:.2f}x | {r['e2e_int8']:.0f}" if r else "- | -")
+        print(f"| {model} | {c.calibration_source} | {k.get('maps')} | {k.get('top1_agreement', 0):.4f} | "
+              f"{k.get('max_abs_prob_diff', 0):.4f} | {k.get('macro_f1_fp32', 0):.4f} | "
+              f"{k.get('macro_f1_int8', 0):.4f} | {k.get('unknown_score_spearman', 0):.4f} | "
+              f"{k.get('unknown_flag_agreement', 0):.4f} | {k.get('defect_flag_agreement', 0):.4f} | "
+              f"{rate} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet34,cbam,spanet")
@@ -277,10 +328,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("WAFERLAB_THREADS", "2")))
     parser.add_argument("--stages", action="store_true", help="also time each predict stage alone")
+    parser.add_argument("--batches", default="", help="other batch sizes for the bare rates, e.g. 16,64")
+    parser.add_argument("--agreement", default=None, metavar="DIR",
+                        help="trained runs DIR/MODEL exported with --quantize int8: print their held-out "
+                             "check")
     parser.add_argument("--scale", default="", help="comma-separated row counts for the memory/scale runs")
     parser.add_argument("--scale-model", default="spanet")
     parser.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.batch_sizes = [int(b) for b in args.batches.split(",") if b]
     import torch
 
     torch.set_num_threads(args.threads)
@@ -291,6 +347,8 @@ def main() -> None:
         if args.n:
             rows = throughput(args, Path(tmp))
             print_throughput(rows)
+        if args.agreement:
+            agreement(Path(args.agreement), args.models.split(","), rows if args.n else [])
         if args.scale:
             rows = scale(args, Path(tmp))
             print("\n| maps | model | px | file MB | wall s | maps/s | peak RSS GB |")

@@ -466,6 +466,44 @@ def test_deploy_bad_input_is_one_line_exit_2_nothing_written(name: str, deploy_s
     assert sorted(p.name for p in out_dir.iterdir()) == (["blocker"] if name == "unwritable_output" else [])
 
 
+def _run_data_gone(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    import yaml
+
+    run = _run_copy(setup, d)  # trained elsewhere: its validation part cannot be rebuilt here
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"] = str(d / "elsewhere" / "train.npz")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return [str(run), "--quantize", "int8"], ("elsewhere/train.npz", "not here", "--calib-data")
+
+
+# `waferlab export`: (builder or export arguments after RUN, substrings of the one error line); output in out
+EXPORT_CASES = {
+    "bad_quantize": (["--quantize", "int4"], ("--quantize 'int4'", "choose one of none, int8")),
+    "calib_maps_zero": (["--quantize", "int8", "--calib-maps", "0"], ("--calib-maps 0", "at least 1")),
+    "calib_data_missing": (["--quantize", "int8", "--calib-data", "nope.npz"],
+                           ("nope.npz", "no such file", "--calib-data")),
+    "calib_data_without_int8": (["--calib-data", "cal.npz"], ("--calib-data cal.npz", "--quantize int8")),
+    "run_data_gone": (_run_data_gone, ()),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPORT_CASES))
+def test_export_bad_input_is_one_line_exit_2_nothing_written(name: str, deploy_setup: dict[str, Path],
+                                                             tmp_path: Path, capsys) -> None:
+    args, needles = EXPORT_CASES[name]
+    head = [str(deploy_setup["run"]), *args]
+    if callable(args):
+        head, needles = args(deploy_setup, tmp_path)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    rc, lines = _run(["export", *head, "--out", str(out_dir / "model.onnx")], capsys)
+    assert rc == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("waferlab: error: "), lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert list(out_dir.iterdir()) == []
+
+
 # `waferlab study run`: a bad spec or missing data is one line, exit 2, and the study folder is not created
 STUDY_CASES = {
     "unknown_spec_key": ("axes: {seed: [0]}\nsettings: {}\n", [], ("study.yaml", "unknown key 'settings'")),

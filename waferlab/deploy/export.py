@@ -3,7 +3,9 @@
 The graph takes uint8 maps (N, S, S) with values 0/1/2, already nearest-resized to the run's size S (dynamic
 batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The input contract (size,
 encoding, class names, logit scale, temperature, thresholds, the run's fingerprint) is JSON in the model's
-metadata under :data:`META_KEY`, so the file alone is enough to deploy.
+metadata under :data:`META_KEY`, so the file alone is enough to deploy. ``--quantize int8`` writes the
+network's ops in int8 (:mod:`waferlab.deploy.quantize`) and records that, its calibration and its measured
+agreement with the float32 graph in the contract.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from waferlab.deploy import EXPORT_FORMATS
+from waferlab.deploy import EXPORT_FORMATS, QUANTIZE_MODES
 from waferlab.deploy.trust import Trust
 from waferlab.engine.predict import InputSpec
 from waferlab.errors import WaferlabError
 
+if TYPE_CHECKING:
+    from waferlab.deploy.quantize import QuantizeOptions
+
 META_KEY = "waferlab"
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: the quantisation fields
 OUTPUTS = ("logits", "probs", "ood_score")
 OPSET = 17
 
@@ -42,6 +47,10 @@ class Contract:
     ood_method: str
     fingerprint: str
     model_name: str = ""
+    quantization: str = QUANTIZE_MODES[0]  # "none": float32 throughout
+    calibration_maps: int = 0  # maps the int8 activation ranges were calibrated on
+    calibration_source: str = ""
+    quantization_check: dict[str, Any] | None = None  # int8 vs float32, held-out maps (compare_outputs)
     version: int = CONTRACT_VERSION
 
     @property
@@ -136,15 +145,17 @@ def inference_form(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(model: nn.Module, contract: Contract, trust: Trust, out: str | Path) -> Path:
-    """Write the ONNX file (dynamic batch, contract in the metadata) atomically; returns its path."""
+    """Write the float32 ONNX file (dynamic batch, contract in the metadata) atomically; returns its path."""
+    return write_onnx(export_graph(model, contract, trust), contract, out)
+
+
+def export_graph(model: nn.Module, contract: Contract, trust: Trust) -> Any:
+    """The float32 :class:`DeployGraph` of ``model`` as an ``onnx.ModelProto`` (no metadata yet)."""
     import io
     import warnings
 
     import onnx
 
-    from waferlab.io import atomic_path
-
-    out = Path(out)
     graph = DeployGraph(inference_form(model.cpu().eval()), contract, trust).eval()
     example = torch.zeros((2, contract.image_size, contract.image_size), dtype=torch.uint8)
     buf = io.BytesIO()
@@ -153,10 +164,20 @@ def export_onnx(model: nn.Module, contract: Contract, trust: Trust, out: str | P
         torch.onnx.export(graph, (example,), buf, dynamo=False, input_names=["maps"],
                           output_names=list(OUTPUTS), opset_version=OPSET,
                           dynamic_axes={name: {0: "batch"} for name in ("maps", *OUTPUTS)})
-    proto = onnx.load_from_string(buf.getvalue())
+    return onnx.load_from_string(buf.getvalue())
+
+
+def write_onnx(proto: Any, contract: Contract, out: str | Path) -> Path:
+    """Put ``contract`` into the graph's metadata and save it atomically; returns the path."""
+    import onnx
+
+    from waferlab.io import atomic_path
+
+    out = Path(out)
     meta = proto.metadata_props.add()
     meta.key, meta.value = META_KEY, json.dumps(asdict(contract))
-    proto.doc_string = (f"waferlab {contract.model_name}: uint8 maps (N,{contract.image_size},"
+    int8 = "" if contract.quantization == QUANTIZE_MODES[0] else f" ({contract.quantization})"
+    proto.doc_string = (f"waferlab {contract.model_name}{int8}: uint8 maps (N,{contract.image_size},"
                         f"{contract.image_size}) 0/1/2 -> logits, calibrated probs, unknown-pattern score")
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
@@ -225,20 +246,33 @@ def run_session(session: Any, maps: np.ndarray, batch_size: int) -> tuple[np.nda
     return tuple(np.concatenate(o) for o in outs)  # type: ignore[return-value]
 
 
-def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx") -> Path:
-    """Export a calibrated run (``waferlab export``); default output ``RUN/exports/model.onnx``."""
+def export_name(quantization: str = QUANTIZE_MODES[0]) -> str:
+    """File name of an export under ``RUN/exports/``: ``model.onnx``, or ``model-int8.onnx`` for an int8 one
+    (so that it never replaces the float32 file that ``predict RUN --backend onnx`` reads)."""
+    return "model.onnx" if quantization == QUANTIZE_MODES[0] else f"model-{quantization}.onnx"
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None, fmt: str = "onnx",
+               quantize: QuantizeOptions | None = None) -> Path:
+    """Export a calibrated run (``waferlab export``), float32 or quantised; default output
+    ``RUN/exports/`` + :func:`export_name`."""
+    from waferlab.deploy.predict import check_writable
+    from waferlab.deploy.quantize import QuantizeOptions, quantize_export
     from waferlab.deploy.trust import load_trust
     from waferlab.engine.run import Run
 
+    quantize = quantize or QuantizeOptions()
     if fmt not in EXPORT_FORMATS:
         raise WaferlabError(f"--format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    quantize.check()
     run = Run.open(run_dir)
     trust = load_trust(run)
-    target = Path(out) if out else run.file("exports/") / "model.onnx"
+    target = Path(out) if out else run.file("exports/") / export_name(quantize.mode)
     if target.suffix.lower() != ".onnx":
         raise WaferlabError(f"{target}: the output of --format onnx must end in .onnx")
-    from waferlab.deploy.predict import check_writable
-
     check_writable(target)
     contract = Contract.of(run.spec(), trust, run.info.model_name)
-    return export_onnx(run.load_model("cpu"), contract, trust, target)
+    proto = export_graph(run.load_model("cpu"), contract, trust)
+    if quantize.mode != QUANTIZE_MODES[0]:
+        proto, contract = quantize_export(run, proto, contract, quantize)
+    return write_onnx(proto, contract, target)

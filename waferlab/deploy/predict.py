@@ -183,8 +183,10 @@ class OpenVinoBackend:
 
 def onnx_path(run: str | Path) -> Path:
     """The ONNX file of ``run``: the path itself when it is a file, else ``RUN/exports/model.onnx``."""
+    from waferlab.deploy.export import export_name
+
     p = Path(run)
-    return p if p.suffix.lower() == ".onnx" else p / "exports" / "model.onnx"
+    return p if p.suffix.lower() == ".onnx" else p / "exports" / export_name()
 
 
 def open_backend(spec: BackendSpec, session: Any = None) -> TorchBackend | OnnxBackend | OpenVinoBackend:
@@ -471,7 +473,7 @@ def rows_frame(c: Chunk, probs: np.ndarray, ood: np.ndarray, contract: Any) -> A
         cols[f"top{j + 1}_class"] = names[order[:, j]] if k > j else np.full(len(c.rows), "", object)
         cols[f"top{j + 1}_prob"] = (top[:, j].astype(np.float32) if k > j
                                     else np.zeros(len(c.rows), np.float32))
-    flags = _flags(probs, ood, contract)
+    flags = map_flags(probs, ood, contract)
     cols["p_none"] = (probs[:, list(contract.class_names).index("none")].astype(np.float32)
                       if "none" in contract.class_names else np.full(len(c.rows), np.nan, np.float32))
     cols["defect"] = flags["defect"]
@@ -539,7 +541,7 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
         try:
             for c, probs, ood in infer_stream(job, backend, prefetch(chunks), session):
                 background.submit((c, probs, ood))
-                flags = _flags(probs, ood, contract)
+                flags = map_flags(probs, ood, contract)
                 if gallery is not None:
                     gallery.offer(c, rows_frame(c, probs, ood, contract))
                 summary["maps"] += len(c.rows)
@@ -555,10 +557,11 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
     if gallery is not None:
         gallery.write(job.gallery, model=_cam_model(job, backend), contract=contract)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["quantization"] = contract.quantization
     return summary
 
 
-def _flags(probs: np.ndarray, ood: np.ndarray, contract: Any) -> dict[str, np.ndarray]:
+def map_flags(probs: np.ndarray, ood: np.ndarray, contract: Any) -> dict[str, np.ndarray]:
     """Per-map flags: ``defect`` at the run's operating point (a run without ``none``, or without a fitted
     threshold, takes every map for a defect), ``unknown`` and ``low_confidence``."""
     names = list(contract.class_names)

@@ -1,0 +1,136 @@
+"""``waferlab export --quantize int8``: a small trained run exported in int8 predicts end to end like torch,
+its graph quantises every convolution (fusable into QLinearConv) and keeps the scoring float32, and the
+metadata records the quantisation, its calibration and the held-out check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from deploy_util import SIZE, synth_file
+
+from waferlab.cli import main
+from waferlab.deploy.export import META_KEY, open_session
+from waferlab.deploy.quantize import NETWORK_SCOPE
+
+MODEL = "resnet34"
+#: Top-1 agreement of int8 with torch required on the 240 held-out maps. This tiny run (32 px, 3 epochs,
+#: 340 training maps) is unsure of many maps, and int8 flips only those: measured 0.95-0.96 on the 240 maps
+#: and 0.91-0.97 on its 58 test maps, every flipped map with a float32 top-1/top-2 margin <= 0.12 (calibrated
+#: probabilities). 0.9 allows a few more near-ties on another CPU's rounding; a wrong quantisation (a
+#: misscaled or uncalibrated tensor) scrambles the classes far below it, and :data:`NEAR_TIE` catches flips
+#: of maps the float32 model was sure of.
+MIN_AGREEMENT = 0.9
+#: float32 top-1 minus top-2 probability below which a map counts as a near-tie that int8 may flip.
+NEAR_TIE = 0.25
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run trained briefly (32 px, 400 synthetic maps) exported in int8, and 240 held-out maps."""
+    tmp = tmp_path_factory.mktemp("int8")
+    train = synth_file(tmp / "train.npz", 400, seed=11)
+    run = tmp / "run"
+    assert main(["train", "--model", MODEL, "--data", str(train), "--out", str(run), "--epochs", "3",
+                 "--image-size", str(SIZE), "--batch-size", "32", "--no-progress"]) == 0
+    assert main(["export", str(run), "--format", "onnx", "--quantize", "int8"]) == 0
+    return {"tmp": tmp, "run": run, "train": train, "heldout": synth_file(tmp / "heldout.npz", 240, seed=12)}
+
+
+def _predict(source: Path, data: Path, out: Path, *extra: str) -> pd.DataFrame:
+    args = ["predict", str(source), "--data", str(data), "--out", str(out), "--no-progress", *extra]
+    assert main(args) == 0
+    return pd.read_csv(out, keep_default_na=False, na_values=[""])
+
+
+def test_int8_file_predicts_end_to_end_like_torch(setup: dict[str, Path], tmp_path: Path, capsys) -> None:
+    int8 = setup["run"] / "exports" / "model-int8.onnx"
+    assert not (setup["run"] / "exports" / "model.onnx").exists()  # the float32 default path is left alone
+    torch_rows = _predict(setup["run"], setup["heldout"], tmp_path / "torch.csv")
+    capsys.readouterr()
+    int8_rows = _predict(int8, setup["heldout"], tmp_path / "int8.csv")
+    assert "(int8 model)" in capsys.readouterr().err
+    assert (int8_rows["row"] == torch_rows["row"]).all() and len(int8_rows) == 240
+    same = (int8_rows["pred_class"] == torch_rows["pred_class"]).to_numpy()
+    assert same.mean() >= MIN_AGREEMENT, same.mean()
+    margin = (torch_rows["prob"] - torch_rows["top2_prob"]).to_numpy()
+    assert (margin[~same] < NEAR_TIE).all(), margin[~same]  # only near-ties flip
+    assert np.abs(int8_rows["prob"] - torch_rows["prob"]).max() < 0.2
+
+
+def test_metadata_records_the_quantisation_and_its_held_out_check(setup: dict[str, Path]) -> None:
+    _, contract = open_session(setup["run"] / "exports" / "model-int8.onnx")
+    from waferlab.engine.config import config_from_dict
+    from waferlab.engine.datamodule import load_split_data
+    from waferlab.engine.run import Run
+
+    values = {**Run.open(setup["run"]).config_values(), "progress": False}
+    n_val = len(load_split_data(config_from_dict(values, "config.yaml")).val)  # 400 maps: 60
+    assert contract.quantization == "int8"
+    assert contract.calibration_maps == min(512, n_val) > 0
+    assert contract.calibration_source == f"the run's validation part ({n_val} of {n_val} maps)"
+    check = contract.quantization_check
+    assert check["on"] == "the run's test part" and check["maps"] > 0
+    assert check["top1_agreement"] >= 0.85 and check["max_abs_prob_diff"] < 0.2  # 58 maps: one is 0.017
+    assert check["unknown_score_spearman"] > 0.9  # measured 0.995
+    assert {"macro_f1_fp32", "macro_f1_int8", "unknown_score_spearman", "unknown_flag_agreement"} <= set(
+        check)
+
+
+def test_int8_graph_quantises_every_convolution_and_keeps_the_scoring_float(setup: dict[str, Path]) -> None:
+    """Every Conv of the network takes int8 weights and a quantised int32 bias from DequantizeLinear (so
+    onnxruntime fuses it into QLinearConv: a bias left behind torch's Identity nodes keeps it float and
+    slower than float32), the classifier layer keeps float32 weights, and no node outside the network
+    (softmax, temperature, k-NN score) takes a quantised input."""
+    import onnx
+
+    graph = onnx.load(str(setup["run"] / "exports" / "model-int8.onnx")).graph
+    inits = {t.name: t.data_type for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) >= 30  # resnet34
+    for conv in convs:
+        dq = [producer.get(i) for i in conv.input]
+        assert all(d is not None and d.op_type == "DequantizeLinear" for d in dq), conv.name
+        assert inits[dq[1].input[0]] == onnx.TensorProto.INT8, conv.name  # per-channel weights
+        assert inits[dq[2].input[0]] == onnx.TensorProto.INT32, conv.name  # quantised bias
+    gemm = [n for n in graph.node if n.op_type == "Gemm"]  # the classifier: float32 weights
+    assert len(gemm) == 1 and inits[gemm[0].input[1]] == onnx.TensorProto.FLOAT
+    quant_ops = {"QuantizeLinear", "DequantizeLinear"}
+    for node in graph.node:
+        if node.op_type in ("Softmax", "TopK", "Sqrt") or (node.op_type == "MatMul"
+                                                           and not node.name.startswith(NETWORK_SCOPE)):
+            quantised = [i for i in node.input if i in producer and producer[i].op_type in quant_ops]
+            assert not quantised, node.name
+
+
+def test_calib_data_and_calib_maps(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(setup["run"]), "--quantize", "int8", "--calib-data", str(setup["heldout"]),
+                 "--calib-maps", "40", "--out", str(out)]) == 0
+    _, contract = open_session(out)
+    n = contract.calibration_maps  # a stratified sample: about 40, each of the 9 classes rounded
+    assert abs(n - 40) <= 9 and contract.calibration_source == f"heldout.npz ({n} of 240 maps)"
+
+
+def test_float32_export_is_unchanged_and_older_contracts_read_as_float32(setup: dict[str, Path],
+                                                                         tmp_path: Path) -> None:
+    import onnx
+
+    out = tmp_path / "fp32.onnx"
+    assert main(["export", str(setup["run"]), "--out", str(out)]) == 0
+    proto = onnx.load(str(out))
+    assert not [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    _, contract = open_session(out)
+    assert contract.quantization == "none" and contract.quantization_check is None
+    meta = json.loads(proto.metadata_props[0].value)  # a version-1 file: no quantisation fields
+    for key in ("quantization", "calibration_maps", "calibration_source", "quantization_check"):
+        del meta[key]
+    meta["version"] = 1
+    proto.metadata_props[0].value = json.dumps(meta)
+    onnx.save(proto, str(out))
+    assert open_session(out)[1].quantization == "none"
+    assert proto.metadata_props[0].key == META_KEY

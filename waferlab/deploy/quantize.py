@@ -1,0 +1,204 @@
+"""``waferlab export --quantize int8``: static int8 (QDQ) quantisation of the exported graph, and how far it
+moves the outputs.
+
+Only the network's nodes are quantised (torch.onnx names them under :data:`NETWORK_SCOPE`): weights per
+output channel (int8), activations per tensor (uint8) with ranges calibrated on maps the run knows (its
+validation part, rebuilt from its config and seed as training split it, or ``--calib-data``). The rest of
+the exported graph stays float32: the one-hot encoding, the classifier layer (:data:`FLOAT_OPS`), the logit
+scale and temperature, the softmax and the unknown-pattern score (k-NN bank product, top-k, Mahalanobis,
+energy); the pooled features it reads are dequantised from the last int8 feature map. At export the int8
+graph is compared with the float32 one on the run's test part (held out from training and calibration
+alike) and the figures go into the file's metadata (:func:`compare_outputs`).
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from waferlab.deploy import DEFAULT_CALIB_MAPS, QUANTIZE_MODES
+from waferlab.errors import WaferlabError
+
+#: Name prefix torch.onnx gives the nodes of ``DeployGraph.model``: the only nodes quantised.
+NETWORK_SCOPE = "/model/"
+#: Network ops kept float32 too: the classifier (a few thousand multiply-adds) whose logits feed the
+#: temperature, the probabilities and the energy score; int8 there moved the top-1 of more near-tied maps.
+FLOAT_OPS = ("Gemm",)
+#: Maps per calibration batch (onnxruntime keeps every intermediate tensor of a batch to take its range).
+CALIB_BATCH = 64
+#: Held-out maps the export compares float32 and int8 on (a stratified sample when the test part is larger).
+CHECK_MAPS = 2048
+
+
+@dataclass
+class QuantizeOptions:
+    """``--quantize``, ``--calib-data`` and ``--calib-maps`` of ``waferlab export``."""
+
+    mode: str = "none"
+    calib_data: str | None = None  # None: the run's validation part
+    calib_maps: int = DEFAULT_CALIB_MAPS
+
+    def check(self) -> None:
+        """One-line errors for a bad combination, before anything is read or written."""
+        if self.mode not in QUANTIZE_MODES:
+            raise WaferlabError(f"--quantize {self.mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+        if self.mode == "none" and self.calib_data is not None:
+            raise WaferlabError(f"--calib-data {self.calib_data}: calibration data only serves --quantize "
+                                f"{'/'.join(m for m in QUANTIZE_MODES if m != 'none')}")
+        if self.calib_maps < 1:
+            raise WaferlabError(f"--calib-maps {self.calib_maps}: give at least 1 map")
+        if self.calib_data is not None and not Path(self.calib_data).exists():
+            raise WaferlabError(f"{self.calib_data}: no such file or directory (--calib-data)")
+
+
+@dataclass
+class CalibrationSet:
+    """Maps to calibrate on, and held-out labelled maps to check the quantised graph on (None: none here)."""
+
+    maps: np.ndarray
+    source: str
+    check_maps: np.ndarray | None = None
+    check_labels: np.ndarray | None = None  # ids into the run's classes
+
+
+def calibration_set(run: Any, opts: QuantizeOptions) -> CalibrationSet:
+    """The calibration maps (``--calib-data`` or the run's validation part; about ``calib_maps``, a
+    stratified sample) and the run's test part for the check, all at the run's size."""
+    from waferlab.deploy.ood import stratified_sample
+    from waferlab.engine.evaluate import map_labels
+
+    split = _run_split(run)
+    if opts.calib_data is not None:
+        from waferlab.data.cache import load_prepared
+
+        p = load_prepared(opts.calib_data, run.spec().image_size, progress=False)
+        maps, labels, source = p.maps, p.labels, Path(opts.calib_data).name
+    elif split is None:
+        raise WaferlabError(f"{run.config_values().get('data')}: the run's training data is not here, so its "
+                            f"validation part cannot be rebuilt to calibrate int8; give --calib-data SRC "
+                            f"(labelled or not, maps like those to predict)")
+    else:
+        maps, labels = split.data.maps[split.val], split.data.labels[split.val]
+        source = "the run's validation part"
+    if len(maps) == 0:
+        raise WaferlabError(f"{opts.calib_data or source}: no maps to calibrate int8 on")
+    pick = stratified_sample(np.asarray(labels), opts.calib_maps, seed=0)
+    out = CalibrationSet(np.ascontiguousarray(maps[pick]), f"{source} ({len(pick)} of {len(maps)} maps)")
+    if split is not None and len(split.test):
+        keep, y = map_labels(tuple(split.data.class_names), split.data.labels[split.test], run.class_names,
+                             "the run's test part")
+        pick = stratified_sample(y, CHECK_MAPS, seed=1)
+        out.check_maps, out.check_labels = split.data.maps[split.test[keep][pick]], y[pick]
+    return out
+
+
+def _run_split(run: Any) -> Any:
+    """The run's data split again (same config and seed as training), or None when its data is not here."""
+    from waferlab.engine.config import config_from_dict, data_sources
+    from waferlab.engine.datamodule import load_split_data
+
+    cfg = config_from_dict({**run.config_values(), "progress": False}, "config.yaml")
+    if not cfg.data or not all(s.path.exists() for s in data_sources(cfg.data)):
+        return None
+    return load_split_data(cfg)
+
+
+class _Reader(CalibrationDataReader):
+    """onnxruntime's calibration reader over uint8 maps, :data:`CALIB_BATCH` at a time."""
+
+    def __init__(self, maps: np.ndarray) -> None:
+        self._batches = iter([maps[i:i + CALIB_BATCH] for i in range(0, len(maps), CALIB_BATCH)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"maps": np.ascontiguousarray(batch)}
+
+
+def quantize_int8(proto: Any, maps: np.ndarray) -> Any:
+    """A QDQ int8 copy of an exported float32 graph (``onnx.ModelProto``), calibrated (min/max) on ``maps``.
+
+    ``quant_pre_process`` first folds the Identity nodes torch.onnx emits for shared constants (without it
+    the convolutions' biases are not initializers, onnxruntime cannot fuse DQ-Conv-Q into QLinearConv, and
+    the int8 graph runs slower than the float32 one)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.preprocess import quant_pre_process
+
+    reader = _Reader(maps)
+    with tempfile.TemporaryDirectory(prefix="waferlab-int8-") as tmp:
+        src, pre, out = (str(Path(tmp) / name) for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(proto, src)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        keep_float = [n.name for n in onnx.load(pre).graph.node
+                      if not n.name.startswith(NETWORK_SCOPE) or n.op_type in FLOAT_OPS]
+        quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=keep_float)
+        return onnx.load(out)
+
+
+def compare_outputs(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray],
+                    labels: np.ndarray | None, contract: Any) -> dict[str, Any]:
+    """How far ``new`` (probs, unknown scores) moves from ``ref`` on the same maps: top-1 agreement, max abs
+    probability difference, agreement of the defect and unknown flags, Spearman correlation of the unknown
+    scores, and macro-F1 of both when ``labels`` (ids of the contract's classes) are given."""
+    from scipy.stats import spearmanr
+
+    from waferlab.deploy.predict import map_flags
+    from waferlab.engine.metrics import compute_metrics
+
+    (p0, s0), (p1, s1) = ref, new
+    f0, f1 = map_flags(p0, s0, contract), map_flags(p1, s1, contract)
+    out: dict[str, Any] = {
+        "maps": len(p0),
+        "top1_agreement": float(np.mean(p0.argmax(1) == p1.argmax(1))),
+        "max_abs_prob_diff": float(np.abs(p0 - p1).max()),
+        "defect_flag_agreement": float(np.mean(f0["defect"] == f1["defect"])),
+        "unknown_flag_agreement": float(np.mean(f0["unknown"] == f1["unknown"])),
+        "unknown_score_spearman": float(spearmanr(s0, s1)[0]),
+    }
+    if labels is not None:
+        names = contract.class_names
+        out["macro_f1_fp32"] = compute_metrics(labels, p0, names)["macro_f1"]
+        out["macro_f1_int8"] = compute_metrics(labels, p1, names)["macro_f1"]
+    return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def session_of(proto: Any, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session of an in-memory graph."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(proto.SerializeToString(), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def quantize_export(run: Any, proto: Any, contract: Any, opts: QuantizeOptions) -> tuple[Any, Any]:
+    """(int8 graph, contract recording the quantisation, its calibration and the held-out check)."""
+    from waferlab.deploy.export import run_session
+
+    data = calibration_set(run, opts)
+    qproto = quantize_int8(proto, data.maps)
+    contract = replace(contract, quantization="int8", calibration_maps=len(data.maps),
+                       calibration_source=data.source)
+    if data.check_maps is None:
+        print("waferlab: note: no held-out part of the run's data here: int8 not compared with float32",
+              file=sys.stderr)
+        return qproto, contract
+    outs = [run_session(session_of(g), data.check_maps, 256)[1:] for g in (proto, qproto)]
+    check = compare_outputs(outs[0], outs[1], data.check_labels, contract)
+    contract = replace(contract, quantization_check={"on": "the run's test part", **check})
+    print(f"waferlab: int8 vs float32 on {check['maps']} held-out maps (the run's test part): top-1 "
+          f"agreement {check['top1_agreement']:.4f}, max |prob diff| {check['max_abs_prob_diff']:.4f}, "
+          f"macro-F1 {check['macro_f1_fp32']:.4f} -> {check['macro_f1_int8']:.4f}, unknown-score Spearman "
+          f"{check['unknown_score_spearman']:.4f}", file=sys.stderr)
+    return qproto, contract
