@@ -491,9 +491,10 @@ EXPORT_CASES = {
 def test_export_bad_input_is_one_line_exit_2_nothing_written(name: str, deploy_setup: dict[str, Path],
                                                              tmp_path: Path, capsys) -> None:
     args, needles = EXPORT_CASES[name]
-    head = [str(deploy_setup["run"]), *args]
     if callable(args):
         head, needles = args(deploy_setup, tmp_path)
+    else:
+        head = [str(deploy_setup["run"]), *args]
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     rc, lines = _run(["export", *head, "--out", str(out_dir / "model.onnx")], capsys)

@@ -103,10 +103,10 @@ def _run_split(run: Any) -> Any:
     from waferlab.engine.config import config_from_dict, data_sources
     from waferlab.engine.datamodule import load_split_data
 
-    cfg = config_from_dict({**run.config_values(), "progress": False}, "config.yaml")
-    if not cfg.data or not all(s.path.exists() for s in data_sources(cfg.data)):
+    values = {**run.config_values(), "progress": False}
+    if not values.get("data") or not all(s.path.exists() for s in data_sources(values["data"])):
         return None
-    return load_split_data(cfg)
+    return load_split_data(config_from_dict(values, "config.yaml"))
 
 
 class _Reader(CalibrationDataReader):
