@@ -4,7 +4,7 @@ moves the outputs.
 Only the network's nodes are quantised (torch.onnx names them under :data:`NETWORK_SCOPE`): weights per
 output channel (int8), activations per tensor (uint8) with ranges calibrated on maps the run knows (its
 validation part, rebuilt from its config and seed as training split it, or ``--calib-data``). The rest of
-the exported graph stays float32: the one-hot encoding, the classifier layer (:data:`FLOAT_OPS`), the logit
+the exported graph stays float32: the one-hot encoding, the classifier layer (:data:`FLOAT_SCOPE`), the logit
 scale and temperature, the softmax and the unknown-pattern score (k-NN bank product, top-k, Mahalanobis,
 energy); the pooled features it reads are dequantised from the last int8 feature map. At export the int8
 graph is compared with the float32 one on the run's test part (held out from training and calibration
@@ -27,9 +27,10 @@ from waferlab.errors import WaferlabError
 
 #: Name prefix torch.onnx gives the nodes of ``DeployGraph.model``: the only nodes quantised.
 NETWORK_SCOPE = "/model/"
-#: Network ops kept float32 too: the classifier (a few thousand multiply-adds) whose logits feed the
-#: temperature, the probabilities and the energy score; int8 there moved the top-1 of more near-tied maps.
-FLOAT_OPS = ("Gemm",)
+#: Nodes of the network kept float32 too: the registry's ``model.classifier`` (the last layer, a few thousand
+#: multiply-adds; a cosine head multiplies its output by the logit scale), whose logits feed the temperature,
+#: the probabilities and the energy score; int8 there moved the top-1 of more near-tied maps.
+FLOAT_SCOPE = "/classifier/"
 #: Maps per calibration batch (onnxruntime keeps every intermediate tensor of a batch to take its range).
 CALIB_BATCH = 64
 #: Held-out maps the export compares float32 and int8 on (a stratified sample when the test part is larger).
@@ -136,7 +137,7 @@ def quantize_int8(proto: Any, maps: np.ndarray) -> Any:
         onnx.save(proto, src)
         quant_pre_process(src, pre, skip_symbolic_shape=True)
         keep_float = [n.name for n in onnx.load(pre).graph.node
-                      if not n.name.startswith(NETWORK_SCOPE) or n.op_type in FLOAT_OPS]
+                      if not n.name.startswith(NETWORK_SCOPE) or FLOAT_SCOPE in n.name]
         quantize_static(pre, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         nodes_to_exclude=keep_float)
