@@ -303,12 +303,12 @@ def agreement(folder: Path, models: list[str], rows: list[dict]) -> None:
     speed = {r["model"]: r for r in rows}
     print("\n| model (trained run) | calibrated on | held-out maps | top-1 agreement | max abs prob diff | "
           "macro-F1 fp32 | macro-F1 int8 | unknown-score Spearman | unknown-flag agreement | "
-          "defect-flag agreement | int8 bare vs torch | int8 e2e maps/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "defect-flag agreement | defect recall fp32 / int8 | int8 bare vs torch | int8 e2e maps/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model in models:
         path = folder / model / "exports" / export_name("int8")
         if not path.is_file():
-            print(f"| {model} | (no {path}) |" + " |" * 10)
+            print(f"| {model} | (no {path}) |" + " |" * 11)
             continue
         c = open_session(path, optimize=False)[1]
         k, r = c.quantization_check or {}, speed.get(model, {})
@@ -317,7 +317,7 @@ def agreement(folder: Path, models: list[str], rows: list[dict]) -> None:
               f"{k.get('max_abs_prob_diff', 0):.4f} | {k.get('macro_f1_fp32', 0):.4f} | "
               f"{k.get('macro_f1_int8', 0):.4f} | {k.get('unknown_score_spearman', 0):.4f} | "
               f"{k.get('unknown_flag_agreement', 0):.4f} | {k.get('defect_flag_agreement', 0):.4f} | "
-              f"{rate} |")
+              f"{k.get('defect_recall_fp32', 0):.4f} / {k.get('defect_recall_int8', 0):.4f} | {rate} |")
 
 
 def main() -> None:

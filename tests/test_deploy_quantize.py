@@ -134,3 +134,22 @@ def test_float32_export_is_unchanged_and_older_contracts_read_as_float32(setup: 
     onnx.save(proto, str(out))
     assert open_session(out)[1].quantization == "none"
     assert proto.metadata_props[0].key == META_KEY
+
+
+def test_compare_outputs_counts_flips_flags_rank_and_defect_recall() -> None:
+    from types import SimpleNamespace
+
+    from waferlab.deploy.quantize import compare_outputs
+
+    contract = SimpleNamespace(class_names=("Loc", "none"), none_threshold=0.5, ood_threshold=1.0)
+    p0 = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.45, 0.55]])
+    p1 = np.array([[0.8, 0.2], [0.3, 0.7], [0.4, 0.6], [0.45, 0.55]])  # map 2 flips class and defect flag
+    s0, s1 = np.array([0.0, 1.0, 2.0, 3.0]), np.array([0.0, 2.0, 1.5, 3.0])  # maps 1 and 2 swap ranks
+    out = compare_outputs((p0, s0), (p1, s1), np.array([0, 1, 0, 0]), contract)
+    assert out["maps"] == 4 and out["top1_agreement"] == 0.75
+    assert out["max_abs_prob_diff"] == pytest.approx(0.2)
+    assert out["defect_flag_agreement"] == 0.75 and out["unknown_flag_agreement"] == 0.75  # map 1: 2.0 > 1
+    assert out["unknown_score_spearman"] == pytest.approx(0.8)
+    assert out["defect_recall_fp32"] == pytest.approx(2 / 3)
+    assert out["defect_recall_int8"] == pytest.approx(1 / 3)
+    assert out["macro_f1_fp32"] > out["macro_f1_int8"]

@@ -148,7 +148,8 @@ def compare_outputs(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, n
                     labels: np.ndarray | None, contract: Any) -> dict[str, Any]:
     """How far ``new`` (probs, unknown scores) moves from ``ref`` on the same maps: top-1 agreement, max abs
     probability difference, agreement of the defect and unknown flags, Spearman correlation of the unknown
-    scores, and macro-F1 of both when ``labels`` (ids of the contract's classes) are given."""
+    scores, and macro-F1 and defect recall (at the operating point) of both when ``labels`` (ids of the
+    contract's classes) are given."""
     from scipy.stats import spearmanr
 
     from waferlab.deploy.predict import map_flags
@@ -168,6 +169,10 @@ def compare_outputs(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, n
         names = contract.class_names
         out["macro_f1_fp32"] = compute_metrics(labels, p0, names)["macro_f1"]
         out["macro_f1_int8"] = compute_metrics(labels, p1, names)["macro_f1"]
+        is_defect = labels != names.index("none") if "none" in names else np.ones(len(labels), bool)
+        if is_defect.any():  # the operating point's promise (>= 0.99 on its fitting maps) on held-out maps
+            out["defect_recall_fp32"] = float(f0["defect"][is_defect].mean())
+            out["defect_recall_int8"] = float(f1["defect"][is_defect].mean())
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
 
 
