@@ -199,10 +199,10 @@ def throughput(args: argparse.Namespace, folder: Path) -> list[dict]:
         r["bare_torch"] = bare_torch(run, maps, args.batch)
         r["e2e_torch"], r["startup_torch"], r["steady_torch"] = e2e_rates(
             run, src, one, folder / "out.csv", "torch", args.batch, args.n)
-        r["bare_onnx"] = bare_onnx(onnx, maps, args.batch)
+        r["bare_onnx"] = bare_onnx(onnx, maps, args.batch, args.threads)
         r["e2e_onnx"], r["startup_onnx"], r["steady_onnx"] = e2e_rates(
             run, src, one, folder / "out.csv", "onnx", args.batch, args.n)
-        r["bare_int8"] = bare_onnx(int8, maps, args.batch)
+        r["bare_int8"] = bare_onnx(int8, maps, args.batch, args.threads)
         r["e2e_int8"], r["startup_int8"], r["steady_int8"] = e2e_rates(
             int8, src, one, folder / "out.csv", "onnx", args.batch, args.n)
         r["batches"] = {b: {"torch": bare_torch(run, maps, b), "onnx": bare_onnx(onnx, maps, b, args.threads),
@@ -317,7 +317,11 @@ def agreement(folder: Path, models: list[str], rows: list[dict]) -> None:
               f"{k.get('max_abs_prob_diff', 0):.4f} | {k.get('macro_f1_fp32', 0):.4f} | "
               f"{k.get('macro_f1_int8', 0):.4f} | {k.get('unknown_score_spearman', 0):.4f} | "
               f"{k.get('unknown_flag_agreement', 0):.4f} | {k.get('defect_flag_agreement', 0):.4f} | "
-              f"{k.get('defect_recall_fp32', 0):.4f} / {k.get('defect_recall_int8', 0):.4f} | {rate} |")
+              f"{_num(k, 'defect_recall_fp32')} / {_num(k, 'defect_recall_int8')} | {rate} |")
+
+
+def _num(check: dict, key: str) -> str:
+    return f"{check[key]:.4f}" if check.get(key) is not None else "-"
 
 
 def main() -> None:
