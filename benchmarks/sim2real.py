@@ -123,12 +123,14 @@ class Plan:
     ft_synth: float
     ft_real_weight: float
     synth_set: tuple[str, ...]
+    resize: str
 
 
 def _train(plan: Plan, data: list[str], out: Path, epochs: int, seed: int, *extra: str) -> float:
     sources = [a for d in data for a in ("--data", d)]
     args = ("train", "--model", plan.model, *sources, "--out", str(out), "--epochs", str(epochs),
-            "--image-size", str(plan.image_size), "--seed", str(seed), "--no-progress", "--overwrite", *extra)
+            "--image-size", str(plan.image_size), "--seed", str(seed), "--no-progress", "--overwrite",
+            "--set", f"resize={plan.resize}", *extra)
     if (out / "metrics.json").is_file():  # reuse a finished run (delete it to retrain)
         COMMANDS.append("(reused) waferlab " + shlex.join(args))
         return 0.0
@@ -167,6 +169,8 @@ def run_seed(plan: Plan, synth: Path, calib: Path, held: Path, out: Path, seed: 
 
 
 def main() -> None:
+    from waferlab.data.cache import DEFAULT_RESIZE, RESIZE_RULES
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="folder of real samples")
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "sim2real", help="work folder")
@@ -185,6 +189,8 @@ def main() -> None:
     ap.add_argument("--synth-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra --set for the synthetic run and fine-tuning (e.g. a loss option); repeatable")
     ap.add_argument("--image-size", type=int, default=48)
+    ap.add_argument("--resize", choices=RESIZE_RULES, default=DEFAULT_RESIZE,
+                    help="rule that shrinks the maps to the image size, for every run")
     args = ap.parse_args()
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +198,7 @@ def main() -> None:
     print(f"real calibration part: {sum(n_calib.values())} maps {n_calib}\n"
           f"real held-out part: {sum(n_held.values())} maps {n_held}", flush=True)
     plan = Plan(args.model, args.image_size, args.epochs, args.real_epochs, args.ft_epochs, args.ft_lr,
-                args.ft_synth, args.ft_real_weight, tuple(args.synth_set))
+                args.ft_synth, args.ft_real_weight, tuple(args.synth_set), args.resize)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
@@ -201,7 +207,7 @@ def main() -> None:
             _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(seed))
         for name, metrics in run_seed(plan, synth, calib, held, out, seed).items():
             results.setdefault(name, []).append(metrics)
-    print(f"\n{args.model} at {args.image_size} px; synthetic: {args.n} maps, {args.epochs} epochs; real: "
+    print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, {args.epochs} epochs; real: "
           f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps; "
           f"seeds {' '.join(map(str, args.seeds))} (mean, range over seeds)")
     print(table(results))

@@ -24,6 +24,7 @@ class RunInfo:
     image_size: int
     encoding: str
     in_chans: int
+    resize: str = "nearest"  # the rule that shrinks maps to image_size (waferlab.data.cache.RESIZE_RULES)
     head: str
     model_options: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
@@ -265,7 +266,7 @@ class Run:
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise WaferlabError(f"{self.file('classes.json')}: expected a JSON list of class names")
         return RunInfo(model_name=cfg.model, class_names=tuple(classes), image_size=int(cfg.image_size),
-                       encoding=cfg.encoding, in_chans=num_channels(cfg.encoding), head=cfg.head,
+                       encoding=cfg.encoding, resize=cfg.resize, in_chans=num_channels(cfg.encoding), head=cfg.head,
                        model_options=dict(cfg.model_options), config=values,
                        logit_scale=logit_scale_of(cfg), run_dir=str(self.path), task=cfg.task)
 
@@ -285,11 +286,15 @@ class Run:
         return values
 
     def config(self) -> Any:
-        """The run's :class:`~waferlab.engine.config.TrainConfig` (keys of newer versions ignored)."""
+        """The run's :class:`~waferlab.engine.config.TrainConfig` (keys of newer versions ignored; a run
+        written before the ``resize`` key was shrunk with nearest)."""
+        from waferlab.data.cache import LEGACY_RESIZE, check_resize
         from waferlab.engine.config import TrainConfig
 
         known = set(TrainConfig.__dataclass_fields__)
-        return TrainConfig(**{k: v for k, v in self.config_values().items() if k in known})
+        values = {"resize": LEGACY_RESIZE, **self.config_values()}
+        check_resize(values["resize"], f"{self.file('config.yaml')}: field 'resize'")
+        return TrainConfig(**{k: v for k, v in values.items() if k in known})
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -298,7 +303,7 @@ class Run:
     def spec(self) -> InputSpec:
         """The input contract of the run's model (size, encoding, classes, logit scale, task)."""
         i = self.info
-        return InputSpec(image_size=i.image_size, encoding=i.encoding, class_names=i.class_names,
+        return InputSpec(image_size=i.image_size, encoding=i.encoding, class_names=i.class_names, resize=i.resize,
                          logit_scale=i.logit_scale, task=i.task)
 
     def temperature(self) -> float:
