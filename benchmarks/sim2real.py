@@ -207,7 +207,8 @@ def main() -> None:
             _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(seed))
         for name, metrics in run_seed(plan, synth, calib, held, out, seed).items():
             results.setdefault(name, []).append(metrics)
-    print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, {args.epochs} epochs; real: "
+    print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, "
+          f"{args.epochs} epochs; real: "
           f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps; "
           f"seeds {' '.join(map(str, args.seeds))} (mean, range over seeds)")
     print(table(results))

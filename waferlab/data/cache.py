@@ -168,7 +168,9 @@ def failkeep_threshold(h: int, w: int, size: int | tuple[int, int]) -> np.ndarra
 
 def diagonal_runs(hits: np.ndarray) -> np.ndarray:
     """Cells of a boolean (N,H,W) stack that are the middle of a diagonal run of three true cells."""
-    mid = hits[:, 1:-1, 1:-1] & ((hits[:, :-2, :-2] & hits[:, 2:, 2:]) | (hits[:, :-2, 2:] & hits[:, 2:, :-2]))
+    down = hits[:, :-2, :-2] & hits[:, 2:, 2:]  # the two neighbours on the main diagonal
+    up = hits[:, :-2, 2:] & hits[:, 2:, :-2]  # and on the anti-diagonal
+    mid = hits[:, 1:-1, 1:-1] & (down | up)
     return np.pad(mid, ((0, 0), (1, 1), (1, 1)))
 
 
@@ -215,7 +217,7 @@ def _class_vocabulary(labels: np.ndarray) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def prepare(table: WaferTable, size: int, progress: bool = False, resize: str = "nearest") -> PreparedData:
+def prepare(table: WaferTable, size: int, progress: bool = False, resize: str = DEFAULT_RESIZE) -> PreparedData:
     """Resize every map (and mask) of ``table`` to ``size`` x ``size`` with the rule ``resize``.
 
     Maps are grouped by shape and each group is resized by one vectorised gather. Class names are the
@@ -393,7 +395,7 @@ def load_cache(path: str | os.PathLike[str]) -> PreparedData:
 
 
 def load_prepared(src: str | os.PathLike[str], size: int | None = None, progress: bool = False,
-                  resize: str = "nearest") -> PreparedData:
+                  resize: str = DEFAULT_RESIZE) -> PreparedData:
     """Data at ``size`` x ``size`` shrunk with the rule ``resize``, from a cache or any source.
 
     A non-cache source is read with ``waferlab.data.readers.load_table`` and prepared on the fly
@@ -404,8 +406,8 @@ def load_prepared(src: str | os.PathLike[str], size: int | None = None, progress
     if is_cache(src):
         p = load_cache(src)
         if p.resize != resize:
-            raise WaferlabError(f"{src}: cache prepared with resize {p.resize!r}, but {resize!r} is asked for; "
-                                f"prepare it again with 'waferlab data prepare --resize {resize}'")
+            raise WaferlabError(f"{src}: cache prepared with resize {p.resize!r}, but {resize!r} is asked "
+                                f"for; prepare it again with 'waferlab data prepare --resize {resize}'")
         return p if size is None else resize_prepared(p, int(size))
     from waferlab.data.readers import load_table
 

@@ -59,10 +59,12 @@ def encode(maps: torch.Tensor, encoding: str = "onehot") -> torch.Tensor:
     return gray.expand(-1, channels, -1, -1).contiguous()
 
 
-def resize_maps(maps: torch.Tensor, size: int | tuple[int, int], rule: str = "nearest") -> torch.Tensor:
-    """Resize a uint8 (N,H,W) batch on its device with ``rule``, exactly as ``prepare`` does on the CPU.
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int], rule: str = "nearest",
+                mask: bool = False) -> torch.Tensor:
+    """Resize a uint8 (N,H,W) batch on its device with ``rule``, exactly as ``resize_stack`` does on the CPU.
 
-    ``nearest``: pixel-centre sampling; ``failkeep``: see :data:`waferlab.data.cache.RESIZE_RULES`.
+    ``nearest``: pixel-centre sampling; ``failkeep``: see :data:`waferlab.data.cache.RESIZE_RULES`;
+    ``mask``: a 0/1 pattern mask (``failkeep`` tests its 1 cells, as it tests failed dies).
     """
     import torch
     import torch.nn.functional as F
@@ -81,9 +83,11 @@ def resize_maps(maps: torch.Tensor, size: int | tuple[int, int], rule: str = "ne
     h, w = maps.shape[-2:]
     if rule == "nearest" or (h <= out_hw[0] and w <= out_hw[1]):
         return near
-    hits = maps == 2
+    hits = maps == (1 if mask else 2)
     keep = (_block_counts(hits, out_hw) >= _threshold(h, w, out_hw, maps.device)) | (
         _block_counts(_diagonal_runs(hits), out_hw) > 0)
+    if mask:
+        return keep.to(torch.uint8)
     return torch.where(near == 0, near, 1 + keep.to(torch.uint8))
 
 
@@ -91,7 +95,9 @@ def _diagonal_runs(hits: torch.Tensor) -> torch.Tensor:
     """Torch twin of :func:`waferlab.data.cache.diagonal_runs`."""
     import torch.nn.functional as F
 
-    mid = hits[:, 1:-1, 1:-1] & ((hits[:, :-2, :-2] & hits[:, 2:, 2:]) | (hits[:, :-2, 2:] & hits[:, 2:, :-2]))
+    down = hits[:, :-2, :-2] & hits[:, 2:, 2:]
+    up = hits[:, :-2, 2:] & hits[:, 2:, :-2]
+    mid = hits[:, 1:-1, 1:-1] & (down | up)
     return F.pad(mid, (1, 1, 1, 1))
 
 

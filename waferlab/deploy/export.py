@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from waferlab.data.cache import LEGACY_RESIZE, check_resize
 from waferlab.deploy import EXPORT_FORMATS
 from waferlab.deploy.trust import Trust
 from waferlab.engine.predict import InputSpec
@@ -43,16 +44,18 @@ class Contract:
     fingerprint: str
     model_name: str = ""
     version: int = CONTRACT_VERSION
+    resize: str = LEGACY_RESIZE  # how maps are shrunk to image_size before the graph (a file without it: nearest)
 
     @property
     def spec(self) -> InputSpec:
-        return InputSpec(self.image_size, self.encoding, tuple(self.class_names), self.logit_scale)
+        return InputSpec(self.image_size, self.encoding, tuple(self.class_names), self.logit_scale,
+                         resize=self.resize)
 
     @classmethod
     def of(cls, spec: InputSpec, trust: Trust, model_name: str = "") -> Contract:
         return cls(spec.image_size, spec.encoding, tuple(spec.class_names), spec.logit_scale,
                    trust.temperature, trust.none_threshold, trust.ood_threshold, trust.scorer.method,
-                   trust.fingerprint, model_name)
+                   trust.fingerprint, model_name, resize=spec.resize)
 
 
 class DeployGraph(nn.Module):
@@ -157,7 +160,8 @@ def export_onnx(model: nn.Module, contract: Contract, trust: Trust, out: str | P
     meta = proto.metadata_props.add()
     meta.key, meta.value = META_KEY, json.dumps(asdict(contract))
     proto.doc_string = (f"waferlab {contract.model_name}: uint8 maps (N,{contract.image_size},"
-                        f"{contract.image_size}) 0/1/2 -> logits, calibrated probs, unknown-pattern score")
+                        f"{contract.image_size}) 0/1/2, shrunk with {contract.resize!r} -> logits, "
+                        "calibrated probs, unknown-pattern score")
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
     return out
@@ -175,6 +179,7 @@ def read_contract(path: str | Path, session: Any) -> Contract:
             raise WaferlabError(f"{path}: field {META_KEY!r}: contract version {obj.get('version')} is newer "
                                 f"than this waferlab reads ({CONTRACT_VERSION})")
         obj["class_names"] = tuple(obj["class_names"])
+        check_resize(obj.get("resize", LEGACY_RESIZE), f"{path}: field {META_KEY!r}.resize")
         return Contract(**obj)
     except WaferlabError:
         raise

@@ -44,7 +44,7 @@ class TrainConfig:
     class_set: str = "all9"
     encoding: str = "onehot"
     image_size: int = 64
-    resize: str = DEFAULT_RESIZE  # how maps are shrunk to image_size (RESIZE_RULES); a run without it: nearest
+    resize: str = DEFAULT_RESIZE  # how maps shrink to image_size (RESIZE_RULES); a run without it: nearest
     split: str = "stratified"
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     max_maps: int | None = None
