@@ -217,7 +217,8 @@ def _class_vocabulary(labels: np.ndarray) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def prepare(table: WaferTable, size: int, progress: bool = False, resize: str = DEFAULT_RESIZE) -> PreparedData:
+def prepare(table: WaferTable, size: int, progress: bool = False,
+            resize: str = DEFAULT_RESIZE) -> PreparedData:
     """Resize every map (and mask) of ``table`` to ``size`` x ``size`` with the rule ``resize``.
 
     Maps are grouped by shape and each group is resized by one vectorised gather. Class names are the

@@ -44,7 +44,7 @@ class Contract:
     fingerprint: str
     model_name: str = ""
     version: int = CONTRACT_VERSION
-    resize: str = LEGACY_RESIZE  # how maps are shrunk to image_size before the graph (a file without it: nearest)
+    resize: str = LEGACY_RESIZE  # how maps shrink to image_size before the graph (a file without it: nearest)
 
     @property
     def spec(self) -> InputSpec:

@@ -271,8 +271,12 @@ class Run:
                        logit_scale=logit_scale_of(cfg), run_dir=str(self.path), task=cfg.task)
 
     def config_values(self) -> dict[str, Any]:
-        """config.yaml as a plain dict (empty when absent); a corrupt file is a one-line error."""
+        """config.yaml as a plain dict (empty when absent); a corrupt file is a one-line error.
+
+        A run written before the ``resize`` key was shrunk with nearest: the key is filled in as such."""
         import yaml
+
+        from waferlab.data.cache import LEGACY_RESIZE, check_resize
 
         if not self.has("config.yaml"):
             return {}
@@ -283,18 +287,16 @@ class Run:
                                 ) from None
         if not isinstance(values, dict):
             raise WaferlabError(f"{self.file('config.yaml')}: expected a mapping of key: value")
+        values.setdefault("resize", LEGACY_RESIZE)
+        check_resize(values["resize"], f"{self.file('config.yaml')}: field 'resize'")
         return values
 
     def config(self) -> Any:
-        """The run's :class:`~waferlab.engine.config.TrainConfig` (keys of newer versions ignored; a run
-        written before the ``resize`` key was shrunk with nearest)."""
-        from waferlab.data.cache import LEGACY_RESIZE, check_resize
+        """The run's :class:`~waferlab.engine.config.TrainConfig` (keys of newer versions ignored)."""
         from waferlab.engine.config import TrainConfig
 
         known = set(TrainConfig.__dataclass_fields__)
-        values = {"resize": LEGACY_RESIZE, **self.config_values()}
-        check_resize(values["resize"], f"{self.file('config.yaml')}: field 'resize'")
-        return TrainConfig(**{k: v for k, v in values.items() if k in known})
+        return TrainConfig(**{k: v for k, v in self.config_values().items() if k in known})
 
     @property
     def class_names(self) -> tuple[str, ...]:
