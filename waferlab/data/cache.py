@@ -7,6 +7,7 @@ shape, fast enough for all 811k WM-811K maps) and the engine loads the cache wit
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import zipfile
@@ -26,6 +27,7 @@ CACHE_FORMAT = 1
 #: Side length used when a source is prepared on the fly without an explicit size.
 DEFAULT_SIZE = 64
 _CHUNK = 8192  # maps resized per vectorised gather (bounds the temporary stack's memory)
+_FAILKEEP_CELLS = 1 << 22  # source cells per failkeep block-sum pass (a few tens of MB of temporaries)
 
 
 @dataclass
@@ -145,6 +147,7 @@ def nearest_indices(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(idx, n_in - 1)
 
 
+@functools.lru_cache(maxsize=4096)
 def block_bounds(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """[start, end) source range of every output index along one axis for ``failkeep``.
 
@@ -153,9 +156,15 @@ def block_bounds(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     """
     if n_in <= n_out:
         start = nearest_indices(n_in, n_out)
-        return start, start + 1
+        return _frozen(start), _frozen(start + 1)
     edges = np.arange(n_out + 1, dtype=np.int64) * n_in // n_out
-    return edges[:-1], edges[1:]
+    return _frozen(edges[:-1]), _frozen(edges[1:])
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    """``a`` made read-only (a cached array must not be changed by a caller)."""
+    a.flags.writeable = False
+    return a
 
 
 def failkeep_threshold(h: int, w: int, size: int | tuple[int, int]) -> np.ndarray:
@@ -170,21 +179,41 @@ def diagonal_runs(hits: np.ndarray) -> np.ndarray:
     """Cells of a boolean (N,H,W) stack that are the middle of a diagonal run of three true cells."""
     down = hits[:, :-2, :-2] & hits[:, 2:, 2:]  # the two neighbours on the main diagonal
     up = hits[:, :-2, 2:] & hits[:, 2:, :-2]  # and on the anti-diagonal
-    mid = hits[:, 1:-1, 1:-1] & (down | up)
-    return np.pad(mid, ((0, 0), (1, 1), (1, 1)))
+    out = np.zeros_like(hits)
+    np.logical_and(hits[:, 1:-1, 1:-1], down | up, out=out[:, 1:-1, 1:-1])
+    return out
 
 
-def _block_counts(hits: np.ndarray, size: int) -> np.ndarray:
-    """(N,size,size) int32 count of true cells of a boolean (N,H,W) stack in every ``failkeep`` block."""
-    _, h, w = hits.shape
-    out = hits.view(np.uint8) if hits.dtype == bool else hits
-    for axis, n in ((1, h), (2, w)):
-        start, end = block_bounds(n, size)
-        if n <= size:
-            out = np.take(out, start, axis=axis)
-        else:  # the blocks tile the axis: one reduceat sums them all
-            out = np.add.reduceat(out, start, axis=axis, dtype=np.int32)
-    return out.astype(np.int32, copy=False)
+@functools.lru_cache(maxsize=4096)
+def _membership(n_in: int, n_out: int, dtype: type) -> np.ndarray:
+    """(n_out, n_in) 0/1 matrix: row i marks the source range of output index i (``block_bounds``)."""
+    start, end = block_bounds(n_in, n_out)
+    idx = np.arange(n_in)
+    return _frozen(((idx >= start[:, None]) & (idx < end[:, None])).astype(dtype))
+
+
+def _failkeep(hits: np.ndarray, size: int) -> np.ndarray:
+    """Boolean (N,size,size): the blocks that keep a failed die (or a mask cell) under ``failkeep``.
+
+    The hit count and the diagonal-run count are summed in one pass: packed as ``hits + runs * M`` with
+    ``M`` above any block's area, so ``sum % M`` and ``sum // M`` read them back exactly. The block sums are
+    two small matrix products (exact: every partial sum is an integer below the float's 2**24 / 2**53).
+    """
+    n, h, w = hits.shape
+    threshold = failkeep_threshold(h, w, size)
+    (lo_r, hi_r), (lo_c, hi_c) = block_bounds(h, size), block_bounds(w, size)
+    m = int((hi_r - lo_r).max() * (hi_c - lo_c).max()) + 1  # > the largest block's area
+    dtype = np.float32 if m * (m + 1) < 2 ** 24 else np.float64  # a block's sum is below area * (m + 1)
+    rows, cols = _membership(h, size, dtype), _membership(w, size, dtype).T
+    keep = np.empty((n, size, size), dtype=bool)
+    step = max(1, _FAILKEEP_CELLS // (h * w))  # bounds the float temporaries
+    for start in range(0, n, step):
+        part = hits[start:start + step]
+        small = np.uint8 if m < 255 else np.int32  # pack in the narrowest type, convert once
+        packed = (part.astype(small) + diagonal_runs(part).astype(small) * small(m)).astype(dtype)
+        total = np.matmul(rows, packed @ cols).astype(np.int32 if dtype is np.float32 else np.int64)
+        keep[start:start + step] = (total % m >= threshold) | (total >= m)
+    return keep
 
 
 def resize_stack(stack: np.ndarray, size: int, rule: str = "nearest", mask: bool = False) -> np.ndarray:
@@ -202,9 +231,7 @@ def resize_stack(stack: np.ndarray, size: int, rule: str = "nearest", mask: bool
     near = np.take(np.take(stack, rows, axis=1), cols, axis=2)
     if check_resize(rule) == "nearest" or (h <= size and w <= size):
         return near
-    hits = stack == (1 if mask else 2)
-    keep = (_block_counts(hits, size) >= failkeep_threshold(h, w, size)) | (
-        _block_counts(diagonal_runs(hits), size) > 0)
+    keep = _failkeep(stack == (1 if mask else 2), size)
     if mask:
         return keep.astype(np.uint8)
     return np.where(near == 0, np.uint8(0), np.where(keep, np.uint8(2), np.uint8(1)))

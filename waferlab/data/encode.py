@@ -109,7 +109,8 @@ def _block_counts(hits: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
 
     out = hits.to(torch.int32)
     for axis, n_out in ((1, out_hw[0]), (2, out_hw[1])):
-        start, end = (torch.as_tensor(b, device=hits.device) for b in block_bounds(out.shape[axis], n_out))
+        bounds = block_bounds(out.shape[axis], n_out)  # cached, read-only: copied into the tensors
+        start, end = (torch.tensor(b.copy(), device=hits.device) for b in bounds)
         zero = torch.zeros_like(out.narrow(axis, 0, 1))
         cum = torch.cat([zero, out.cumsum(axis, dtype=torch.int32)], dim=axis)
         out = cum.index_select(axis, end) - cum.index_select(axis, start)
