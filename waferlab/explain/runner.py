@@ -102,14 +102,14 @@ class _Run:
         return self.probs.argmax(1)
 
 
-def _test_part(src: str, config: dict[str, Any], size: int, resize: str, progress: bool):
+def _test_part(src: str, config: dict[str, Any], size: int, progress: bool):
     """The test part of a run's split of ``src``, reproduced from the run's config (class set, cap, split)."""
     from waferlab.data.cache import is_cache, load_prepared, resize_prepared
     from waferlab.data.splits import assign_splits, select_classes
     from waferlab.engine.config import config_from_dict
 
-    cfg = config_from_dict({**config, "data": str(src), "resize": resize})
-    p = load_prepared(src, None if is_cache(src) else size, progress=progress, resize=resize)
+    cfg = config_from_dict({**config, "data": str(src)})  # a run's config names its resize rule
+    p = load_prepared(src, None if is_cache(src) else size, progress=progress, resize=cfg.resize)
     p = select_classes(p, cfg.class_set)
     if cfg.max_maps is not None and len(p) > cfg.max_maps:  # the same draw as training's
         rng = np.random.default_rng(cfg.seed)
@@ -127,7 +127,7 @@ def _load_data(src: str, run: Any, test_part: bool, progress: bool):
     if not Path(src).exists():
         raise WaferlabError(f"data not found: {src}")
     spec = run.spec()
-    return _test_part(src, run.info.config, spec.image_size, spec.resize, progress) if test_part else (
+    return _test_part(src, run.info.config, spec.image_size, progress) if test_part else (
         load_prepared(src, spec.image_size, progress=progress, resize=spec.resize))
 
 
