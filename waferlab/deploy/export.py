@@ -1,9 +1,9 @@
 """``waferlab export``: a run's model, calibration, operating point and unknown-pattern score, one ONNX file.
 
-The graph takes uint8 maps (N, S, S) with values 0/1/2, already nearest-resized to the run's size S (dynamic
-batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The input contract (size,
-encoding, class names, logit scale, temperature, thresholds, the run's fingerprint) is JSON in the model's
-metadata under :data:`META_KEY`, so the file alone is enough to deploy.
+The graph takes uint8 maps (N, S, S) with values 0/1/2, already shrunk to the run's size S with the run's
+resize rule (dynamic batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The
+input contract (size, resize rule, encoding, class names, logit scale, temperature, thresholds, the run's
+fingerprint) is JSON in the model's metadata under :data:`META_KEY`, so the file alone is enough to deploy.
 """
 
 from __future__ import annotations

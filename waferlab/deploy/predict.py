@@ -1,8 +1,8 @@
 """``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
 
 The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, 2 bits a
-die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (nearest-resized
-to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
+die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (shrunk to the run's size with
+the run's resize rule), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
 overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
 while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
 Output: one row per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML
