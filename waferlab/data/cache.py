@@ -131,7 +131,7 @@ RESIZE_RULES: tuple[str, ...] = ("nearest", "failkeep")
 #: The rule of a run or cache that does not record one (written before the rule existed).
 LEGACY_RESIZE = "nearest"
 #: The rule new runs use (the ``resize`` config key; chosen by benchmarks/sim2real.py on real maps).
-DEFAULT_RESIZE = "nearest"
+DEFAULT_RESIZE = "failkeep"
 
 
 def check_resize(rule: object, where: str = "resize") -> str:
