@@ -118,7 +118,7 @@ def main() -> int:
     for run_dir in args.runs:
         run = Run.open(run_dir)
         spec, model = run.spec(), run.load_model()
-        data = load_prepared(args.data, spec.image_size)
+        data = load_prepared(args.data, spec.image_size, resize=spec.resize)
         probs = probabilities(model, data.maps, spec)
         print(f"\n# {run.info.model_name} ({run_dir}), {spec.image_size} px; heat: region / band / rest")
         gau = hasattr(model, "decoder") and hasattr(model.decoder, "gau1")

@@ -191,7 +191,7 @@ def real_lift(runs: list[Path], methods: list[str], batch_size: int) -> dict:
         for src in REAL_SOURCES:
             if not (root / src).exists():
                 continue
-            data = load_prepared(str(root / src), spec.image_size)
+            data = load_prepared(str(root / src), spec.image_size, resize=spec.resize)
             names = np.asarray([*data.class_names, "?"])[np.asarray(data.labels)]
             keep = names != "?"
             res = compute_cams(model, data.maps[keep], spec, methods, batch_size=batch_size)

@@ -432,7 +432,20 @@ def _onnx_without_metadata(setup: dict[str, Path], d: Path) -> tuple[list[str], 
     return [str(d / "plain.onnx")], (str(d / "plain.onnx"), "'waferlab'", "no waferlab metadata")
 
 
-# (builder -> (predict arguments before --data, substrings of the one error line)), output in the out dir
+def _cache_of_another_rule(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...], Path]:
+    from waferlab.data.cache import RESIZE_RULES, prepare, save_cache
+    from waferlab.data.readers import load_table
+    from waferlab.engine.run import Run
+
+    spec = Run.open(setup["run"]).spec()  # a cache shrunk with another rule than the run's is never used
+    other = next(rule for rule in RESIZE_RULES if rule != spec.resize)
+    save_cache(prepare(load_table(setup["data"]), spec.image_size, resize=other), d / "other.npz")
+    return [str(setup["run"])], (str(d / "other.npz"), f"prepared with resize {other!r}",
+                                 f"--resize {spec.resize}"), d / "other.npz"
+
+
+# (builder -> (predict arguments before --data, substrings of the one error line[, the --data to use])),
+# output in the out dir
 DEPLOY_CASES = {
     "run_without_weights": _run_without_weights,
     "run_without_thresholds": _run_without_thresholds,
@@ -441,6 +454,7 @@ DEPLOY_CASES = {
     "run_with_misshapen_fusion": _run_with_misshapen_fusion,
     "onnx_of_another_run": _onnx_of_another_run,
     "onnx_without_metadata": _onnx_without_metadata,
+    "cache_of_another_rule": _cache_of_another_rule,
 }
 
 
@@ -454,10 +468,12 @@ def test_deploy_bad_input_is_one_line_exit_2_nothing_written(name: str, deploy_s
         (out_dir / "blocker").write_text("a file where a folder should be")
         out = out_dir / "blocker" / "pred.csv"
         head, needles = [str(deploy_setup["run"])], (str(out), "cannot write", "not a directory")
+        data = []
     else:
-        head, needles = DEPLOY_CASES[name](deploy_setup, tmp_path)
+        head, needles, *data = DEPLOY_CASES[name](deploy_setup, tmp_path)
     gallery = out_dir / "gallery.html"
-    rc, lines = _run(["predict", *head, "--data", str(deploy_setup["data"]), "--out", str(out),
+    src = data[0] if data else deploy_setup["data"]
+    rc, lines = _run(["predict", *head, "--data", str(src), "--out", str(out),
                       "--gallery", str(gallery), "--no-progress"], capsys)
     assert rc == 2, lines
     assert len(lines) == 1 and lines[0].startswith("waferlab: error: "), lines
@@ -522,6 +538,8 @@ STUDY_CASES = {
     "only_matches_nothing": ("axes: {seed: [0]}\n", ["--data", ".", "--only", "nope*"],
                              ("--only 'nope*' matches no cell",)),
     "bad_set_key": ("axes: {seed: [0]}\n", ["--set", "lrr=1"], ("--set", "unknown config key 'lrr'")),
+    "bad_resize_rule": ("axes: {seed: [0]}\n", ["--set", "resize=bilinear"],
+                        ("config resize", "unknown value 'bilinear'", "nearest, failkeep")),
     "dry_run_misspelt_option": ("axes: {model: {x: {model: spanet, model_options: {attentoin: code}}}}\n",
                                 ["--dry-run"], ("cell x:", "'attentoin'")),
     "dry_run_factor_not_for_row": ("axes: {model: {r50: {model: resnet50}}}\n"

@@ -75,7 +75,7 @@ def test_numpy_resize_matches_torch_resize_maps(shape, size):
 
 def test_prepare_keeps_values_orig_shape_and_row_order():
     table = make_table(60)
-    p = prepare(table, 32)
+    p = prepare(table, 32, resize="nearest")
     assert p.maps.shape == (60, 32, 32) and p.maps.dtype == np.uint8
     assert set(np.unique(p.maps).tolist()) == {0, 1, 2}
     np.testing.assert_array_equal(p.orig_shape, [m.shape for m in table.maps])
@@ -104,7 +104,7 @@ def test_prepare_masks_and_multi_hot():
     table = make_table(12, masks=True)
     table.multi_hot = np.eye(8, dtype=np.uint8)[np.arange(12) % 8]
     table.multi_label_names = MIXED38_TYPES
-    p = prepare(table, 24)
+    p = prepare(table, 24, resize="nearest")
     assert p.masks is not None and p.masks.shape == p.maps.shape
     np.testing.assert_array_equal(p.masks, (p.maps == 2).astype(np.uint8))  # same gather as the maps
     np.testing.assert_array_equal(p.multi_hot, table.multi_hot)
@@ -223,13 +223,13 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_load_prepared_from_cache_resizes(tmp_path):
-    p = prepare(make_table(12, masks=True), 32)
+    p = prepare(make_table(12, masks=True), 32, resize="nearest")
     path = tmp_path / "c.npz"
     save_cache(p, path)
-    same = load_prepared(path)
+    same = load_prepared(path, resize="nearest")
     np.testing.assert_array_equal(same.maps, p.maps)
-    assert load_prepared(path, 32).size == 32
-    small = load_prepared(path, 16)
+    assert load_prepared(path, 32, resize="nearest").size == 32
+    small = load_prepared(path, 16, resize="nearest")
     assert small.maps.shape == (12, 16, 16) and small.masks.shape == (12, 16, 16)
     np.testing.assert_array_equal(small.maps, resize_stack(p.maps, 16))
     np.testing.assert_array_equal(small.orig_shape, p.orig_shape)

@@ -153,3 +153,29 @@ def test_compare_outputs_counts_flips_flags_rank_and_defect_recall() -> None:
     assert out["defect_recall_fp32"] == pytest.approx(2 / 3)
     assert out["defect_recall_int8"] == pytest.approx(1 / 3)
     assert out["macro_f1_fp32"] > out["macro_f1_int8"]
+
+
+@pytest.mark.parametrize("rule", ["nearest", "failkeep"])
+def test_calib_data_is_shrunk_with_the_runs_rule(tmp_path: Path, rule: str) -> None:
+    """--calib-data maps reach the int8 calibration shrunk with the run's resize rule, not the default one
+    (the merge of int8 and resize first read them with the default rule)."""
+    from deploy_util import calibrated_run
+
+    from waferlab.data.cache import load_prepared, prepare, save_cache
+    from waferlab.data.readers import write_safe
+    from waferlab.data.synth import generate
+    from waferlab.deploy.quantize import QuantizeOptions, calibration_set
+    from waferlab.engine.run import Run
+
+    run = Run.open(calibrated_run(tmp_path, resize=rule))
+    big = generate(40, seed=5)
+    src = tmp_path / "big.npz"
+    write_safe(big, src)
+    cache = tmp_path / f"big-{rule}.npz"
+    save_cache(prepare(big, SIZE, resize=rule), cache)
+    other = "nearest" if rule == "failkeep" else "failkeep"
+    assert (prepare(big, SIZE, resize=other).maps != prepare(big, SIZE, resize=rule).maps).any()
+    for calib in (src, cache):  # a raw file is shrunk with the run's rule; the run's own cache is accepted
+        got = calibration_set(run, QuantizeOptions("int8", calib_data=str(calib), calib_maps=40)).maps
+        want = load_prepared(src, SIZE, resize=rule).maps
+        assert sorted(map(bytes, got)) == sorted(map(bytes, want))

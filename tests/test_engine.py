@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from waferlab.cli import main
+from waferlab.data.cache import DEFAULT_RESIZE
 from waferlab.engine.config import TrainConfig, build_config, parse_set
 from waferlab.engine.sampling import IndexBatchSampler
 from waferlab.errors import WaferlabError
@@ -151,7 +152,9 @@ def test_index_batches_are_seeded_per_epoch_and_shard_global_batches() -> None:
 # ---------------------------------------------------------------------------------------------- end to end
 RUNS = {  # model -> (preset, extra CLI flags): one run per model family and preset
     "resnet34": ("default", ["--batch-size", "32"]),
-    "cbam": ("attention-study", ["--set", "pretrained=null", "--class-set", "all9"]),
+    # the preset's rule is nearest; the shared cache has the default rule, and a run must match its cache's
+    "cbam": ("attention-study", ["--set", "pretrained=null", "--class-set", "all9",
+                                 "--resize", DEFAULT_RESIZE]),
     "spanet": ("spanet", ["--class-set", "defect8", "--batch-size", "32"]),
 }
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from waferlab.data.cache import DEFAULT_RESIZE, RESIZE_RULES
 from waferlab.data.fab.common import add_fab_arguments, options_from_args
 
 
@@ -43,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                     "compact cache with class names, split tags and lots.")
     p.add_argument("src", help="source file or folder")
     p.add_argument("--size", type=int, default=64, help="side length in dies/pixels (default 64)")
+    p.add_argument("--resize", choices=RESIZE_RULES, default=DEFAULT_RESIZE,
+                   help=f"how larger grids are shrunk (default {DEFAULT_RESIZE}); a run uses a cache only "
+                        "when its 'resize' config key matches")
     p.add_argument("--out", required=True, help="output cache file (.npz)")
     add_fab_arguments(p)
     p.set_defaults(func=_prepare)
@@ -80,9 +84,11 @@ def _prepare(args: argparse.Namespace) -> int:
     from waferlab.data.cache import prepare, save_cache
     from waferlab.data.readers import load_table
 
-    prepared = prepare(load_table(args.src, options_from_args(args)), size=args.size, progress=True)
+    prepared = prepare(load_table(args.src, options_from_args(args)), size=args.size, progress=True,
+                       resize=args.resize)
     save_cache(prepared, args.out)
-    print(f"wrote {len(prepared)} maps at {args.size}x{args.size} to {args.out}", file=sys.stderr)
+    print(f"wrote {len(prepared)} maps at {args.size}x{args.size} ({args.resize}) to {args.out}",
+          file=sys.stderr)
     return 0
 
 

@@ -59,16 +59,67 @@ def encode(maps: torch.Tensor, encoding: str = "onehot") -> torch.Tensor:
     return gray.expand(-1, channels, -1, -1).contiguous()
 
 
-def resize_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Nearest-resize a uint8 (N,H,W) batch on its device (pixel-centre rule, as ``prepare`` does)."""
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int], rule: str = "nearest",
+                mask: bool = False) -> torch.Tensor:
+    """Resize a uint8 (N,H,W) batch on its device with ``rule``, exactly as ``resize_stack`` does on the CPU.
+
+    ``nearest``: pixel-centre sampling; ``failkeep``: see :data:`waferlab.data.cache.RESIZE_RULES`;
+    ``mask``: a 0/1 pattern mask (``failkeep`` tests its 1 cells, as it tests failed dies).
+    """
     import torch
     import torch.nn.functional as F
 
+    from waferlab.data.cache import check_resize
+
     maps = _as_batch(maps)
     out_hw = (size, size) if isinstance(size, int) else tuple(size)
+    check_resize(rule)
     if tuple(maps.shape[-2:]) == out_hw:
         return maps
     if maps.shape[0] == 0:
         return maps.new_zeros((0, *out_hw))
     resized = F.interpolate(maps.unsqueeze(1).to(torch.float32), size=out_hw, mode="nearest-exact")
-    return resized.squeeze(1).round_().to(torch.uint8)
+    near = resized.squeeze(1).round_().to(torch.uint8)
+    h, w = maps.shape[-2:]
+    if rule == "nearest" or (h <= out_hw[0] and w <= out_hw[1]):
+        return near
+    hits = maps == (1 if mask else 2)
+    keep = (_block_counts(hits, out_hw) >= _threshold(h, w, out_hw, maps.device)) | (
+        _block_counts(_diagonal_runs(hits), out_hw) > 0)
+    if mask:
+        return keep.to(torch.uint8)
+    return torch.where(near == 0, near, 1 + keep.to(torch.uint8))
+
+
+def _diagonal_runs(hits: torch.Tensor) -> torch.Tensor:
+    """Torch twin of :func:`waferlab.data.cache.diagonal_runs`."""
+    import torch.nn.functional as F
+
+    down = hits[:, :-2, :-2] & hits[:, 2:, 2:]
+    up = hits[:, :-2, 2:] & hits[:, 2:, :-2]
+    mid = hits[:, 1:-1, 1:-1] & (down | up)
+    return F.pad(mid, (1, 1, 1, 1))
+
+
+def _block_counts(hits: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+    """Torch twin of ``waferlab.data.cache._block_counts``: int32 true cells per block (prefix sums)."""
+    import torch
+
+    from waferlab.data.cache import block_bounds
+
+    out = hits.to(torch.int32)
+    for axis, n_out in ((1, out_hw[0]), (2, out_hw[1])):
+        bounds = block_bounds(out.shape[axis], n_out)  # cached, read-only: copied into the tensors
+        start, end = (torch.tensor(b.copy(), device=hits.device) for b in bounds)
+        zero = torch.zeros_like(out.narrow(axis, 0, 1))
+        cum = torch.cat([zero, out.cumsum(axis, dtype=torch.int32)], dim=axis)
+        out = cum.index_select(axis, end) - cum.index_select(axis, start)
+    return out
+
+
+def _threshold(h: int, w: int, out_hw: tuple[int, int], device: torch.device) -> torch.Tensor:
+    import torch
+
+    from waferlab.data.cache import failkeep_threshold
+
+    return torch.as_tensor(failkeep_threshold(h, w, out_hw), device=device)

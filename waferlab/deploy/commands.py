@@ -57,8 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a calibrated run as one self-describing ONNX file",
                        description="Dynamic batch; input uint8 maps (N,S,S) at the run's size; outputs "
                                    "logits, calibrated probs and the unknown-pattern score; the input "
-                                   "contract (encoding, size, classes, temperature, thresholds) is in the "
-                                   "metadata.")
+                                   "contract (encoding, size, resize rule, classes, temperature, "
+                                   "thresholds) is in the metadata.")
     p.add_argument("run", help="run directory (calibrated)")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     p.add_argument("--out", default=None,

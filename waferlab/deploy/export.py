@@ -1,11 +1,11 @@
 """``waferlab export``: a run's model, calibration, operating point and unknown-pattern score, one ONNX file.
 
-The graph takes uint8 maps (N, S, S) with values 0/1/2, already nearest-resized to the run's size S (dynamic
-batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The input contract (size,
-encoding, class names, logit scale, temperature, thresholds, the run's fingerprint) is JSON in the model's
-metadata under :data:`META_KEY`, so the file alone is enough to deploy. ``--quantize int8`` writes the
-network's ops in int8 (:mod:`waferlab.deploy.quantize`) and records that, its calibration and its measured
-agreement with the float32 graph in the contract.
+The graph takes uint8 maps (N, S, S) with values 0/1/2, already shrunk to the run's size S with the run's
+resize rule (dynamic batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The
+input contract (size, resize rule, encoding, class names, logit scale, temperature, thresholds, the run's
+fingerprint) is JSON in the model's metadata under :data:`META_KEY`, so the file alone is enough to deploy.
+``--quantize int8`` writes the network's ops in int8 (:mod:`waferlab.deploy.quantize`) and records that, its
+calibration and its measured agreement with the float32 graph in the contract.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from waferlab.data.cache import LEGACY_RESIZE, check_resize
 from waferlab.deploy import EXPORT_FORMATS, QUANTIZE_MODES
 from waferlab.deploy.trust import Trust
 from waferlab.engine.predict import InputSpec
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from waferlab.deploy.quantize import QuantizeOptions
 
 META_KEY = "waferlab"
-CONTRACT_VERSION = 2  # 2: the quantisation fields
+CONTRACT_VERSION = 2  # 2: the quantisation fields and the resize rule
 OUTPUTS = ("logits", "probs", "ood_score")
 OPSET = 17
 
@@ -52,16 +53,18 @@ class Contract:
     calibration_source: str = ""
     quantization_check: dict[str, Any] | None = None  # int8 vs float32, held-out maps (compare_outputs)
     version: int = CONTRACT_VERSION
+    resize: str = LEGACY_RESIZE  # how maps shrink to image_size before the graph (a file without it: nearest)
 
     @property
     def spec(self) -> InputSpec:
-        return InputSpec(self.image_size, self.encoding, tuple(self.class_names), self.logit_scale)
+        return InputSpec(self.image_size, self.encoding, tuple(self.class_names), self.logit_scale,
+                         resize=self.resize)
 
     @classmethod
     def of(cls, spec: InputSpec, trust: Trust, model_name: str = "") -> Contract:
         return cls(spec.image_size, spec.encoding, tuple(spec.class_names), spec.logit_scale,
                    trust.temperature, trust.none_threshold, trust.ood_threshold, trust.scorer.method,
-                   trust.fingerprint, model_name)
+                   trust.fingerprint, model_name, resize=spec.resize)
 
 
 class DeployGraph(nn.Module):
@@ -178,7 +181,8 @@ def write_onnx(proto: Any, contract: Contract, out: str | Path) -> Path:
     meta.key, meta.value = META_KEY, json.dumps(asdict(contract))
     int8 = "" if contract.quantization == QUANTIZE_MODES[0] else f" ({contract.quantization})"
     proto.doc_string = (f"waferlab {contract.model_name}{int8}: uint8 maps (N,{contract.image_size},"
-                        f"{contract.image_size}) 0/1/2 -> logits, calibrated probs, unknown-pattern score")
+                        f"{contract.image_size}) 0/1/2, shrunk with {contract.resize!r} -> logits, "
+                        "calibrated probs, unknown-pattern score")
     with atomic_path(out) as tmp:
         onnx.save(proto, str(tmp))
     return out
@@ -196,6 +200,7 @@ def read_contract(path: str | Path, session: Any) -> Contract:
             raise WaferlabError(f"{path}: field {META_KEY!r}: contract version {obj.get('version')} is newer "
                                 f"than this waferlab reads ({CONTRACT_VERSION})")
         obj["class_names"] = tuple(obj["class_names"])
+        check_resize(obj.get("resize", LEGACY_RESIZE), f"{path}: field {META_KEY!r}.resize")
         return Contract(**obj)
     except WaferlabError:
         raise

@@ -1,8 +1,8 @@
 """``waferlab predict``: a run (or an exported ONNX file) over any wafer-map source, streamed in chunks.
 
 The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, 2 bits a
-die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (nearest-resized
-to the run's size), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
+die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (shrunk to the run's size with
+the run's resize rule), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
 overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
 while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
 Output: one row per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML
@@ -312,15 +312,17 @@ class BackgroundWriter:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> tuple[int, Iterator[Chunk]]:
-    """(number of maps, chunks of prepared maps) from any source the readers take, or a prepared cache."""
-    from waferlab.data.cache import is_cache, load_cache, prepare, resize_prepared
+def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool,
+                resize: str = "nearest") -> tuple[int, Iterator[Chunk]]:
+    """(number of maps, chunks of maps shrunk with ``resize``) from any source the readers take, or a
+    prepared cache (which must have been prepared with ``resize``)."""
+    from waferlab.data.cache import is_cache, load_prepared, prepare, resize_prepared
     from waferlab.data.readers import load_table
 
     if not Path(src).exists():
         raise WaferlabError(f"{src}: no such file or directory")
     if is_cache(src):
-        p = load_cache(src)
+        p = load_prepared(src, None, resize=resize)
 
         def from_cache() -> Iterator[Chunk]:
             for start in range(0, len(p), chunk_size):
@@ -334,7 +336,7 @@ def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool) -> 
     def from_table() -> Iterator[Chunk]:
         for start in range(0, len(table), chunk_size):
             rows = np.arange(start, min(start + chunk_size, len(table)))
-            yield _chunk(rows, prepare(table.subset(rows), size))
+            yield _chunk(rows, prepare(table.subset(rows), size, resize=resize))
     return len(table), from_table()
 
 
@@ -531,7 +533,7 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
     gallery = _gallery_for(job)
     backend, contract, session = resolve_backend(job)
     t0 = time.perf_counter()
-    total, chunks = iter_chunks(job.data, contract.image_size, job.chunk_size, job.progress)
+    total, chunks = iter_chunks(job.data, contract.image_size, job.chunk_size, job.progress, contract.resize)
     summary = {"maps": 0, "unknown": 0, "defect": 0, "low_confidence": 0}
     with atomic_path(job.out) as tmp, tqdm(total=total, desc="predict", unit="map", disable=not job.progress,
                                           smoothing=0.1) as bar:

@@ -78,7 +78,8 @@ def calibration_set(run: Any, opts: QuantizeOptions) -> CalibrationSet:
     if opts.calib_data is not None:
         from waferlab.data.cache import load_prepared
 
-        p = load_prepared(opts.calib_data, run.spec().image_size, progress=False)
+        spec = run.spec()
+        p = load_prepared(opts.calib_data, spec.image_size, progress=False, resize=spec.resize)
         maps, labels, source = p.maps, p.labels, Path(opts.calib_data).name
     elif split is None:
         raise WaferlabError(f"{run.config_values().get('data')}: the run's training data is not here, so its "

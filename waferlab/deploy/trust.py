@@ -263,7 +263,7 @@ def calibrate_run(run_dir: str, data: str, options: TrustOptions | None = None, 
     spec = run.spec()
     if not Path(data).exists():
         raise WaferlabError(f"{data}: no such file or directory")
-    p = load_prepared(data, spec.image_size, progress=progress)
+    p = load_prepared(data, spec.image_size, progress=progress, resize=spec.resize)
     keep, y = map_labels(tuple(p.class_names), p.labels, spec.class_names, str(data))
     if len(keep) == 0:
         raise WaferlabError(f"{data}: no labelled maps to calibrate on")

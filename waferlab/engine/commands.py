@@ -8,7 +8,7 @@ from typing import Any
 
 _TRAIN_FLAGS = {  # CLI flag dest -> config key (None values are "not given")
     "model": "model", "data": "data", "out": "out", "init": "init", "optimizer": "optimizer",
-    "scheduler": "scheduler", "epochs": "epochs", "image_size": "image_size",
+    "scheduler": "scheduler", "epochs": "epochs", "image_size": "image_size", "resize": "resize",
     "seed": "seed", "batch_size": "batch_size", "lr": "lr", "class_set": "class_set", "encoding": "encoding",
     "split": "split", "loss": "loss", "pretrained": "pretrained", "devices": "devices",
     "num_nodes": "num_nodes",
@@ -26,6 +26,7 @@ def _choices(values: Any) -> str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``evaluate`` to the top-level parser (help built from the declared lists)."""
+    from waferlab.data.cache import RESIZE_RULES
     from waferlab.data.encode import ENCODINGS
     from waferlab.data.splits import CLASS_SETS, SPLIT_METHODS
     from waferlab.engine.config import preset_names
@@ -48,6 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "'multilabel' trains MixedWM38-style multi-hot labels")
     p.add_argument("--epochs", type=int)
     p.add_argument("--image-size", type=int, help="side length the maps are resized to")
+    p.add_argument("--resize", help=f"how larger grids are shrunk: {_choices(RESIZE_RULES)} "
+                                    "(README: Resizing)")
     p.add_argument("--seed", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waferlab.data.cache import DEFAULT_RESIZE, RESIZE_RULES
 from waferlab.data.encode import ENCODINGS
 from waferlab.data.splits import CLASS_SETS, SPLIT_METHODS
 from waferlab.engine.optim import OPTIMIZERS, PLATEAU_MONITORS, SCHEDULERS
@@ -43,6 +44,7 @@ class TrainConfig:
     class_set: str = "all9"
     encoding: str = "onehot"
     image_size: int = 64
+    resize: str = DEFAULT_RESIZE  # how maps shrink to image_size (RESIZE_RULES); a run without it: nearest
     split: str = "stratified"
     fractions: list[float] = field(default_factory=lambda: [0.7, 0.15, 0.15])
     max_maps: int | None = None
@@ -259,7 +261,8 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.outlier_exposure > 0 and (cfg.task != "multiclass" or cfg.head == "cosine"):
         raise WaferlabError(f"config outlier_exposure: needs task multiclass and free logits (head linear or "
                             f"failpool), got task {cfg.task!r}, head {cfg.head!r}")
-    for name, choices in (("class_set", CLASS_SETS), ("encoding", ENCODINGS), ("split", SPLIT_METHODS),
+    for name, choices in (("class_set", CLASS_SETS), ("encoding", ENCODINGS), ("resize", RESIZE_RULES),
+                          ("split", SPLIT_METHODS),
                           ("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS), ("checkpoint", CHECKPOINTS),
                           ("head", HEADS), ("plateau_monitor", PLATEAU_MONITORS), ("task", TASKS)):
         _choice(cfg, name, tuple(choices))

@@ -60,13 +60,13 @@ class SplitData:
 
 def _load_source(src: DataSource, cfg: TrainConfig, resize: bool) -> Any:
     """One source at its own size (a cache) or at ``cfg.image_size``, restricted to the class set."""
-    from waferlab.data.cache import is_cache, load_cache, load_prepared
+    from waferlab.data.cache import is_cache, load_prepared
     from waferlab.data.splits import select_classes
 
     if not src.path.exists():
         raise WaferlabError(f"data not found: {src.path}")
-    p = load_cache(src.path) if is_cache(src.path) and not resize else load_prepared(
-        src.path, cfg.image_size, progress=cfg.bars)
+    p = load_prepared(src.path, None if is_cache(src.path) and not resize else cfg.image_size,
+                      progress=cfg.bars, resize=cfg.resize)
     if cfg.task == "multilabel":  # every map counts (all-zero = no defect); class_set does not apply
         p.require_multi_hot(str(src.path), "task multilabel")
         return p
@@ -229,7 +229,7 @@ class WaferDataModule(L.LightningDataModule):
             self.augmenter.generator = gen
             maps = self.augmenter(maps)
         if maps.shape[-1] != self.cfg.image_size or maps.shape[-2] != self.cfg.image_size:
-            maps = resize_maps(maps, self.cfg.image_size)
+            maps = resize_maps(maps, self.cfg.image_size, self.cfg.resize)
         if train and self.cfg.outlier_exposure > 0:  # generic anomalies after the known maps (module.py)
             from waferlab.data.anomalies import paint_anomalies
 

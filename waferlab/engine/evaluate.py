@@ -59,7 +59,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     info = run.info
     if not Path(data).exists():
         raise WaferlabError(f"data not found: {data}")
-    p = load_prepared(data, info.image_size, progress=progress)
+    p = load_prepared(data, info.image_size, progress=progress, resize=info.resize)
     multilabel = info.task == "multilabel"
     if multilabel:  # every map is labelled: an all-zero row is a map without defect
         keep = np.arange(len(p))
@@ -84,7 +84,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     cfg = info.config
     card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(keep)),
             "n_unlabeled_dropped": int(dropped), "trained_on": cfg.get("data"), "image_size": info.image_size,
-            "encoding": info.encoding, "seed": cfg.get("seed"),
+            "resize": info.resize, "encoding": info.encoding, "seed": cfg.get("seed"),
             **({"task": info.task} if multilabel else {"class_set": cfg.get("class_set")})}
     write_evaluation(metrics, out, f"{info.model_name} evaluated on {Path(data).name}", card)
     return metrics

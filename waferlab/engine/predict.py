@@ -30,6 +30,7 @@ class InputSpec:
     class_names: tuple[str, ...]  # the output names: classes, or labels of a multilabel run
     logit_scale: float = 1.0  # cosine heads output similarities; softmax(scale * cos) is the distribution
     task: str = "multiclass"  # multiclass: probs = softmax; multilabel: one sigmoid per label
+    resize: str = "nearest"  # how maps of another size are shrunk (waferlab.data.cache.RESIZE_RULES)
 
 
 @dataclass
@@ -90,7 +91,7 @@ def prepare_batch(maps: torch.Tensor, spec: InputSpec, dev: torch.device) -> tor
 
     batch = maps.to(dev, non_blocking=True).to(torch.uint8)
     if batch.shape[-1] != spec.image_size or batch.shape[-2] != spec.image_size:
-        batch = resize_maps(batch, spec.image_size)
+        batch = resize_maps(batch, spec.image_size, spec.resize)
     x = encode(batch, spec.encoding)
     return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
 

@@ -22,8 +22,8 @@ from waferlab.io import write_json, write_text
 #: Protocol-card keys shown first, in this order; any other key follows in the order given.
 PROTOCOL_ORDER = (
     "model", "weights", "checkpoint", "run", "run_dir", "data", "data_source", "trained_on", "split",
-    "fractions", "evaluated_on", "eval_split", "class_set", "image_size", "encoding", "seed", "head",
-    "loss", "epochs", "n_train", "n_val", "n_test", "n_maps",
+    "fractions", "evaluated_on", "eval_split", "class_set", "image_size", "resize", "encoding", "seed",
+    "head", "loss", "epochs", "n_train", "n_val", "n_test", "n_maps",
 )
 #: Headline rows of the report: (metrics key, label).
 HEADLINE_ROWS = (

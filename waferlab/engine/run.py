@@ -30,6 +30,7 @@ class RunInfo:
     logit_scale: float = 1.0
     run_dir: str = ""
     task: str = "multiclass"  # multilabel: class_names are the labels, each with its own sigmoid
+    resize: str = "nearest"  # the rule that shrinks maps to image_size (waferlab.data.cache.RESIZE_RULES)
 
 
 def logit_scale_of(cfg: Any) -> float:
@@ -265,13 +266,17 @@ class Run:
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise WaferlabError(f"{self.file('classes.json')}: expected a JSON list of class names")
         return RunInfo(model_name=cfg.model, class_names=tuple(classes), image_size=int(cfg.image_size),
-                       encoding=cfg.encoding, in_chans=num_channels(cfg.encoding), head=cfg.head,
-                       model_options=dict(cfg.model_options), config=values,
+                       encoding=cfg.encoding, resize=cfg.resize, in_chans=num_channels(cfg.encoding),
+                       head=cfg.head, model_options=dict(cfg.model_options), config=values,
                        logit_scale=logit_scale_of(cfg), run_dir=str(self.path), task=cfg.task)
 
     def config_values(self) -> dict[str, Any]:
-        """config.yaml as a plain dict (empty when absent); a corrupt file is a one-line error."""
+        """config.yaml as a plain dict (empty when absent); a corrupt file is a one-line error.
+
+        A run written before the ``resize`` key was shrunk with nearest: the key is filled in as such."""
         import yaml
+
+        from waferlab.data.cache import LEGACY_RESIZE, check_resize
 
         if not self.has("config.yaml"):
             return {}
@@ -282,6 +287,8 @@ class Run:
                                 ) from None
         if not isinstance(values, dict):
             raise WaferlabError(f"{self.file('config.yaml')}: expected a mapping of key: value")
+        values.setdefault("resize", LEGACY_RESIZE)
+        check_resize(values["resize"], f"{self.file('config.yaml')}: field 'resize'")
         return values
 
     def config(self) -> Any:
@@ -296,10 +303,10 @@ class Run:
         return self.info.class_names
 
     def spec(self) -> InputSpec:
-        """The input contract of the run's model (size, encoding, classes, logit scale, task)."""
+        """The input contract of the run's model (size, resize rule, encoding, classes, logit scale, task)."""
         i = self.info
         return InputSpec(image_size=i.image_size, encoding=i.encoding, class_names=i.class_names,
-                         logit_scale=i.logit_scale, task=i.task)
+                         resize=i.resize, logit_scale=i.logit_scale, task=i.task)
 
     def temperature(self) -> float:
         """The fitted temperature from calibration.json, 1 when the run has not been calibrated."""

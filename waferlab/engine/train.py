@@ -173,9 +173,9 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
     if rank_zero:
         run = Run.create(cfg.out, overwrite=overwrite, resume=resume)
         run.write_start(cfg, data.class_names)
-        _note(f"training {cfg.model} on {describe(data.split, cfg)}, {cfg.image_size}px {cfg.encoding}, "
-              f"{cfg.epochs} epochs, {hw.accelerator} {hw.precision}, {trainer.world_size} process(es) -> "
-              f"{run.path}")
+        _note(f"training {cfg.model} on {describe(data.split, cfg)}, {cfg.image_size}px ({cfg.resize}) "
+              f"{cfg.encoding}, {cfg.epochs} epochs, {hw.accelerator} {hw.precision}, "
+              f"{trainer.world_size} process(es) -> {run.path}")
     started = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(run.last_checkpoint) if resume else None)
     if not trainer.is_global_zero:
@@ -208,7 +208,7 @@ def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any
     card: dict[str, Any] = {
         "model": cfg.model, "data": cfg.data, "class_set": cfg.class_set, "split": cfg.split,
         "fractions": "/".join(f"{f:g}" for f in cfg.fractions), "image_size": cfg.image_size,
-        "encoding": cfg.encoding, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
+        "resize": cfg.resize, "encoding": cfg.encoding, "epochs": cfg.epochs, "batch_size": cfg.batch_size,
         "optimizer": cfg.optimizer, "lr": cfg.lr, "loss": cfg.loss, "augment": cfg.augment, "seed": cfg.seed,
     }
     if cfg.init:

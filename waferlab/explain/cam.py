@@ -41,8 +41,10 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def as_maps(maps: np.ndarray | torch.Tensor | Sequence[np.ndarray], size: int | None = None) -> torch.Tensor:
-    """Wafer maps as a uint8 CPU tensor (N, S, S); resized (nearest) to ``size`` when given and different."""
+def as_maps(maps: np.ndarray | torch.Tensor | Sequence[np.ndarray], size: int | None = None,
+            rule: str = "nearest", mask: bool = False) -> torch.Tensor:
+    """Wafer maps (or 0/1 ``mask``-s) as a uint8 CPU tensor (N, S, S); resized with the run's ``rule`` to
+    ``size`` when given and different."""
     if isinstance(maps, torch.Tensor):
         t = maps.detach().to("cpu")
     else:
@@ -56,7 +58,7 @@ def as_maps(maps: np.ndarray | torch.Tensor | Sequence[np.ndarray], size: int | 
     if size is not None and tuple(t.shape[-2:]) != (size, size):
         from waferlab.data.encode import resize_maps
 
-        t = resize_maps(t, size)
+        t = resize_maps(t, size, rule, mask=mask)
     return t
 
 
@@ -247,7 +249,7 @@ def compute_cams(
         raise WaferlabError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device) if device is not None else model_device(model)
     model.to(dev).eval()
-    t = as_maps(maps, spec.image_size)
+    t = as_maps(maps, spec.image_size, spec.resize)
     probs = probabilities(model, t, spec, batch_size=batch_size, device=dev)
     if targets is None:
         target_arr = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)

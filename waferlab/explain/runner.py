@@ -104,12 +104,12 @@ class _Run:
 
 def _test_part(src: str, config: dict[str, Any], size: int, progress: bool):
     """The test part of a run's split of ``src``, reproduced from the run's config (class set, cap, split)."""
-    from waferlab.data.cache import is_cache, load_cache, load_prepared, resize_prepared
+    from waferlab.data.cache import is_cache, load_prepared, resize_prepared
     from waferlab.data.splits import assign_splits, select_classes
     from waferlab.engine.config import config_from_dict
 
-    cfg = config_from_dict({**config, "data": str(src)})
-    p = load_cache(src) if is_cache(src) else load_prepared(src, size, progress=progress)
+    cfg = config_from_dict({**config, "data": str(src)})  # a run's config names its resize rule
+    p = load_prepared(src, None if is_cache(src) else size, progress=progress, resize=cfg.resize)
     p = select_classes(p, cfg.class_set)
     if cfg.max_maps is not None and len(p) > cfg.max_maps:  # the same draw as training's
         rng = np.random.default_rng(cfg.seed)
@@ -126,9 +126,9 @@ def _load_data(src: str, run: Any, test_part: bool, progress: bool):
 
     if not Path(src).exists():
         raise WaferlabError(f"data not found: {src}")
-    size = run.spec().image_size
-    return _test_part(src, run.info.config, size, progress) if test_part else load_prepared(
-        src, size, progress=progress)
+    spec = run.spec()
+    return _test_part(src, run.info.config, spec.image_size, progress) if test_part else (
+        load_prepared(src, spec.image_size, progress=progress, resize=spec.resize))
 
 
 def _run_labels(data: Any, class_names: Sequence[str]) -> np.ndarray:
@@ -147,14 +147,15 @@ def _load_runs(run_dirs: Sequence[str], data: str, s: ExplainSettings, dev: Any)
 
     runs: list[_Run] = []
     used: set[str] = set()
-    loaded: dict[int, Any] = {}
+    loaded: dict[tuple[int, str], Any] = {}
     for run_dir in run_dirs:
         run = Run.open(run_dir)
         spec = run.spec()
         model = run.load_model(device=dev)
-        if s.test_part or spec.image_size not in loaded:
-            loaded[spec.image_size] = _load_data(data, run, s.test_part, s.progress)
-        prepared = loaded[spec.image_size]
+        key = spec.image_size, spec.resize
+        if s.test_part or key not in loaded:
+            loaded[key] = _load_data(data, run, s.test_part, s.progress)
+        prepared = loaded[key]
         if len(prepared) == 0:
             raise WaferlabError(f"{data}: no maps to explain")
         probs = probabilities(model, prepared.maps, spec, batch_size=s.batch_size, device=dev)

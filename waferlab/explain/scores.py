@@ -105,8 +105,8 @@ def score_model(model: nn.Module, maps, labels: np.ndarray, spec: InputSpec, mas
     """
     s = settings or ScoreSettings()
     names = parse_methods(s.methods)
-    t = as_maps(maps, spec.image_size)
-    masks = None if masks is None else as_maps(masks, spec.image_size).numpy()
+    t = as_maps(maps, spec.image_size, spec.resize)
+    masks = None if masks is None else as_maps(masks, spec.image_size, spec.resize, mask=True).numpy()
     labels = np.asarray(labels, dtype=np.int64)
     res = compute_cams(model, t, spec, names, batch_size=s.batch_size, device=s.device, progress=s.progress)
     preds = res.targets

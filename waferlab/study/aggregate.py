@@ -90,7 +90,7 @@ def collect(study: Path, spec: StudySpec, cells_state: dict[str, Any]) -> list[R
 
 
 def _split_key(config: dict[str, Any]) -> tuple:
-    keys = ("data", "class_set", "split", "fractions", "seed", "max_maps", "balance_targets")
+    keys = ("data", "resize", "class_set", "split", "fractions", "seed", "max_maps", "balance_targets")
     return tuple(repr(config.get(k)) for k in keys)
 
 
