@@ -29,6 +29,18 @@ DEFAULT_SIZE = 64
 _CHUNK = 8192  # maps resized per vectorised gather (bounds the temporary stack's memory)
 _FAILKEEP_CELLS = 1 << 22  # source cells per failkeep block-sum pass (a few tens of MB of temporaries)
 
+#: How a map is shrunk to SxS. ``nearest``: one source die per pixel (pixel centres), which drops most of
+#: a 1-die scratch or thin ring on grids wider than ~1.5 S. ``failkeep``: the outline (no die) follows
+#: nearest; a die pixel is failed when its source block holds at least as many failed dies as the block's
+#: shorter side (a 1-die line crossing the block keeps it failed) or the middle die of a diagonal run of
+#: three failed dies (a 45-degree line splits between blocks). Sparse noise (~10 % failed) gets no denser.
+#: Both equal nearest when the grid is not larger than S (upsampling).
+RESIZE_RULES: tuple[str, ...] = ("nearest", "failkeep")
+#: The rule of a run or cache that does not record one (written before the rule existed).
+LEGACY_RESIZE = "nearest"
+#: The rule new runs use (the ``resize`` config key; chosen by benchmarks/sim2real.py on real maps).
+DEFAULT_RESIZE = "failkeep"
+
 
 @dataclass
 class PreparedData:
@@ -51,7 +63,7 @@ class PreparedData:
     multi_hot: np.ndarray | None = None
     multi_label_names: tuple[str, ...] = ()
     masks: np.ndarray | None = None
-    resize: str = "nearest"
+    resize: str = LEGACY_RESIZE
 
     def __post_init__(self) -> None:
         check_resize(self.resize, self.source or "prepared data")
@@ -121,17 +133,6 @@ class PreparedData:
 
 
 # ----------------------------------------------------------------------------------------------- resize
-#: How a map is shrunk to SxS. ``nearest``: one source die per pixel (pixel centres), which drops most of
-#: a 1-die scratch or thin ring on grids wider than ~1.5 S. ``failkeep``: the outline (no die) follows
-#: nearest; a die pixel is failed when its source block holds at least as many failed dies as the block's
-#: shorter side (a 1-die line crossing the block keeps it failed) or the middle die of a diagonal run of
-#: three failed dies (a 45-degree line splits between blocks). Sparse noise (~10 % failed) gets no denser.
-#: Both equal nearest when the grid is not larger than S (upsampling).
-RESIZE_RULES: tuple[str, ...] = ("nearest", "failkeep")
-#: The rule of a run or cache that does not record one (written before the rule existed).
-LEGACY_RESIZE = "nearest"
-#: The rule new runs use (the ``resize`` config key; chosen by benchmarks/sim2real.py on real maps).
-DEFAULT_RESIZE = "failkeep"
 
 
 def check_resize(rule: object, where: str = "resize") -> str:
@@ -216,7 +217,7 @@ def _failkeep(hits: np.ndarray, size: int) -> np.ndarray:
     return keep
 
 
-def resize_stack(stack: np.ndarray, size: int, rule: str = "nearest", mask: bool = False) -> np.ndarray:
+def resize_stack(stack: np.ndarray, size: int, rule: str = LEGACY_RESIZE, mask: bool = False) -> np.ndarray:
     """Resize a uint8 (N,H,W) stack to (N,size,size) with ``rule`` (values stay 0/1/2).
 
     ``mask``: the stack is a 0/1 pattern mask; ``failkeep`` then keeps a pixel when its block holds at
@@ -225,15 +226,16 @@ def resize_stack(stack: np.ndarray, size: int, rule: str = "nearest", mask: bool
     _, h, w = stack.shape
     if (h, w) == (size, size):
         return np.ascontiguousarray(stack)
+    nearest = check_resize(rule) == "nearest" or (h <= size and w <= size)
+    if not nearest and mask:  # a mask has no outline: its block counts alone decide
+        return _failkeep(stack == 1, size).astype(np.uint8)
     rows = nearest_indices(h, size)
     cols = nearest_indices(w, size)
     # two axis-wise takes are several times faster than one 2-D fancy index
     near = np.take(np.take(stack, rows, axis=1), cols, axis=2)
-    if check_resize(rule) == "nearest" or (h <= size and w <= size):
+    if nearest:
         return near
-    keep = _failkeep(stack == (1 if mask else 2), size)
-    if mask:
-        return keep.astype(np.uint8)
+    keep = _failkeep(stack == 2, size)
     return np.where(near == 0, np.uint8(0), np.where(keep, np.uint8(2), np.uint8(1)))
 
 

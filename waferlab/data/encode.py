@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from waferlab.data.cache import LEGACY_RESIZE
 from waferlab.errors import WaferlabError
 
 if TYPE_CHECKING:  # torch is imported in the functions, so the CLI can list ENCODINGS without it
@@ -59,7 +60,7 @@ def encode(maps: torch.Tensor, encoding: str = "onehot") -> torch.Tensor:
     return gray.expand(-1, channels, -1, -1).contiguous()
 
 
-def resize_maps(maps: torch.Tensor, size: int | tuple[int, int], rule: str = "nearest",
+def resize_maps(maps: torch.Tensor, size: int | tuple[int, int], rule: str = LEGACY_RESIZE,
                 mask: bool = False) -> torch.Tensor:
     """Resize a uint8 (N,H,W) batch on its device with ``rule``, exactly as ``resize_stack`` does on the CPU.
 
@@ -102,7 +103,7 @@ def _diagonal_runs(hits: torch.Tensor) -> torch.Tensor:
 
 
 def _block_counts(hits: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
-    """Torch twin of ``waferlab.data.cache._block_counts``: int32 true cells per block (prefix sums)."""
+    """int32 true cells per ``block_bounds`` block (prefix sums); the torch side of ``cache._failkeep``."""
     import torch
 
     from waferlab.data.cache import block_bounds

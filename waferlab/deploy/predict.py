@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from waferlab.data.cache import LEGACY_RESIZE
 from waferlab.errors import WaferlabError
 
 OUTPUT_FORMATS: dict[str, str] = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -313,7 +314,7 @@ class BackgroundWriter:
 
 # ------------------------------------------------------------------------------------------------ reading
 def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool,
-                resize: str = "nearest") -> tuple[int, Iterator[Chunk]]:
+                resize: str = LEGACY_RESIZE) -> tuple[int, Iterator[Chunk]]:
     """(number of maps, chunks of maps shrunk with ``resize``) from any source the readers take, or a
     prepared cache (which must have been prepared with ``resize``)."""
     from waferlab.data.cache import is_cache, load_prepared, prepare, resize_prepared

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from waferlab.data.cache import LEGACY_RESIZE
 from waferlab.errors import WaferlabError
 
 if TYPE_CHECKING:
@@ -30,7 +31,7 @@ class InputSpec:
     class_names: tuple[str, ...]  # the output names: classes, or labels of a multilabel run
     logit_scale: float = 1.0  # cosine heads output similarities; softmax(scale * cos) is the distribution
     task: str = "multiclass"  # multiclass: probs = softmax; multilabel: one sigmoid per label
-    resize: str = "nearest"  # how maps of another size are shrunk (waferlab.data.cache.RESIZE_RULES)
+    resize: str = LEGACY_RESIZE  # how maps of another size are shrunk (waferlab.data.cache.RESIZE_RULES)
 
 
 @dataclass

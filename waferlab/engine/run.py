@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from waferlab.data.cache import LEGACY_RESIZE
 from waferlab.engine.predict import InputSpec
 from waferlab.errors import WaferlabError
 
@@ -30,7 +31,7 @@ class RunInfo:
     logit_scale: float = 1.0
     run_dir: str = ""
     task: str = "multiclass"  # multilabel: class_names are the labels, each with its own sigmoid
-    resize: str = "nearest"  # the rule that shrinks maps to image_size (waferlab.data.cache.RESIZE_RULES)
+    resize: str = LEGACY_RESIZE  # the rule that shrinks maps to image_size (waferlab.data.cache.RESIZE_RULES)
 
 
 def logit_scale_of(cfg: Any) -> float:

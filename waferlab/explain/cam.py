@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from waferlab.data.cache import LEGACY_RESIZE
 from waferlab.engine.predict import InputSpec, PredictOptions, predict_probs, resolve_device
 from waferlab.errors import WaferlabError
 from waferlab.explain.methods import METHOD_TITLES, METHODS  # noqa: F401  (re-exported)
@@ -42,7 +43,7 @@ def parse_methods(methods: str | Sequence[str]) -> list[str]:
 
 
 def as_maps(maps: np.ndarray | torch.Tensor | Sequence[np.ndarray], size: int | None = None,
-            rule: str = "nearest", mask: bool = False) -> torch.Tensor:
+            rule: str = LEGACY_RESIZE, mask: bool = False) -> torch.Tensor:
     """Wafer maps (or 0/1 ``mask``-s) as a uint8 CPU tensor (N, S, S); resized with the run's ``rule`` to
     ``size`` when given and different."""
     if isinstance(maps, torch.Tensor):
