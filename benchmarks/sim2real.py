@@ -41,6 +41,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = Path(os.environ.get("WAFERLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
 COMMANDS: list[str] = []
+RUNS = ("synthetic only", "real only", "synthetic + fine-tune")  # the table's columns, in order
 
 
 def _cli(*args: str) -> float:
@@ -129,6 +130,8 @@ class Plan:
     ft_real_weight: float
     synth_set: tuple[str, ...]
     resize: str
+    runs: tuple[str, ...] = RUNS
+    eval_calib: bool = False
 
 
 def _train(plan: Plan, data: list[str], out: Path, epochs: int, seed: int, *extra: str) -> float:
@@ -146,30 +149,46 @@ def _sets(*pairs: str) -> list[str]:
     return [a for p in pairs for a in ("--set", p)]
 
 
-def run_seed(plan: Plan, synth: Path, calib: Path, held: Path, out: Path, seed: int) -> dict[str, dict]:
-    """Train the three runs of one seed (reusing finished ones), evaluate each on the held-out part."""
-    runs = {"synthetic only": out / "synth_only", "real only": out / "real_only",
-            "synthetic + fine-tune": out / "synth_ft"}
-    walls = {"synthetic only": _train(plan, [str(synth)], runs["synthetic only"], plan.epochs, seed,
-                                      *_sets(*plan.synth_set)),
-             "real only": _train(plan, [str(calib)], runs["real only"], plan.real_epochs, seed,
-                                 *_sets("fractions=[0.8, 0.2, 0.0]"))}
+def _fine_tune(plan: Plan, synth: Path, calib: Path, init: Path, out: Path, seed: int) -> float:
+    """Fine-tune the synthetic run on the calibration part (optionally with a share of synthetic maps)."""
     real = f"{calib}:{plan.ft_real_weight:g}" if plan.ft_real_weight != 1 else str(calib)
     ft_data = [real] + ([f"{synth}:{plan.ft_synth:g}"] if plan.ft_synth > 0 else [])
     # synthetic maps mixed in: validation would be mostly synthetic; train on all real maps, keep the last
     ft_split = "fractions=[1.0, 0.0, 0.0]" if plan.ft_synth > 0 else "fractions=[0.8, 0.2, 0.0]"
-    walls["synthetic + fine-tune"] = _train(plan, ft_data, runs["synthetic + fine-tune"], plan.ft_epochs,
-                                            seed, "--init", str(runs["synthetic only"]),
-                                            *_sets(*plan.synth_set, ft_split, f"lr={plan.ft_lr}",
-                                                   "warmup_epochs=0"))
+    return _train(plan, ft_data, out, plan.ft_epochs, seed, "--init", str(init),
+                  *_sets(*plan.synth_set, ft_split, f"lr={plan.ft_lr}", "warmup_epochs=0"))
+
+
+def _evaluate(run: Path, data: Path, name: str) -> dict:
+    """``waferlab evaluate`` of a run on one real part (reused when done); its metrics."""
+    out = run / f"eval_{name}"
+    if not (out / "metrics.json").is_file():
+        _cli("evaluate", str(run), "--data", str(data), "--out", str(out), "--no-progress")
+    return json.loads((out / "metrics.json").read_text())
+
+
+def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: int) -> dict[str, dict]:
+    """Train the chosen runs of one seed (reusing finished ones), evaluate each on the held-out part.
+
+    With ``plan.eval_calib`` each run is also evaluated on the calibration part (what generator tuning may
+    look at) and that summary printed; the table stays held-out only.
+    """
+    dirs = dict(zip(RUNS, (out / "synth_only", out / "real_only", out / "synth_ft")))
+    train = {"synthetic only": lambda: _train(plan, [str(synth)], dirs["synthetic only"], plan.epochs, seed,
+                                              *_sets(*plan.synth_set)),
+             "real only": lambda: _train(plan, [str(parts["calib"])], dirs["real only"], plan.real_epochs,
+                                         seed, *_sets("fractions=[0.8, 0.2, 0.0]")),
+             "synthetic + fine-tune": lambda: _fine_tune(plan, synth, parts["calib"], dirs["synthetic only"],
+                                                         dirs["synthetic + fine-tune"], seed)}
     results = {}
-    for name, run in runs.items():
-        if not (run / "eval_heldout" / "metrics.json").is_file():
-            _cli("evaluate", str(run), "--data", str(held), "--out", str(run / "eval_heldout"),
-                 "--no-progress")
-        results[name] = json.loads((run / "eval_heldout" / "metrics.json").read_text())
-        print(f"\nseed {seed}, {name} (train {walls[name]:.0f} s) on the held-out real maps:\n"
+    for name in plan.runs:
+        wall = train[name]()
+        results[name] = _evaluate(dirs[name], parts["held"], "heldout")
+        print(f"\nseed {seed}, {name} (train {wall:.0f} s) on the held-out real maps:\n"
               f"{summarise(results[name])}", flush=True)
+        if plan.eval_calib and name != "real only":  # the real-only run trained on the calibration part
+            print(f"seed {seed}, {name} on the calibration part (tuning only, not the result):\n"
+                  f"{summarise(_evaluate(dirs[name], parts['calib'], 'calib'))}", flush=True)
     return results
 
 
@@ -196,21 +215,29 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=48)
     ap.add_argument("--resize", choices=RESIZE_RULES, default=DEFAULT_RESIZE,
                     help="rule that shrinks the maps to the image size, for every run")
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS), metavar="RUN",
+                    help="which runs to train (fine-tuning needs the synthetic run): "
+                    + ", ".join(map(repr, RUNS)))
+    ap.add_argument("--eval-calib", action="store_true",
+                    help="also evaluate on the calibration part and print it (for generator tuning)")
     args = ap.parse_args()
+    if "synthetic + fine-tune" in args.runs and "synthetic only" not in args.runs:
+        ap.error("--runs: 'synthetic + fine-tune' starts from the 'synthetic only' run; list both")
 
     args.out.mkdir(parents=True, exist_ok=True)
     calib, held, n_calib, n_held = write_real(args.shared, args.out, args.split_seed)
     print(f"real calibration part: {sum(n_calib.values())} maps {n_calib}\n"
           f"real held-out part: {sum(n_held.values())} maps {n_held}", flush=True)
     plan = Plan(args.model, args.image_size, args.epochs, args.real_epochs, args.ft_epochs, args.ft_lr,
-                args.ft_synth, args.ft_real_weight, tuple(args.synth_set), args.resize)
+                args.ft_synth, args.ft_real_weight, tuple(args.synth_set), args.resize,
+                tuple(r for r in RUNS if r in args.runs), args.eval_calib)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
         synth = out / "synth.npz"
         if not synth.is_file():
             _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(seed))
-        for name, metrics in run_seed(plan, synth, calib, held, out, seed).items():
+        for name, metrics in run_seed(plan, {"calib": calib, "held": held}, synth, out, seed).items():
             results.setdefault(name, []).append(metrics)
     print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, "
           f"{args.epochs} epochs; real: "
