@@ -411,3 +411,51 @@ def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
     mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones
     assert all(np.array_equal(x, y) for x, y in zip(mixed_before.maps, mixed_after.maps))
     assert all(np.array_equal(x, y) for x, y in zip(mixed_before.masks, mixed_after.masks))
+
+
+def test_cluster_run_and_edge_statistics_on_hand_made_maps():
+    """The statistics behind the Loc / Scratch / none confusions (issue 14) measure what they say."""
+    h = w = 40
+    r = _norm_radius((h, w))
+    wafer = np.where(r <= 1.0, 1, 0).astype(np.uint8)
+    ii, jj = np.mgrid[0:h, 0:w]
+    st = map_stats(wafer)
+    assert st["n_clusters"] == 0 and st["cluster_share"] == 0 and st["line_run"] == 0 and st["edge_runs"] == 0
+    # a row scratch with a 1-die gap: one straight run (gap bridged), 19 of its 20 dies failed
+    line = wafer.copy()
+    line[20, 8:28] = 2
+    line[20, 17] = 1
+    st = map_stats(line)
+    assert st["line_run"] == pytest.approx(20 / 40) and st["line_run_fill"] == pytest.approx(19 / 20)
+    assert st["line_axis_dev"] == pytest.approx(0.0, abs=1e-6) and st["largest_cc_dies"] == 10
+    diag = wafer.copy()
+    diag[np.arange(8, 20), np.arange(30, 18, -1)] = 2  # a 12-die anti-diagonal: 45 degrees off the grid
+    st = map_stats(diag)
+    assert st["line_run"] == pytest.approx(12 * np.sqrt(2) / 40) and st["line_run_fill"] == 1.0
+    assert st["line_axis_dev"] == pytest.approx(45.0, abs=1e-6)
+    # two loose blobs (about 60% failed) that fall apart into many components are still two clusters
+    rng = np.random.default_rng(0)
+    blobs = wafer.copy()
+    near = (np.hypot(ii - 12, jj - 20) < 4) | (np.hypot(ii - 26, jj - 26) < 4)
+    blobs[near & (rng.random((h, w)) < 0.6)] = 2
+    st = map_stats(blobs)
+    assert st["n_clusters"] == 2 and 0.45 < st["cluster_fill"] < 0.85
+    assert st["cluster_share"] == pytest.approx(near.sum() / wafer.sum(), rel=0.5)
+    assert 0.3 < st["cluster_radius"] < 0.6
+    # a 10% random background makes no dense cluster and only short runs
+    noise = wafer.copy()
+    noise[(wafer > 0) & (rng.random((h, w)) < 0.1)] = 2
+    st = map_stats(noise)
+    assert st["n_clusters"] == 0 and st["line_run"] < 0.25
+    # edge die loss: three runs of 3 failed dies on the outermost die ring, one single failed die
+    edge = distance_transform_edt(np.pad(wafer > 0, 1))[1:-1, 1:-1]
+    outer = (wafer > 0) & (np.floor(edge + 0.5) == 1)
+    rim = wafer.copy()
+    ang = np.degrees(np.arctan2(ii - 19.5, jj - 19.5))
+    for a0 in (0.0, 90.0, -150.0):
+        d = np.abs((ang - a0 + 180) % 360 - 180)
+        rim[outer & (d <= np.sort(d[outer])[2])] = 2  # the three ring dies nearest to a0
+    lone = np.argwhere(outer & (np.abs(ang - 45) < 3))[0]
+    rim[lone[0], lone[1]] = 2
+    assert map_stats(rim)["edge_runs"] == pytest.approx(100 * 3 / outer.sum())
+

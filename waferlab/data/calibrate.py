@@ -32,7 +32,13 @@ STATS: tuple[str, ...] = (
     "largest_cc_frac", "cc_length", "n_dies",
     "ring_coverage", "ring_depth", "line_length", "line_straightness", "line_fill",
     "blob_elongation", "blob_solidity", "blob_radius", "bg_rate", "isolated_frac",
+    "line_axis_dev", "n_clusters", "cluster_share", "cluster_fill", "cluster_radius", "line_run",
+    "line_run_fill", "largest_cc_dies", "edge_runs",
 )
+#: Dense clusters: smallest number of dies, and the failed share of a die's 3x3 neighbourhood that makes
+#: it dense (4/9 keeps loose clusters whose dies are half failed, rejects 10% random background).
+CLUSTER_MIN_DIES = 5
+CLUSTER_DENSITY = 4 / 9
 #: Short description of each statistic (for tables and the benchmark printout).
 STAT_HELP: dict[str, str] = {
     "fail_frac": "failed dies / wafer dies",
@@ -54,6 +60,16 @@ STAT_HELP: dict[str, str] = {
     "blob_radius": "normalised radius of the largest component's centroid",
     "bg_rate": "failure rate of dies >= 3 from the rim outside the largest component",
     "isolated_frac": "failed dies with no failed 8-neighbour / failed dies",
+    "line_axis_dev": "degrees (0-45) between the longest line's axis and the nearest die row/column",
+    "n_clusters": (f"dense clusters (>= {CLUSTER_MIN_DIES} dies not on the outermost two rings whose 3x3 "
+                   f"neighbourhood fails >= {CLUSTER_DENSITY:.2f}), loose ones too"),
+    "cluster_share": "dies in dense clusters (not on the outermost two rings) / wafer dies",
+    "cluster_fill": "failed fraction inside the largest dense cluster (1 = solid, ~0.5 = loose)",
+    "cluster_radius": "normalised radius of the largest dense cluster's centroid",
+    "line_run": "longest straight failed run (rows, columns, diagonals; 1-die gaps bridged) / diameter",
+    "line_run_fill": "failed fraction of that run (1 = unbroken)",
+    "largest_cc_dies": "dies in the largest 8-connected failed component (absolute, not a share)",
+    "edge_runs": "runs of >= 2 failed dies on the outermost die ring per 100 of its dies (edge die loss)",
 }
 #: Share of each class of the real samples kept out of generator calibration and fine-tuning (the part
 #: ``benchmarks/sim2real.py`` reports on); see :func:`split_real`.
@@ -127,6 +143,8 @@ def map_stats(wafer: np.ndarray) -> dict[str, float]:
             out["cc_length"] = float((proj.max() - proj.min() + 1.0) / diameter)
     out.update(_ring_stats(failed, inside, theta, edge))
     out.update(_component_stats(failed, inside, r, edge, diameter))
+    out.update(_cluster_stats(failed, inside, r, edge))
+    out.update(_run_stats(failed, inside, edge, diameter))
     return out
 
 
@@ -156,12 +174,21 @@ def _axes(pts: np.ndarray) -> tuple[np.ndarray, float, float, float]:
     return proj, float(proj.max() - proj.min() + 1.0), float(max(vals[-1], 1e-9)), float(max(vals[0], 0.0))
 
 
+def _axis_deviation(pts: np.ndarray) -> float:
+    """Degrees (0..45) between the principal axis of die coordinates and the nearest die-grid row/column."""
+    c = pts - pts.mean(axis=0)
+    vec = np.linalg.eigh(c.T @ c)[1][:, -1]
+    ang = float(np.degrees(np.arctan2(vec[0], vec[1]))) % 90.0
+    return min(ang, 90.0 - ang)
+
+
 def _component_stats(failed, inside, r, edge, diameter: float) -> dict:
     """Longest-line, largest-blob, background-rate and isolation statistics of the failed dies."""
     from scipy.ndimage import convolve, label
 
     comp, n_comp = label(failed, structure=_EIGHT)
-    out = {"line_length": 0.0, "line_straightness": 0.0, "line_fill": 0.0, "blob_elongation": 0.0,
+    out = {"line_length": 0.0, "line_straightness": 0.0, "line_fill": 0.0, "line_axis_dev": 45.0,
+           "blob_elongation": 0.0,
            "blob_solidity": 0.0, "blob_radius": 0.0}
     big_mask = np.zeros(failed.shape, bool)
     if n_comp:
@@ -169,13 +196,14 @@ def _component_stats(failed, inside, r, edge, diameter: float) -> dict:
         order = np.argsort(comp.ravel(), kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(comp.ravel()))])
         coords = np.stack(np.unravel_index(order, failed.shape), axis=1).astype(float)
-        best = (-1.0, 0.0, 0.0, 0.0)
+        best = (-1.0, 0.0, 0.0, 0)
         for k in np.flatnonzero(sizes >= 3) + 1:
             _, length, l1, l2 = _axes(coords[starts[k]:starts[k + 1]])
             if length > best[0]:
-                best = (length, 1.0 - l2 / l1, sizes[k - 1] / length, 0.0)
+                best = (length, 1.0 - l2 / l1, sizes[k - 1] / length, k)
         if best[0] > 0:
-            out.update(line_length=best[0] / diameter, line_straightness=best[1], line_fill=best[2])
+            out.update(line_length=best[0] / diameter, line_straightness=best[1], line_fill=best[2],
+                       line_axis_dev=_axis_deviation(coords[starts[best[3]]:starts[best[3] + 1]]))
         big = int(np.argmax(sizes)) + 1
         big_mask = comp == big
         if sizes[big - 1] >= 3:
@@ -190,6 +218,74 @@ def _component_stats(failed, inside, r, edge, diameter: float) -> dict:
     n_fail = int(failed.sum())
     out["isolated_frac"] = float((failed & (neigh == 0)).sum() / n_fail) if n_fail else 1.0
     return out
+
+
+#: The four straight directions of ``line_run`` (row, column steps).
+_DIRECTIONS = ((0, 1), (1, 0), (1, 1), (1, -1))
+
+
+def _cluster_stats(failed, inside, r, edge) -> dict:
+    """Dense clusters of failed dies (Loc blobs, also loose ones that fall apart into several components)."""
+    from scipy.ndimage import label, uniform_filter
+
+    dens = uniform_filter(failed.astype(np.float32), 3, mode="constant")
+    share = dens / np.maximum(uniform_filter(inside.astype(np.float32), 3, mode="constant"), 1e-6)
+    dense = inside & (edge > 2.0) & (share >= CLUSTER_DENSITY - 1e-6)
+    comp, n = label(dense, structure=_EIGHT)
+    sizes = np.bincount(comp.ravel())[1:]
+    keep = np.flatnonzero(sizes >= CLUSTER_MIN_DIES) + 1
+    out = {"n_clusters": float(len(keep)), "cluster_share": float(sizes[keep - 1].sum() / inside.sum()),
+           "cluster_fill": 0.0, "cluster_radius": 0.0}
+    if len(keep):
+        big = comp == keep[np.argmax(sizes[keep - 1])]
+        out["cluster_fill"] = float(failed[big].mean())
+        out["cluster_radius"] = float(r[big].mean())
+    return out
+
+
+def _run_stats(failed, inside, edge, diameter: float) -> dict:
+    """Longest straight failed run (a scratch in a noisy wafer), edge die loss runs, largest component."""
+    from scipy.ndimage import label
+
+    best, best_fill = 0.0, 0.0
+    h, w = failed.shape
+    for di, dj in _DIRECTIONS:
+        fwd = np.zeros_like(failed)  # the die one step back / ahead along the direction is failed
+        back = np.zeros_like(failed)
+        src = (slice(max(-di, 0), h - max(di, 0)), slice(max(-dj, 0), w - max(dj, 0)))
+        dst = (slice(max(di, 0), h - max(-di, 0)), slice(max(dj, 0), w - max(-dj, 0)))
+        fwd[dst] = failed[src]
+        back[src] = failed[dst]
+        on = failed | (inside & fwd & back)  # a 1-die gap between two failed dies is bridged
+        run = np.zeros((h, w), np.int32)
+        cnt = np.zeros((h, w), np.int32)
+        f32 = failed.astype(np.int32)
+        axis_len = h if di else w
+        for k in range(axis_len):
+            if di:  # rows in order; the previous die is in row k-1, column j-dj
+                prev_r = run[k - 1] if k else np.zeros(w, np.int32)
+                prev_c = cnt[k - 1] if k else np.zeros(w, np.int32)
+                if dj:
+                    prev_r, prev_c = np.roll(prev_r, dj), np.roll(prev_c, dj)
+                    prev_r[0 if dj > 0 else -1] = prev_c[0 if dj > 0 else -1] = 0
+                run[k] = on[k] * (prev_r + 1)
+                cnt[k] = on[k] * (prev_c + f32[k])
+            else:
+                prev_r = run[:, k - 1] if k else np.zeros(h, np.int32)
+                prev_c = cnt[:, k - 1] if k else np.zeros(h, np.int32)
+                run[:, k] = on[:, k] * (prev_r + 1)
+                cnt[:, k] = on[:, k] * (prev_c + f32[:, k])
+        step = float(np.hypot(di, dj))
+        k = int(np.argmax(run))
+        if run.flat[k] * step > best:
+            best, best_fill = run.flat[k] * step, cnt.flat[k] / run.flat[k]
+    comp, n = label(failed, structure=_EIGHT)
+    largest = float(np.bincount(comp.ravel())[1:].max()) if n else 0.0
+    outer = inside & (np.floor(edge + 0.5) == 1)
+    rim_comp, n_rim = label(failed & outer, structure=_EIGHT)
+    runs = int((np.bincount(rim_comp.ravel())[1:] >= 2).sum()) if n_rim else 0
+    return {"line_run": float(best / diameter), "line_run_fill": float(best_fill), "largest_cc_dies": largest,
+            "edge_runs": 100.0 * runs / max(int(outer.sum()), 1)}
 
 
 def _fill_nan(prof: np.ndarray) -> np.ndarray:
