@@ -405,7 +405,9 @@ def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
                  SCRATCH_P_MIN=0.1, EDGE_LOSS_P=1.0, SPECKLE_P=1.0, PROBE_ARTEFACT_P=1.0, RING_SPARSE_P=1.0,
                  EDGE_LOC_HALF_MAX=170.0, EDGE_LOC_BLOB_P=1.0, EDGE_LOC_BLOB_MAX=0.6, SCRATCH_ALONG_RIM_P=1.0,
                  SCRATCH_KINK_P=1.0, SCRATCH_CURV_SD=1.0, SCRATCH_DASH=(0.5, 0.9), RANDOM_RATE=(0.5, 0.9),
-                 RANDOM_PATCHY_P=1.0, EDGE_LOC_SMALL_P=1.0, LOC_R_MIN=0.0, BG_PATCH_SHAPE=1.0)
+                 RANDOM_PATCHY_P=1.0, EDGE_LOC_SMALL_P=1.0, LOC_R_MIN=0.0, BG_PATCH_SHAPE=1.0,
+                 LOC_TINY_P=1.0, LOC_N_BLOBS_P=(0.0, 0.0, 1.0), LOC_P_MIN=0.1, SCRATCH_SHORT_P=1.0,
+                 SCRATCH_AXIS_P=1.0)
     plain_after = _with_knobs(monkeypatch, 90, 8, None, **knobs)  # the knobs act on WM-811K maps ...
     assert sum(not np.array_equal(x, y) for x, y in zip(plain_before.maps, plain_after.maps)) > 45
     mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones
@@ -459,3 +461,35 @@ def test_cluster_run_and_edge_statistics_on_hand_made_maps():
     rim[lone[0], lone[1]] = 2
     assert map_stats(rim)["edge_runs"] == pytest.approx(100 * 3 / outer.sum())
 
+
+def test_loc_and_scratch_knobs_follow_the_real_statistics(monkeypatch):
+    """Tiny and multiple Loc blobs, denser blobs; short, solid and grid-aligned scratches (issue 14)."""
+    def pair(classes, n=60, **settings):
+        on = _with_knobs(monkeypatch, n, 5, classes, **{k: v[0] for k, v in settings.items()})
+        off = _with_knobs(monkeypatch, n, 5, classes, **{k: v[1] for k, v in settings.items()})
+        return on, off
+
+    on, off = pair(["Loc"], LOC_TINY_P=(1.0, 0.0), LOC_N_BLOBS_P=((1.0, 0.0, 0.0), (1.0, 0.0, 0.0)))
+    assert np.median([k.sum() for k in on.masks]) < 0.5 * np.median([k.sum() for k in off.masks])
+    on, off = pair(["Loc"], LOC_N_BLOBS_P=((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)), LOC_TINY_P=(0.0, 0.0))
+    assert np.mean(_stat(on, "n_clusters")) > np.mean(_stat(off, "n_clusters")) + 0.5
+    on, off = pair(["Loc"], LOC_P_MIN=(1.0, 0.3))
+    fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks)]) for t in (on, off)]
+    assert fill[0] > fill[1] + 0.15
+    on, off = pair(["Scratch"], SCRATCH_SHORT_P=(1.0, 0.0), SCRATCH_GAP_MAX=(0.35, 0.35),
+                   SCRATCH_P_MIN=(0.7, 0.7))
+    assert np.median([k.sum() for k in on.masks]) < 0.7 * np.median([k.sum() for k in off.masks])
+    fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks)]) for t in (on, off)]
+    assert fill[0] > fill[1] + 0.1  # short scratches are unbroken and not faint
+    on, off = pair(["Scratch"], SCRATCH_AXIS_P=(1.0, 0.0), SCRATCH_ALONG_RIM_P=(0.0, 0.0))
+    dev = [np.array([_mask_axis_dev(k) for k in t.masks]) for t in (on, off)]
+    assert (dev[0] < 3).mean() > 0.8 > 0.3 > (dev[1] < 3).mean()
+
+
+def _mask_axis_dev(mask):
+    """Degrees between a mask's principal axis and the nearest grid row/column."""
+    pts = np.argwhere(mask).astype(float)
+    pts -= pts.mean(axis=0)
+    vec = np.linalg.eigh(pts.T @ pts)[1][:, -1]
+    ang = np.degrees(np.arctan2(vec[0], vec[1])) % 90
+    return min(ang, 90 - ang)

@@ -10,7 +10,10 @@ Statistics aimed at the synthetic-to-real confusions (issue 14): ``ring_coverage
 much of the outermost die ring fails and how many die rings deep: Edge-Ring vs Edge-Loc), the longest
 failed line's length, straightness and fill (Scratch: faint, broken, curved), the largest component's
 elongation, solidity and radius (Loc blob vs Scratch vs Edge-Loc), and the interior background rate
-and how isolated background failures are (``none``).
+and how isolated background failures are (``none``). Dense clusters (``n_clusters`` ...) find Loc blobs
+also when surviving dies break them into pieces; the longest straight run (``line_run``, 1-die gaps
+bridged) and the line's angle to the die grid find a scratch inside a noisy wafer; ``largest_cc_dies``
+and ``edge_runs`` (edge die loss) describe the background of ``none`` maps.
 """
 
 from __future__ import annotations

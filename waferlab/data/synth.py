@@ -61,6 +61,14 @@ LOC_NEAR_RIM_P = 0.1
 LOC_R_MIN = 0.12
 #: Loc: largest relative amplitude of the lobed outline.
 LOC_LOBE_MAX = 0.3
+#: Loc: a tiny blob, 1.5-3 dies in radius (real Loc misses: 4-15-die clusters in noisy small wafers were
+#: called Scratch; 0.2 made the largest component too small, 25 dies against the real median 40).
+LOC_TINY_P = 0.1
+#: Loc: chance of 1 / 2 / 3 blobs (real Loc: median 2 dense clusters, n_clusters; 0.7 / 0.22 / 0.08 gave 1).
+LOC_N_BLOBS_P = (0.6, 0.27, 0.13)
+#: Loc: lowest failure probability inside a blob (real Loc clusters are dense: cluster_fill 0.78; 0.75 gave
+#: 0.71, and loose 35-70% blobs 0.65).
+LOC_P_MIN = 0.85
 #: Scratch: starts at the rim.
 SCRATCH_FROM_RIM_P = 0.4
 #: Scratch: a clearly curved arc (real scratches are straighter: straightness 0.975, elongation 0.16).
@@ -72,12 +80,18 @@ SCRATCH_ALONG_RIM_P = 0.3
 #: (straightness 0.975, elongation 0.16; 0.45 / 0.6 gave 0.948 / 0.25 and looked like streaky Loc blobs).
 SCRATCH_KINK_P = 0.15
 SCRATCH_CURV_SD = 0.25
+#: Scratch: a short solid straight segment, 0.3-0.7 R long (real scratches missed as none were short
+#: unbroken 1-die lines, 6-12 dies, in noisy wafers).
+SCRATCH_SHORT_P = 0.3
+#: Scratch: runs along a die row or column, straight (real scratches: 5 of 12 within 5 degrees of the grid,
+#: line_axis_dev median 12; random headings put 9% there, median 24).
+SCRATCH_AXIS_P = 0.35
 #: Scratch: dash length range (x R) between gaps (real longest unbroken piece ~0.31 of the diameter).
 SCRATCH_DASH = (0.2, 0.6)
-#: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die (faint, broken
-#: scratches: real scratches were mostly called none by a model trained on solid ones).
-SCRATCH_GAP_MAX = 0.35
-SCRATCH_P_MIN = 0.7
+#: Scratch: largest fraction of missing dashes; lowest failure probability of a drawn die. Real scratches are
+#: broken but mostly filled: the longest straight run is 0.92 failed (line_run_fill); 0.35 / 0.7 gave 0.80.
+SCRATCH_GAP_MAX = 0.15
+SCRATCH_P_MIN = 0.85
 #: Background: short runs of failed dies along the rim (edge die loss), tiny clusters, probe-card artefacts.
 #: (EDGE_LOSS_P 0.85 matched the real none maps' rim clusters better but sent real Edge-Loc maps to none.)
 EDGE_LOSS_P = 0.5
@@ -295,11 +309,13 @@ def _edge_loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.n
 
 
 def _loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarray, np.ndarray]:
-    n_blobs = 1 if mixed else int(rng.choice([1, 2, 3], p=[0.7, 0.22, 0.08]))
+    n_blobs = 1 if mixed else int(rng.choice([1, 2, 3], p=LOC_N_BLOBS_P))
     keep = np.ones_like(g.r)
     region = np.zeros(g.r.shape, bool)
     for _ in range(n_blobs):
         rad = rng.uniform(0.09, 0.26) if n_blobs == 1 else rng.uniform(0.06, 0.16)
+        if not mixed and rng.random() < LOC_TINY_P:
+            rad = rng.uniform(1.5, 3.0) / g.radius
         if not mixed and rng.random() < LOC_NEAR_RIM_P:  # near (not on) the rim, as real Loc often is
             rc = rng.uniform(max(0.25, 0.9 - rad), max(0.3, 0.98 - 0.6 * rad))
         else:
@@ -314,7 +330,7 @@ def _loc(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.ndarra
         if not mixed:  # an irregular outline: 2-4 lobes
             d = d * (1.0 + rng.uniform(0.0, LOC_LOBE_MAX) * np.cos(rng.integers(2, 5) * np.arctan2(b, a)
                                                                 + rng.uniform(-np.pi, np.pi)))
-        p_in = rng.uniform(0.6, 0.98) if mixed else rng.uniform(0.75, 1.0)  # real blobs are solid
+        p_in = rng.uniform(0.6, 0.98) if mixed else rng.uniform(LOC_P_MIN, 1.0)  # real blobs are solid
         keep *= 1.0 - p_in * _logistic((rad - d) / rng.uniform(0.01, 0.04))
         region |= d <= rad
     return 1.0 - keep, region & g.inside
@@ -324,6 +340,9 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     h, w = g.r.shape
     rad = g.radius
     length = rng.uniform(0.8, 2.0) * rad if mixed else rng.uniform(0.4, 1.6) * rad
+    short = not mixed and rng.random() < SCRATCH_SHORT_P
+    if short:
+        length = rng.uniform(0.3, 0.7) * rad
     step = 0.35
     t = np.arange(0.0, length, step)
     # start anywhere well inside (or, often in real maps, at the rim), heading roughly across the wafer
@@ -341,8 +360,11 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
         r0, turn = rng.uniform(0.65, 0.9), rng.choice([-1.0, 1.0])
         heading0 = np.arctan2(r0 * np.cos(a0) * h * turn, -r0 * np.sin(a0) * w * turn)
         curv = turn * rng.uniform(0.0, 1.0) / (r0 * rad)  # 1 / (r0 R): bends with the rim
+    axis = not mixed and rng.random() < SCRATCH_AXIS_P
+    if axis:  # along a die row or column, straight
+        heading0, curv = np.round(heading0 / (np.pi / 2)) * (np.pi / 2), 0.0
     heading = heading0 + curv * t
-    if rng.random() < (0.45 if mixed else SCRATCH_KINK_P):  # a polyline: 1-3 kinks of 10-40 degrees
+    if not axis and rng.random() < (0.45 if mixed else SCRATCH_KINK_P):  # a polyline: 1-3 kinks, 10-40 deg
         kinks = np.sort(rng.uniform(0.15, 0.85, rng.integers(1, 4))) * length
         bends = np.deg2rad(rng.uniform(10.0, 40.0, len(kinks))) * rng.choice([-1.0, 1.0])
         heading = heading + np.concatenate([[0.0], np.cumsum(bends)])[np.searchsorted(kinks, t)]
@@ -356,6 +378,8 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
     chunk_len = max(rad * 0.15, 2.0) if mixed else max(rad * rng.uniform(*SCRATCH_DASH), 2.0)
     chunk = np.minimum((t / chunk_len).astype(np.int64), 10_000)
     solid = rng.random(chunk.max() + 1) > rng.uniform(0.0, 0.1 if mixed else SCRATCH_GAP_MAX)
+    if short:
+        solid[:] = True
     region = np.zeros((h, w), bool)
     drawn = np.zeros((h, w), bool)
     thick = rng.random() < ((0.3 if rad > 18 else 0.1) if mixed else (0.12 if rad > 18 else 0.04))
@@ -367,6 +391,8 @@ def _scratch(g: _Geometry, rng: np.random.Generator, mixed: bool) -> tuple[np.nd
         drawn[a[ok & solid[chunk]], b[ok & solid[chunk]]] = True
     region &= g.inside
     p_in = rng.uniform(0.85, 1.0) if mixed else rng.uniform(SCRATCH_P_MIN, 1.0)  # faint scratches too
+    if short:
+        p_in = rng.uniform(0.9, 1.0)
     return np.where(drawn & region, p_in, 0.0), region
 
 
