@@ -455,6 +455,8 @@ DEPLOY_CASES = {
     "onnx_of_another_run": _onnx_of_another_run,
     "onnx_without_metadata": _onnx_without_metadata,
     "cache_of_another_rule": _cache_of_another_rule,
+    "tta_with_onnx": lambda setup, d: ([str(setup["run"]), "--backend", "onnx", "--tta"],
+                                       ("--tta", "--backend torch", "not --backend onnx")),
 }
 
 
