@@ -121,14 +121,6 @@ SPATIAL_LAYERS = ("layer1", "layer2", "layer3", "ungated", "cam")
 SPATIAL = 16
 
 
-def dihedral(x: object, t: int) -> object:
-    """The ``t``-th of the 8 symmetries of the square (rotations by 90 degrees, each optionally mirrored)."""
-    import torch
-
-    x = torch.rot90(x, t % 4, dims=(2, 3))
-    return torch.flip(x, dims=(3,)) if t >= 4 else x
-
-
 def collect(model: object, maps: np.ndarray, spec: object, batch: int = 256) -> dict[str, np.ndarray]:
     """Logits and, per layer, mean-pooled (``NAME``) and max-pooled (``NAME_max``) features, the spatial
     maps of :data:`SPATIAL_LAYERS` (``NAME_sp``) and the pooled features and logits averaged over the 8
@@ -136,7 +128,7 @@ def collect(model: object, maps: np.ndarray, spec: object, batch: int = 256) -> 
     import torch
     import torch.nn.functional as F
 
-    from waferlab.engine.predict import prepare_batch
+    from waferlab.engine.predict import dihedral_view, prepare_batch
 
     cur: dict[str, object] = {}
     hooks = []
@@ -151,7 +143,7 @@ def collect(model: object, maps: np.ndarray, spec: object, batch: int = 256) -> 
                 x = prepare_batch(torch.from_numpy(maps[s:s + batch]), spec, torch.device("cpu"))
                 acc: dict[str, object] = {}
                 for t in range(8):
-                    logits = model(dihedral(x, t)).float() * spec.logit_scale
+                    logits = model(dihedral_view(x, t)).float() * spec.logit_scale
                     views = {"logits": logits}
                     for name, out in cur.items():
                         views[name], views[f"{name}_max"] = out.mean(dim=(2, 3)), out.amax(dim=(2, 3))

@@ -28,6 +28,11 @@ With this round's generator (denser and more Loc blobs, less broken and grid-ali
 "synthetic only" --eval-calib``, ~15 min of training per seed): macro-F1 0.803 on the calibration part and
 0.800 on the held-out part (seed 0 only), held-out Loc recall 0.67, Scratch 0.42 (before: 0.789 / 0.777,
 Loc 0.50, Scratch 0.42).
+``--tta`` evaluates with test-time augmentation (8 dihedral views): on last round's runs, without retraining,
+it moved the calibration part's macro-F1 by +0.015 / +0.003 (seeds 0 / 1) and the held-out part's by -0.003 /
+-0.014, so it is off. Domain randomisation (``--synth-set augment_options.KEY=VALUE``, seed 0) lost on the
+calibration part: ``background_fail 0.05, fail_dropout 0.5`` 0.725, ``fail_dropout 0.25`` 0.750 and all four
+options 0.668 against 0.789 (README).
 """
 
 from __future__ import annotations
@@ -136,6 +141,7 @@ class Plan:
     resize: str
     runs: tuple[str, ...] = RUNS
     eval_calib: bool = False
+    tta: bool = False  # evaluate with test-time augmentation (the 8 dihedral views; ``evaluate --tta``)
 
 
 def _train(plan: Plan, data: list[str], out: Path, epochs: int, seed: int, *extra: str) -> float:
@@ -163,11 +169,13 @@ def _fine_tune(plan: Plan, synth: Path, calib: Path, init: Path, out: Path, seed
                   *_sets(*plan.synth_set, ft_split, f"lr={plan.ft_lr}", "warmup_epochs=0"))
 
 
-def _evaluate(run: Path, data: Path, name: str) -> dict:
-    """``waferlab evaluate`` of a run on one real part (reused when done); its metrics."""
-    out = run / f"eval_{name}"
+def _evaluate(run: Path, data: Path, name: str, tta: bool = False) -> dict:
+    """``waferlab evaluate`` of a run on one real part (reused when done; ``tta``: with ``--tta``, in its own
+    folder); its metrics."""
+    out = run / (f"eval_{name}_tta" if tta else f"eval_{name}")
     if not (out / "metrics.json").is_file():
-        _cli("evaluate", str(run), "--data", str(data), "--out", str(out), "--no-progress")
+        _cli("evaluate", str(run), "--data", str(data), "--out", str(out), "--no-progress",
+             *(["--tta"] if tta else []))
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -187,17 +195,18 @@ def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: i
     results = {}
     for name in plan.runs:
         wall = train[name]()
-        results[name] = _evaluate(dirs[name], parts["held"], "heldout")
+        results[name] = _evaluate(dirs[name], parts["held"], "heldout", plan.tta)
         print(f"\nseed {seed}, {name} (train {wall:.0f} s) on the held-out real maps:\n"
               f"{summarise(results[name])}", flush=True)
         if plan.eval_calib and name != "real only":  # the real-only run trained on the calibration part
             print(f"seed {seed}, {name} on the calibration part (tuning only, not the result):\n"
-                  f"{summarise(_evaluate(dirs[name], parts['calib'], 'calib'))}", flush=True)
+                  f"{summarise(_evaluate(dirs[name], parts['calib'], 'calib', plan.tta))}", flush=True)
     return results
 
 
 def main() -> None:
     from waferlab.data.cache import DEFAULT_RESIZE, RESIZE_RULES
+    from waferlab.engine.predict import TTA_HELP
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="folder of real samples")
@@ -224,6 +233,7 @@ def main() -> None:
                     + ", ".join(map(repr, RUNS)))
     ap.add_argument("--eval-calib", action="store_true",
                     help="also evaluate on the calibration part and print it (for generator tuning)")
+    ap.add_argument("--tta", action="store_true", help="evaluate with --tta: " + TTA_HELP)
     args = ap.parse_args()
     if "synthetic + fine-tune" in args.runs and "synthetic only" not in args.runs:
         ap.error("--runs: 'synthetic + fine-tune' starts from the 'synthetic only' run; list both")
@@ -234,7 +244,7 @@ def main() -> None:
           f"real held-out part: {sum(n_held.values())} maps {n_held}", flush=True)
     plan = Plan(args.model, args.image_size, args.epochs, args.real_epochs, args.ft_epochs, args.ft_lr,
                 args.ft_synth, args.ft_real_weight, tuple(args.synth_set), args.resize,
-                tuple(r for r in RUNS if r in args.runs), args.eval_calib)
+                tuple(r for r in RUNS if r in args.runs), args.eval_calib, args.tta)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
@@ -244,7 +254,7 @@ def main() -> None:
         for name, metrics in run_seed(plan, {"calib": calib, "held": held}, synth, out, seed).items():
             results.setdefault(name, []).append(metrics)
     print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, "
-          f"{args.epochs} epochs; real: "
+          f"{args.epochs} epochs{'; test-time augmentation' if args.tta else ''}; real: "
           f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps; "
           f"seeds {' '.join(map(str, args.seeds))} (mean, range over seeds)")
     print(table(results))

@@ -167,3 +167,114 @@ def test_balance_by_rotation_is_seeded_and_validates():
         balance_by_rotation(np.zeros((2, 4, 5), np.uint8), [0, 1], {0: 3})
     with pytest.raises(WaferlabError, match="labels"):
         balance_by_rotation(maps, [0, 1], {0: 3})
+
+
+# ------------------------------------------------------------------------------- domain randomisation
+def _only(**options) -> Augmenter:
+    """An Augmenter with the geometry and die flips off and ``options`` on (seeded)."""
+    base = dict(rot90=False, flips=False, max_rotation=0.0, die_flip=0.0)
+    return Augmenter(generator=torch.Generator().manual_seed(3), **{**base, **options})
+
+
+def test_domain_options_are_seeded_and_keep_shape_dtype_and_values():
+    maps = wafers(16, size=48)
+    opts = dict(rescale=0.5, edge_loss=0.2, background_fail=0.05, fail_dropout=0.5)
+    a = Augmenter(generator=torch.Generator().manual_seed(5), **opts)(maps)
+    b = Augmenter(generator=torch.Generator().manual_seed(5), **opts)(maps)
+    c = Augmenter(generator=torch.Generator().manual_seed(6), **opts)(maps)
+    assert a.dtype == torch.uint8 and a.shape == maps.shape and set(a.unique().tolist()) <= {0, 1, 2}
+    torch.testing.assert_close(a, b)
+    assert not torch.equal(a, c)
+    # all off (their defaults): the same draws, so the same maps as an Augmenter without the options
+    plain = Augmenter(generator=torch.Generator().manual_seed(5))(maps)
+    torch.testing.assert_close(plain, Augmenter(generator=torch.Generator().manual_seed(5), rescale=0.0,
+                                                edge_loss=0.0, background_fail=0.0, fail_dropout=0.0)(maps))
+
+
+@pytest.mark.parametrize("option", [dict(rescale=1.0), dict(background_fail=0.3), dict(fail_dropout=0.8)])
+def test_pattern_options_keep_the_no_die_outline(option):
+    maps = wafers(16, size=48)
+    out = _only(**option)(maps)
+    torch.testing.assert_close(out == 0, maps == 0)
+    assert not torch.equal(out, maps)
+
+
+def test_rescale_thickens_a_thin_line_like_a_coarser_grid_does():
+    from waferlab.data.augment import rescale_through_grid
+
+    maps = wafers(8, size=48, fail=0.0)
+    maps[maps == 2] = 1
+    maps[:, 24, 8:40] = 2  # a one-die scratch
+    coarse = rescale_through_grid(maps, torch.full((8,), 12))  # a 12-die grid: a die is 4 pixels of 48
+    assert ((coarse[:, :, 20] == 2).sum(1) == 4).all()
+    out = _only(rescale=1.0, rescale_min=12)(maps)  # grids of 12..47 dies: 1 to 4 pixels wide, never lost
+    width = (out[:, :, 20] == 2).sum(1)
+    assert (width >= 1).all() and width.float().mean() > 1.5
+    assert torch.equal(_only(rescale=0.0, rescale_min=12)(maps), maps)
+    # rescale_min above the map's size: nothing to resample through
+    assert torch.equal(_only(rescale=1.0, rescale_min=48)(maps), maps)
+
+
+def test_rescale_through_grid_leaves_maps_of_grid_zero_alone():
+    from waferlab.data.augment import rescale_through_grid
+
+    maps = wafers(4, size=32)
+    out = rescale_through_grid(maps, torch.tensor([0, 8, 0, 16]))
+    assert torch.equal(out[[0, 2]], maps[[0, 2]])
+    assert not torch.equal(out[1], maps[1])
+
+
+def test_background_fail_turns_only_good_dies_failed_at_up_to_the_rate():
+    maps = wafers(64, size=48, fail=0.0)
+    out = _only(background_fail=0.2)(maps)
+    assert not ((maps == 2) & (out != 2)).any()  # fails stay failed
+    new = ((maps == 1) & (out == 2)).sum((1, 2)).float() / (maps == 1).sum((1, 2)).float()
+    assert new.max() <= 0.25 and 0.05 < new.mean() < 0.15  # per-map rates from U(0, 0.2)
+    assert new.std() > 0.03  # the rate varies from map to map
+
+
+def test_fail_dropout_turns_only_failed_dies_good():
+    maps = wafers(64, size=48, fail=0.3)
+    out = _only(fail_dropout=0.6)(maps)
+    assert not ((maps == 1) & (out != 1)).any()
+    dropped = ((maps == 2) & (out == 1)).sum((1, 2)).float() / (maps == 2).sum((1, 2)).float()
+    assert dropped.max() <= 0.65 and 0.2 < dropped.mean() < 0.4
+
+
+def test_edge_loss_removes_edge_dies_only():
+    from waferlab.data.augment import edge_dies
+
+    maps = wafers(32, size=48)
+    out = _only(edge_loss=0.5)(maps)
+    gone = (maps > 0) & (out == 0)
+    edge = edge_dies(maps)
+    assert gone.any() and not (gone & ~edge).any()  # only edge dies disappear
+    assert torch.equal(out[out > 0], maps[out > 0])  # the dies that stay keep their state
+    assert not ((maps == 0) & (out > 0)).any()
+    share = gone.sum().item() / edge.sum().item()
+    assert 0.15 < share < 0.35  # per-map rates from U(0, 0.5)
+
+
+def test_edge_dies_are_the_ring_next_to_no_die():
+    m = torch.zeros(1, 7, 7, dtype=torch.uint8)
+    m[0, 1:6, 1:6] = 1
+    ring = edge_dies_of(m)
+    assert ring.sum().item() == 16 and not ring[0, 2:5, 2:5].any()
+    full = torch.ones(1, 3, 3, dtype=torch.uint8)  # the grid's border counts as an edge too
+    assert edge_dies_of(full).sum().item() == 8
+
+
+def edge_dies_of(m: torch.Tensor) -> torch.Tensor:
+    from waferlab.data.augment import edge_dies
+
+    return edge_dies(m)
+
+
+@pytest.mark.parametrize("options, needle", [
+    (dict(rescale=1.5), "rescale"), (dict(rescale_min=1), "rescale_min"), (dict(rescale_min=2.5), "integer"),
+    (dict(background_fail=-0.1), "background_fail"), (dict(fail_dropout="a"), "fail_dropout"),
+    (dict(edge_loss=2), "edge_loss"), (dict(rot90="yes"), "true or false"), (dict(spin=3), "allowed: rot90"),
+])
+def test_bad_options_are_one_line_errors(options, needle):
+    with pytest.raises(WaferlabError, match=needle):
+        Augmenter(**options)

@@ -455,6 +455,8 @@ DEPLOY_CASES = {
     "onnx_of_another_run": _onnx_of_another_run,
     "onnx_without_metadata": _onnx_without_metadata,
     "cache_of_another_rule": _cache_of_another_rule,
+    "tta_with_onnx": lambda setup, d: ([str(setup["run"]), "--backend", "onnx", "--tta"],
+                                       ("--tta", "--backend torch", "not --backend onnx")),
 }
 
 
@@ -540,6 +542,10 @@ STUDY_CASES = {
     "bad_set_key": ("axes: {seed: [0]}\n", ["--set", "lrr=1"], ("--set", "unknown config key 'lrr'")),
     "bad_resize_rule": ("axes: {seed: [0]}\n", ["--set", "resize=bilinear"],
                         ("config resize", "unknown value 'bilinear'", "nearest, failkeep")),
+    "bad_augment_option": ("axes: {seed: [0]}\n", ["--set", "augment_options.rescale=2"],
+                           ("config augment_options rescale", "a number >= 0 and <= 1", "got 2")),
+    "unknown_augment_option": ("axes: {seed: [0]}\n", ["--set", "augment_options.spin=3"],
+                               ("config augment_options", "unknown option 'spin'", "allowed: rot90")),
     "dry_run_misspelt_option": ("axes: {model: {x: {model: spanet, model_options: {attentoin: code}}}}\n",
                                 ["--dry-run"], ("cell x:", "'attentoin'")),
     "dry_run_factor_not_for_row": ("axes: {model: {r50: {model: resnet50}}}\n"

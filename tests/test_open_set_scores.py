@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 _SPEC = importlib.util.spec_from_file_location(
     "open_set_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "open_set.py")
@@ -20,14 +19,6 @@ class _Fold(bench.Fold):
 
     def __init__(self, arrays: dict[str, np.ndarray], meta: dict | None = None) -> None:
         self.meta, self.a = meta or {"temperature": 1.0}, arrays
-
-
-def test_dihedral_views_are_the_8_symmetries_of_the_square() -> None:
-    x = torch.arange(16.0).reshape(1, 1, 4, 4)
-    views = [bench.dihedral(x, t) for t in range(8)]
-    assert torch.equal(views[0], x)
-    assert len({tuple(v.flatten().tolist()) for v in views}) == 8
-    assert all(torch.equal(torch.sort(v.flatten()).values, x.flatten()) for v in views)
 
 
 def test_patch_knn_flags_a_map_whose_one_cell_is_new_where_pooled_knn_does_not() -> None:

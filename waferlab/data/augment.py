@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -67,29 +68,107 @@ def rotate_nearest(maps: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return out.squeeze(1).round_().clamp_(0, 2).to(torch.uint8)
 
 
+@dataclass(frozen=True)
+class AugmentOptions:
+    """The online augmentation's settings (the ``augment_options`` config mapping); validated on creation.
+
+    Geometry: ``rot90``, ``flips``, ``max_rotation`` (degrees). Die noise: ``die_flip`` (each die
+    good<->failed with this probability). Domain randomisation against the synthetic-to-real gap (off at 0):
+    ``rescale`` (share of maps whose fail pattern is resampled through a coarser die grid of
+    ``rescale_min``..size-1 dies a side, so lines get the thickness and densities of other grid sizes),
+    ``background_fail`` (per map, good dies fail at a rate drawn from U(0, this)), ``fail_dropout`` (per map,
+    failed dies turn good at a rate from U(0, this): faint, broken patterns) and ``edge_loss`` (per map, dies
+    on the wafer's edge are removed at a rate from U(0, this)).
+    """
+
+    rot90: bool = True
+    flips: bool = True
+    max_rotation: float = 15.0
+    die_flip: float = 0.01
+    rescale: float = 0.0
+    rescale_min: int = 16
+    background_fail: float = 0.0
+    fail_dropout: float = 0.0
+    edge_loss: float = 0.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            low, high = _LIMITS.get(f.name, (None, None))
+            kind = bool if f.type == "bool" else int if f.type == "int" else float
+            ok = isinstance(value, bool) if kind is bool else (
+                isinstance(value, (int, float)) and not isinstance(value, bool)
+                and (kind is float or float(value).is_integer()))
+            if not ok or (low is not None and value < low) or (high is not None and value > high):
+                bounds = "true or false" if kind is bool else (
+                    f"{'an integer' if kind is int else 'a number'} >= {low:g}"
+                    + (f" and <= {high:g}" if high is not None else ""))
+                raise WaferlabError(f"augment_options {f.name}: expected {bounds}, got {value!r}")
+
+    @classmethod
+    def parse(cls, values: Mapping[str, object], where: str = "config augment_options") -> AugmentOptions:
+        """Options from a mapping; an unknown key is one line naming the allowed ones."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in values if k not in names]
+        if unknown:
+            raise WaferlabError(f"{where}: unknown option {unknown[0]!r} (allowed: {', '.join(names)})")
+        try:
+            return cls(**values)
+        except WaferlabError as exc:
+            raise WaferlabError(f"config {exc}") from None
+
+
+#: Allowed ranges (low, high; None: open) of the numeric options; booleans need no entry.
+_LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "max_rotation": (0.0, None), "die_flip": (0.0, 1.0), "rescale": (0.0, 1.0), "rescale_min": (2, None),
+    "background_fail": (0.0, 1.0), "fail_dropout": (0.0, 1.0), "edge_loss": (0.0, 1.0)}
+
+
+def rescale_through_grid(maps: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """Resample each map's fail pattern through a coarser grid of ``grids[i]`` dies a side (0: unchanged).
+
+    Down with ``failkeep`` (thin lines survive), back up with ``nearest``; the no-die outline is kept, so only
+    the pattern's resolution changes (an intermediate no-die cell on the wafer becomes a good die).
+    """
+    from waferlab.data.encode import resize_maps
+
+    n, h, w = maps.shape
+    out = maps.clone()
+    for g in torch.unique(grids).tolist():
+        if g <= 0:
+            continue
+        idx = torch.nonzero(grids == g).flatten().to(maps.device)
+        part = maps.index_select(0, idx)
+        scale = g / max(h, w)
+        coarse = resize_maps(part, (max(1, round(h * scale)), max(1, round(w * scale))), "failkeep")
+        fails = resize_maps(coarse, (h, w), "nearest") == 2
+        out.index_copy_(0, idx, torch.where(part == 0, part, 1 + fails.to(torch.uint8)))
+    return out
+
+
+def edge_dies(maps: torch.Tensor) -> torch.Tensor:
+    """Bool (N,H,W): the dies with a 4-neighbour that is no die (or outside the grid)."""
+    on = F.pad((maps > 0).to(torch.uint8), (1, 1, 1, 1))
+    inner = on[:, :-2, 1:-1] & on[:, 2:, 1:-1] & on[:, 1:-1, :-2] & on[:, 1:-1, 2:]
+    return (maps > 0) & (inner == 0)
+
+
 class Augmenter(nn.Module):
     """Random wafer-map augmentation of uint8 (N,H,W) batches on any device; values stay in {0,1,2}.
 
-    Per sample: rot90 by a random k (``rot90``), random up-down and left-right flips (``flips``), a
-    rotation by U(-max_rotation, max_rotation) degrees with nearest sampling, and die-flip noise (each
-    on-wafer die good<->failed with probability ``die_flip``). Identity in ``eval()`` mode.
+    Per sample, in this order: rot90 by a random k (``rot90``), random up-down and left-right flips
+    (``flips``), a rotation by U(-max_rotation, max_rotation) degrees with nearest sampling, the domain
+    randomisation of :class:`AugmentOptions` (rescale, edge loss, background fails, fail dropout) and die-flip
+    noise (each on-wafer die good<->failed with probability ``die_flip``). Identity in ``eval()`` mode.
     """
 
-    def __init__(self, rot90: bool = True, flips: bool = True, max_rotation: float = 15.0,
-                 die_flip: float = 0.01, generator: torch.Generator | None = None) -> None:
+    def __init__(self, generator: torch.Generator | None = None, **options: object) -> None:
         super().__init__()
-        if max_rotation < 0 or not 0.0 <= die_flip <= 1.0:
-            raise WaferlabError(f"augmentation needs max_rotation >= 0 and 0 <= die_flip <= 1, "
-                                f"got {max_rotation} and {die_flip}")
-        self.rot90 = bool(rot90)
-        self.flips = bool(flips)
-        self.max_rotation = float(max_rotation)
-        self.die_flip = float(die_flip)
+        self.options = AugmentOptions.parse(options, where="augmentation")
         self.generator = generator
 
     def extra_repr(self) -> str:
-        return (f"rot90={self.rot90}, flips={self.flips}, max_rotation={self.max_rotation}, "
-                f"die_flip={self.die_flip}")
+        return ", ".join(f"{f.name}={getattr(self.options, f.name)}" for f in fields(self.options))
 
     def _rand(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """Uniform [0,1) numbers on ``device`` from the generator (moved over if it lives elsewhere)."""
@@ -100,29 +179,56 @@ class Augmenter(nn.Module):
             return torch.rand(shape, generator=gen, device=device)
         return torch.rand(shape, generator=gen, device=gen.device).to(device)
 
+    def _per_map_rate(self, n: int, top: float, device: torch.device) -> torch.Tensor:
+        """(N,1,1) rates drawn from U(0, top), one per map."""
+        return (self._rand((n,), device) * top).view(n, 1, 1)
+
+    def _geometry(self, maps: torch.Tensor) -> torch.Tensor:
+        o, (n, h, w), dev = self.options, maps.shape, maps.device
+        out = maps
+        if o.rot90 or o.flips:
+            u = self._rand((n, 3), dev)
+            if o.rot90:
+                k = (u[:, 0] * (4 if h == w else 2)).long().clamp_(max=3)
+                k = k if h == w else k * 2  # non-square maps: 0 or 180 degrees only
+            else:
+                k = torch.zeros(n, dtype=torch.long, device=dev)
+            flip_v = (u[:, 1] < 0.5) if o.flips else torch.zeros(n, dtype=torch.bool, device=dev)
+            flip_h = (u[:, 2] < 0.5) if o.flips else torch.zeros(n, dtype=torch.bool, device=dev)
+            out = dihedral(out, k, flip_v, flip_h)
+        if o.max_rotation > 0:
+            angles = (self._rand((n,), dev) * 2.0 - 1.0) * o.max_rotation
+            out = rotate_nearest(out, angles)
+        return out
+
+    def _domain(self, out: torch.Tensor) -> torch.Tensor:
+        """The domain randomisation options, each skipped when 0."""
+        o, (n, h, w), dev = self.options, out.shape, out.device
+        top = min(h, w) - 1
+        if o.rescale > 0 and o.rescale_min <= top:
+            u = self._rand((n, 2), dev)
+            span = top - o.rescale_min
+            grids = o.rescale_min + (u[:, 0] * (span + 1)).long().clamp_(max=span)
+            out = rescale_through_grid(out, torch.where(u[:, 1] < o.rescale, grids, torch.zeros_like(grids)))
+        if o.edge_loss > 0:
+            drop = edge_dies(out) & (self._rand((n, h, w), dev) < self._per_map_rate(n, o.edge_loss, dev))
+            out = torch.where(drop, torch.zeros_like(out), out)
+        if o.background_fail > 0:
+            fail = (out == 1) & (self._rand((n, h, w), dev) < self._per_map_rate(n, o.background_fail, dev))
+            out = torch.where(fail, torch.full_like(out, 2), out)
+        if o.fail_dropout > 0:
+            keep = (out == 2) & (self._rand((n, h, w), dev) < self._per_map_rate(n, o.fail_dropout, dev))
+            out = torch.where(keep, torch.ones_like(out), out)
+        return out
+
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
         """Augment a uint8 (N,H,W) batch (returns a new tensor; the input is left untouched)."""
         _check_batch(maps)
         if not self.training or maps.shape[0] == 0:
             return maps
-        n, h, w = maps.shape
-        dev = maps.device
-        out = maps
-        if self.rot90 or self.flips:
-            u = self._rand((n, 3), dev)
-            if self.rot90:
-                k = (u[:, 0] * (4 if h == w else 2)).long().clamp_(max=3)
-                k = k if h == w else k * 2  # non-square maps: 0 or 180 degrees only
-            else:
-                k = torch.zeros(n, dtype=torch.long, device=dev)
-            flip_v = (u[:, 1] < 0.5) if self.flips else torch.zeros(n, dtype=torch.bool, device=dev)
-            flip_h = (u[:, 2] < 0.5) if self.flips else torch.zeros(n, dtype=torch.bool, device=dev)
-            out = dihedral(out, k, flip_v, flip_h)
-        if self.max_rotation > 0:
-            angles = (self._rand((n,), dev) * 2.0 - 1.0) * self.max_rotation
-            out = rotate_nearest(out, angles)
-        if self.die_flip > 0:
-            flip = (out > 0) & (self._rand((n, h, w), dev) < self.die_flip)
+        out = self._domain(self._geometry(maps))
+        if self.options.die_flip > 0:
+            flip = (out > 0) & (self._rand(tuple(out.shape), out.device) < self.options.die_flip)
             out = torch.where(flip, 3 - out, out)
         return out if out is not maps else maps.clone()
 

@@ -55,6 +55,7 @@ class PredictJob:
     devices: int | None = None  # None: every CUDA device (torch backend), else 1
     device: str | None = None  # torch device for one process ("cpu", "cuda:0"); None = auto
     progress: bool = True
+    tta: bool = False  # test-time augmentation (torch backend only: the exported graph sees one view)
 
 
 @dataclass
@@ -113,6 +114,7 @@ class BackendSpec:
     device: str | None
     batch_size: int
     threads: int | None = None
+    tta: bool = False
 
 
 class TorchBackend:
@@ -133,7 +135,8 @@ class TorchBackend:
         from waferlab.engine.predict import PredictOptions, predict
 
         opts = PredictOptions(device=self.spec.device, batch_size=self.spec.batch_size,
-                              temperature=self.trust.temperature, features=self.trust.scorer.needs_features)
+                              temperature=self.trust.temperature, features=self.trust.scorer.needs_features,
+                              tta=self.spec.tta)
         pred = predict(self.model, maps, self.contract.spec, opts)
         return pred.probs, self.trust.scorer.score(pred.logits, pred.features)
 
@@ -208,6 +211,9 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
     backend = job.backend or ("onnx" if is_file else "torch")
     if backend not in BACKENDS:
         raise WaferlabError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if job.tta and backend != "torch":
+        raise WaferlabError(f"--tta: test-time augmentation runs with --backend torch on the run directory "
+                            f"(the exported graph sees one view of each map), not --backend {backend}")
     if is_file:
         if backend not in ONNX_BACKENDS:
             raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx or openvino (the torch "
@@ -371,7 +377,7 @@ def _worker_specs(job: PredictJob, backend: str, n: int) -> list[BackendSpec]:
     cuda = backend == "torch" and torch.cuda.is_available() and job.device in (None, "cuda")
     threads = max(1, (os.cpu_count() or 1) // n)
     return [BackendSpec(job.run, backend, f"cuda:{i}" if cuda else (job.device or "cpu"), job.batch_size,
-                        threads) for i in range(n)]
+                        threads, job.tta) for i in range(n)]
 
 
 def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session: Any = None
@@ -380,7 +386,7 @@ def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session
     ``session``) or one per device."""
     n = job.devices or _default_devices(backend)
     if n <= 1:
-        spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads())
+        spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads(), job.tta)
         model = open_backend(spec, session)
         for c in chunks:
             yield (c, *model.infer(c.maps))

@@ -6,6 +6,8 @@ import argparse
 import sys
 from typing import Any
 
+from waferlab.engine.predict import add_tta_flag
+
 _TRAIN_FLAGS = {  # CLI flag dest -> config key (None values are "not given")
     "model": "model", "data": "data", "out": "out", "init": "init", "optimizer": "optimizer",
     "scheduler": "scheduler", "epochs": "epochs", "image_size": "image_size", "resize": "resize",
@@ -88,6 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for metrics.json, report.md and figures")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_tta_flag(p)
     _progress_flag(p)
     p.set_defaults(func=_evaluate)
 
@@ -120,7 +123,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from waferlab.engine.evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, args.data, args.out, batch_size=args.batch_size, device=args.device,
-                           progress=args.progress)
+                           progress=args.progress, tta=args.tta)
     if metrics.get("task") == "multilabel":
         from waferlab.engine.metrics import multilabel_summary
 

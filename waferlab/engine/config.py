@@ -276,6 +276,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("model_options", "loss_options", "augment_options", "balance_targets"):
         if not isinstance(getattr(cfg, name), dict):
             raise WaferlabError(f"config {name}: expected a mapping, got {getattr(cfg, name)!r}")
+    if cfg.augment:
+        from waferlab.data.augment import AugmentOptions
+
+        AugmentOptions.parse(cfg.augment_options)
     if cfg.min_lr > cfg.lr:
         raise WaferlabError(f"config min_lr ({cfg.min_lr:g}) is larger than lr ({cfg.lr:g})")
     fr = cfg.fractions

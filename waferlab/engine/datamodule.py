@@ -253,13 +253,10 @@ def _augmenter(cfg: TrainConfig) -> Any:
     """The data layer's Augmenter for ``cfg.augment_options`` (None when augmentation is off)."""
     if not cfg.augment:
         return None
-    from waferlab.data.augment import Augmenter
+    from waferlab.data.augment import Augmenter, AugmentOptions
 
-    try:
-        return Augmenter(**cfg.augment_options)
-    except TypeError as exc:
-        raise WaferlabError(f"config augment_options: {exc} (allowed: rot90, flips, max_rotation, "
-                            "die_flip)") from None
+    AugmentOptions.parse(cfg.augment_options)  # the config's wording in errors
+    return Augmenter(**cfg.augment_options)
 
 
 def describe(split: SplitData, cfg: TrainConfig) -> str:

@@ -47,8 +47,9 @@ def map_multi_hot(data_names: tuple[str, ...], multi_hot: np.ndarray, run_names:
 
 
 def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_size: int = 256,
-                 device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Evaluate the run in ``run_dir`` on every labelled map of ``data``; metrics/report go to ``out``."""
+                 device: str | None = None, progress: bool = True, tta: bool = False) -> dict[str, Any]:
+    """Evaluate the run in ``run_dir`` on every labelled map of ``data``; metrics/report go to ``out``
+    (``tta``: the prediction path's test-time augmentation)."""
     from waferlab.data.cache import load_prepared
     from waferlab.engine.metrics import compute_metrics, compute_multilabel_metrics
     from waferlab.engine.predict import PredictOptions, predict_probs
@@ -67,7 +68,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
         y = map_multi_hot(tuple(p.multi_label_names), hot, info.class_names, str(data))
     else:
         keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
-    opts = PredictOptions(device=device, batch_size=batch_size, progress=progress)
+    opts = PredictOptions(device=device, batch_size=batch_size, progress=progress, tta=tta)
     model = run.load_model()
     dropped = len(p) - len(keep)
     if dropped:
@@ -84,7 +85,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     cfg = info.config
     card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(keep)),
             "n_unlabeled_dropped": int(dropped), "trained_on": cfg.get("data"), "image_size": info.image_size,
-            "resize": info.resize, "encoding": info.encoding, "seed": cfg.get("seed"),
+            "resize": info.resize, "encoding": info.encoding, "seed": cfg.get("seed"), "tta": tta,
             **({"task": info.task} if multilabel else {"class_set": cfg.get("class_set")})}
     write_evaluation(metrics, out, f"{info.model_name} evaluated on {Path(data).name}", card)
     return metrics

@@ -44,6 +44,7 @@ class PredictOptions:
     temperature: float = 1.0  # from calibration; divides the scaled logits before the softmax
     progress: bool = False
     features: bool = False  # also return the pooled output of the model's ``cam_target_layer`` (avg | max)
+    tta: bool = False  # average over the DIHEDRAL_VIEWS views of each map (test-time augmentation, 8x cost)
 
     def __post_init__(self) -> None:
         if self.autocast not in AUTOCAST_POLICIES:
@@ -57,7 +58,8 @@ class PredictOptions:
 @dataclass
 class Prediction:
     """``logits`` (N, K) already multiplied by the logit scale; ``probs`` = softmax(logits / T), or for a
-    multilabel run sigmoid(logits / T) per label (rows then do not sum to 1)."""
+    multilabel run sigmoid(logits / T) per label (rows then do not sum to 1). With test-time augmentation
+    both are the means over the views (so ``probs`` is not exactly softmax(logits / T) then)."""
 
     logits: np.ndarray
     probs: np.ndarray
@@ -97,6 +99,30 @@ def prepare_batch(maps: torch.Tensor, spec: InputSpec, dev: torch.device) -> tor
     return x.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x
 
 
+#: Test-time augmentation's views: the 8 symmetries of the square (4 rotations by 90 degrees, each also
+#: mirrored); wafer patterns are rotation-invariant up to the notch, which the maps do not carry.
+DIHEDRAL_VIEWS = 8
+TTA_HELP = (f"test-time augmentation: average the probabilities (and logits, features) over the "
+            f"{DIHEDRAL_VIEWS} rotated/mirrored views of each map ({DIHEDRAL_VIEWS}x the compute; the run's "
+            f"temperature and thresholds were fitted without it)")
+
+
+def dihedral_view(x: torch.Tensor, t: int) -> torch.Tensor:
+    """The ``t``-th (0..7) of the :data:`DIHEDRAL_VIEWS` symmetries of the last two (square) dims:
+    ``t % 4`` quarter turns (counter-clockwise, like ``torch.rot90``), then a left-right mirror if t >= 4."""
+    import torch
+
+    if not 0 <= t < DIHEDRAL_VIEWS:
+        raise WaferlabError(f"dihedral view {t}: expected 0..{DIHEDRAL_VIEWS - 1}")
+    x = torch.rot90(x, t % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if t >= 4 else x
+
+
+def add_tta_flag(parser: Any) -> None:
+    """``--tta`` on a command's argparse parser: the same flag and help for evaluate and predict."""
+    parser.add_argument("--tta", action="store_true", help=TTA_HELP)
+
+
 def _as_maps(maps: Any) -> torch.Tensor:
     import torch
 
@@ -123,9 +149,26 @@ def _feature_hook(model: nn.Module, store: list[torch.Tensor]):
     return layer.register_forward_hook(hook)
 
 
+def _view_logits(model: nn.Module, x: torch.Tensor, spec: InputSpec, opts: PredictOptions,
+                 dev: torch.device) -> np.ndarray:
+    """Scaled logits (views, B, K) of an encoded batch: one view, or the 8 dihedral ones with ``opts.tta``."""
+    import torch
+
+    outs = []
+    for t in range(DIHEDRAL_VIEWS if opts.tta else 1):
+        bf16 = _use_bf16(opts.autocast, dev)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x if t == 0 else dihedral_view(x, t))
+        outs.append(out.float().reshape(len(x), -1).cpu().numpy() * spec.logit_scale)
+    return np.stack(outs)
+
+
 def predict(model: nn.Module, maps: Any, spec: InputSpec,
             options: PredictOptions | None = None) -> Prediction:
-    """Run ``model`` (eval mode, no grad) over uint8 maps (N, H, W) in {0,1,2}, batch by batch."""
+    """Run ``model`` (eval mode, no grad) over uint8 maps (N, H, W) in {0,1,2}, batch by batch.
+
+    With ``options.tta`` every map is seen in its 8 dihedral views: ``probs`` is the mean of the views'
+    probabilities, ``logits`` and ``features`` the mean of theirs (what the unknown-pattern scores read)."""
     import torch
 
     opts = options or PredictOptions()
@@ -135,6 +178,7 @@ def predict(model: nn.Module, maps: Any, spec: InputSpec,
     model.eval().to(dev)
     k = len(spec.class_names)
     logits = np.zeros((len(t), k), dtype=np.float32)
+    probs_tta = np.zeros((len(t), k), dtype=np.float32)
     feats: list[torch.Tensor] = []
     handle = _feature_hook(model, feats) if opts.features else None
     starts = range(0, len(t), opts.batch_size)
@@ -146,16 +190,18 @@ def predict(model: nn.Module, maps: Any, spec: InputSpec,
         with torch.no_grad():
             for start in starts:
                 x = prepare_batch(t[start:start + opts.batch_size], spec, dev)
-                with torch.autocast(device_type=dev.type, dtype=torch.bfloat16,
-                                    enabled=_use_bf16(opts.autocast, dev)):
-                    out = model(x)
-                scaled = out.float().reshape(len(x), -1) * spec.logit_scale
-                logits[start:start + len(x)] = scaled.cpu().numpy()
+                scaled = _view_logits(model, x, spec, opts, dev)  # (views, B, K)
+                logits[start:start + len(x)] = scaled.mean(0)
+                if opts.tta:
+                    view_probs = probabilities(scaled.reshape(-1, k) / opts.temperature, spec.task)
+                    probs_tta[start:start + len(x)] = view_probs.reshape(len(scaled), len(x), k).mean(0)
+                if handle is not None and len(scaled) > 1:  # one pooled feature row per map: the views' mean
+                    feats[-len(scaled):] = [torch.stack(feats[-len(scaled):]).mean(0)]
     finally:
         if handle is not None:
             handle.remove()
         model.train(was_training)
-    probs = probabilities(logits / opts.temperature, spec.task)
+    probs = probs_tta if opts.tta else probabilities(logits / opts.temperature, spec.task)
     features = torch.cat(feats).cpu().numpy() if feats else (np.zeros((0, 0), np.float32) if opts.features
                                                                       else None)
     return Prediction(logits=logits, probs=probs, features=features)
