@@ -311,6 +311,10 @@ def test_predict_rows_in_every_format(setup: dict[str, Path], tmp_path: Path) ->
 def test_small_chunks_give_the_same_rows(setup: dict[str, Path], tmp_path: Path) -> None:
     whole = _predict(setup, tmp_path / "a.csv")
     chunked = _predict(setup, tmp_path / "b.csv", "--chunk-size", "16", "--batch-size", "7")
+    # the score's deep part is z-scored (divided by its std on the validation maps): float32 rounding of
+    # other batch sizes grows by that factor
+    score = "unknown_score"
+    np.testing.assert_allclose(whole.pop(score), chunked.pop(score), rtol=1e-4, atol=1e-4)
     pd.testing.assert_frame_equal(whole, chunked, atol=1e-5)
 
 
@@ -338,10 +342,41 @@ def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path]
                "--no-progress"])
     assert rc == 0
     alone_rows = pd.read_csv(tmp_path / "alone.csv", keep_default_na=False, na_values=[""])
+    from waferlab.deploy.export import contract_of_file, open_session  # the OpenVINO backend's reader
+
+    assert contract_of_file(alone) == open_session(alone, optimize=False)[1]
     for rows in (onnx_rows, alone_rows):
         assert np.abs(rows["prob"] - torch_rows["prob"]).max() <= 1e-4
         assert (rows["pred_class"] == torch_rows["pred_class"]).all()
         np.testing.assert_allclose(rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+
+
+def test_a_run_calibrated_with_knn_keeps_knn_and_an_old_export_still_predicts(setup: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """Runs and ONNX files from before knn+wafer (method knn, contract version 2 without wafer_part) keep
+    working: predict scores them with knn on both backends, the same numbers."""
+    import shutil
+
+    import onnx
+
+    run = Path(shutil.copytree(setup["run"], tmp_path / "run"))
+    assert main(["calibrate", str(run), "--data", str(setup["tmp"] / "cal.npz"), "--ood-method", "knn",
+                 "--no-progress"]) == 0
+    assert json.loads((run / "ood.json").read_text())["method"] == "knn"
+    knn = {**setup, "run": run}
+    torch_rows = _predict(knn, tmp_path / "torch.csv")
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    proto = onnx.load(str(run / "exports" / "model.onnx"))
+    meta = next(p for p in proto.metadata_props if p.key == "waferlab")
+    contract = json.loads(meta.value)
+    assert contract["ood_method"] == "knn" and contract["wafer_part"] is None
+    del contract["wafer_part"]
+    meta.value = json.dumps({**contract, "version": 2})  # as a file exported before knn+wafer
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = _predict({**setup, "run": tmp_path / "old.onnx"}, tmp_path / "old.csv")
+    np.testing.assert_allclose(old["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+    default = _predict(setup, tmp_path / "default.csv")  # the same network with knn+wafer scores otherwise
+    assert np.abs(default["unknown_score"] - torch_rows["unknown_score"]).max() > 0.1
 
 
 def test_openvino_backend_matches_torch(setup: dict[str, Path], tmp_path: Path) -> None:
