@@ -72,8 +72,9 @@ def make_run(folder: Path, model: str, size: int) -> Path:
     # a full-size feature bank, as a run trained on WM-811K has (speed does not depend on its values)
     rng = np.random.default_rng(0)
     bank = FitData(np.zeros((KNN_BANK, 9), np.float32), rng.integers(0, 9, KNN_BANK),
-                   rng.normal(size=(KNN_BANK, val.features.shape[1])).astype(np.float32))
-    fit_trust(run, val, p.labels, train=bank)
+                   rng.normal(size=(KNN_BANK, val.features.shape[1])).astype(np.float32),
+                   p.maps[np.arange(KNN_BANK) % len(p.maps)])  # the descriptor bank of knn+wafer
+    fit_trust(run, val, p.labels, train=bank, val_maps=p.maps)
     return run.path
 
 

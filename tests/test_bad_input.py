@@ -414,6 +414,31 @@ def _run_with_misshapen_fusion(setup: dict[str, Path], d: Path) -> tuple[list[st
     return [str(run)], (str(run / "ood.json"), "inconsistent statistics", "knn+energy")
 
 
+def _run_with_knn_wafer_without_descriptor_statistics(setup: dict[str, Path], d: Path
+                                                      ) -> tuple[list[str], tuple[str, ...]]:
+    from safetensors.numpy import load_file, save_file
+
+    run = _run_copy(setup, d)  # a knn+wafer fit whose descriptor part lost its statistics
+    arrays = {k: v for k, v in load_file(str(run / "ood.safetensors")).items() if not k.startswith("wafer")}
+    save_file(arrays, str(run / "ood.safetensors"))
+    settings = json.loads((run / "ood.json").read_text())
+    settings.update(method="knn+wafer", arrays={k: list(v.shape) for k, v in arrays.items()})
+    (run / "ood.json").write_text(json.dumps(settings))
+    return [str(run)], (str(run / "ood.json"), "inconsistent statistics", "knn+wafer", "wafer_bank")
+
+
+def _onnx_with_corrupt_wafer_part(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
+    import onnx
+
+    proto = onnx.load(str(setup["run"] / "exports" / "model.onnx"))  # a knn+wafer export (the default)
+    meta = next(p for p in proto.metadata_props if p.key == "waferlab")
+    contract = json.loads(meta.value)
+    contract["wafer_part"]["bank"] = "not base64!"
+    meta.value = json.dumps(contract)
+    onnx.save(proto, str(d / "corrupt.onnx"))
+    return [str(d / "corrupt.onnx")], (str(d / "corrupt.onnx"), "'waferlab'.wafer_part", "unreadable")
+
+
 def _onnx_of_another_run(setup: dict[str, Path], d: Path) -> tuple[list[str], tuple[str, ...]]:
     run = _run_copy(setup, d)  # recalibrated after the export: the exported file no longer fits the run
     th = json.loads((run / "thresholds.json").read_text())
@@ -454,6 +479,8 @@ DEPLOY_CASES = {
     "run_with_misshapen_fusion": _run_with_misshapen_fusion,
     "onnx_of_another_run": _onnx_of_another_run,
     "onnx_without_metadata": _onnx_without_metadata,
+    "run_with_knn_wafer_without_descriptor_statistics": _run_with_knn_wafer_without_descriptor_statistics,
+    "onnx_with_corrupt_wafer_part": _onnx_with_corrupt_wafer_part,
     "cache_of_another_rule": _cache_of_another_rule,
     "tta_with_onnx": lambda setup, d: ([str(setup["run"]), "--backend", "onnx", "--tta"],
                                        ("--tta", "--backend torch", "not --backend onnx")),

@@ -18,6 +18,7 @@ from deploy_util import calibrated_run, synth_file
 from waferlab.cli import main
 from waferlab.deploy.ood import (
     FEATURE_METHODS,
+    MAP_METHODS,
     FitData,
     OODScorer,
     fit_gaussian,
@@ -62,7 +63,7 @@ def test_ledoit_wolf_is_well_conditioned_with_fewer_samples_than_dimensions() ->
     assert eig.min() > 0 and eig.max() / eig.min() < 1e3
 
 
-@pytest.mark.parametrize("method", FEATURE_METHODS)
+@pytest.mark.parametrize("method", [m for m in FEATURE_METHODS if m not in MAP_METHODS])  # knn+wafer: below
 def test_feature_scores_flag_a_cluster_unlike_the_known_ones_at_the_fitted_recall(method: str) -> None:
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(3, 16)) * 3
@@ -108,6 +109,75 @@ def test_knn_energy_flags_maps_strange_in_either_part_and_weighs_both_the_same()
     far = scorer.score(logits[:50], rng.normal(size=(50, 16)) * 3 + 10)  # strange features only
     flat = scorer.score(np.zeros((50, 3)), feats[:50])  # strange logits only
     assert (far > threshold).mean() > 0.9 and (flat > threshold).mean() > 0.9
+
+
+def _maps_and_features(n: int, seed: int, classes: list[str], centres: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Synthetic maps (32 px) of ``classes``, their class ids and features clustered by class."""
+    from waferlab.data.cache import prepare
+    from waferlab.data.synth import generate
+
+    p = prepare(generate(n, seed=seed, classes=classes), 32)
+    rng = np.random.default_rng(seed)
+    y = np.asarray(p.labels) % len(centres)
+    return p.maps, y, centres[y] + rng.normal(size=(n, centres.shape[1]))
+
+
+def test_knn_wafer_flags_a_held_out_line_pattern_the_features_miss_and_strange_features() -> None:
+    """knn+wafer: held-out Scratches whose network features look known are flagged by the descriptor part;
+    maps whose features are far from the bank by the deep part; both parts z-scored on the validation maps;
+    without the maps the score is a one-line error."""
+    from waferlab.data.table import WM811K_CLASSES
+
+    known = [c for c in WM811K_CLASSES if c != "Scratch"]
+    centres = np.random.default_rng(7).normal(size=(len(WM811K_CLASSES), 16)) * 3
+    (tm, ty, tf), (vm, vy, vf), (km, _, kf) = (_maps_and_features(n, s, known, centres)
+                                               for n, s in ((500, 1), (200, 2), (200, 3)))
+    scratch = _draw_lines(_maps_and_features(150, 4, ["none"], centres)[0])  # clean wafers + a 1-die line
+    zeros = np.zeros((500, 3))
+    scorer, scores = fit_scorer("knn+wafer", FitData(zeros[:200], vy, vf, vm), 1.0,
+                                FitData(zeros, ty, tf, tm))
+    parts = scorer.parts(zeros[:200], vf, vm)
+    np.testing.assert_allclose(scorer.arrays["fusion"][:, 0], parts.mean(0), rtol=1e-4)
+    np.testing.assert_allclose(scores, scorer.fuse(parts), rtol=1e-5)
+    threshold = np.quantile(scores, 0.95, method="higher")
+    s_known = scorer.score(zeros[:200], kf, km)
+    s_scratch = scorer.score(zeros[:150], kf[:150], scratch)  # known-looking features, a new pattern
+    s_far = scorer.score(zeros[:150], rng_far(150), km[:150])  # known maps, features from nowhere
+    deep = OODScorer("knn", 1.0, {"bank": scorer.arrays["bank"]})  # the features alone do not see them
+    assert _auroc(deep.score(zeros[:200], kf), deep.score(zeros[:150], kf[:150])) < 0.65
+    assert _auroc(s_known, s_scratch) > 0.85  # measured 0.91
+    assert (s_far > threshold).mean() > 0.9 and (s_known <= threshold).mean() > 0.85
+    again = OODScorer.from_json(json.loads(json.dumps(scorer.to_json())), "ood.json", scorer.arrays)
+    np.testing.assert_allclose(again.score(zeros[:5], kf[:5], km[:5]), s_known[:5], rtol=1e-5)
+    with pytest.raises(WaferlabError, match="knn[+]wafer unknown-pattern score needs the 5 maps"):
+        scorer.score(zeros[:5], kf[:5])
+    with pytest.raises(WaferlabError, match="needs the 200 maps"):
+        fit_scorer("knn+wafer", FitData(zeros[:200], vy, vf), 1.0)  # waferlab calibrate without maps
+
+
+def rng_far(n: int) -> np.ndarray:
+    return np.random.default_rng(9).normal(size=(n, 16)) * 3 + 10
+
+
+def _auroc(known: np.ndarray, unknown: np.ndarray) -> float:
+    return float((unknown[:, None] > known[None]).mean() + 0.5 * (unknown[:, None] == known[None]).mean())
+
+
+def _draw_lines(maps: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Each map with a straight failed line (1 die wide, 0.6 of the grid long, random angle) on its dies."""
+    rng = np.random.default_rng(seed)
+    out = maps.copy()
+    size = maps.shape[1]
+    t = np.linspace(-0.3 * size, 0.3 * size, 4 * size)
+    for m in out:
+        a, c = rng.uniform(0, np.pi), (size - 1) / 2 + rng.uniform(-size / 8, size / 8, 2)
+        y, x = np.round(c[0] + t * np.sin(a)).astype(int), np.round(c[1] + t * np.cos(a)).astype(int)
+        ok = (y >= 0) & (y < size) & (x >= 0) & (x < size)
+        y, x = y[ok], x[ok]
+        on = m[y, x] > 0
+        m[y[on], x[on]] = 2
+    return out
 
 
 def test_feature_scores_pool_the_engines_average_and_max_features_and_old_runs_keep_average() -> None:
@@ -241,6 +311,10 @@ def test_predict_rows_in_every_format(setup: dict[str, Path], tmp_path: Path) ->
 def test_small_chunks_give_the_same_rows(setup: dict[str, Path], tmp_path: Path) -> None:
     whole = _predict(setup, tmp_path / "a.csv")
     chunked = _predict(setup, tmp_path / "b.csv", "--chunk-size", "16", "--batch-size", "7")
+    # the score's deep part is z-scored (divided by its std on the validation maps): float32 rounding of
+    # other batch sizes grows by that factor
+    score = "unknown_score"
+    np.testing.assert_allclose(whole.pop(score), chunked.pop(score), rtol=1e-4, atol=1e-4)
     pd.testing.assert_frame_equal(whole, chunked, atol=1e-5)
 
 
@@ -268,10 +342,41 @@ def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path]
                "--no-progress"])
     assert rc == 0
     alone_rows = pd.read_csv(tmp_path / "alone.csv", keep_default_na=False, na_values=[""])
+    from waferlab.deploy.export import contract_of_file, open_session  # the OpenVINO backend's reader
+
+    assert contract_of_file(alone) == open_session(alone, optimize=False)[1]
     for rows in (onnx_rows, alone_rows):
         assert np.abs(rows["prob"] - torch_rows["prob"]).max() <= 1e-4
         assert (rows["pred_class"] == torch_rows["pred_class"]).all()
         np.testing.assert_allclose(rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+
+
+def test_a_run_calibrated_with_knn_keeps_knn_and_an_old_export_still_predicts(setup: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    """Runs and ONNX files from before knn+wafer (method knn, contract version 2 without wafer_part) keep
+    working: predict scores them with knn on both backends, the same numbers."""
+    import shutil
+
+    import onnx
+
+    run = Path(shutil.copytree(setup["run"], tmp_path / "run"))
+    assert main(["calibrate", str(run), "--data", str(setup["tmp"] / "cal.npz"), "--ood-method", "knn",
+                 "--no-progress"]) == 0
+    assert json.loads((run / "ood.json").read_text())["method"] == "knn"
+    knn = {**setup, "run": run}
+    torch_rows = _predict(knn, tmp_path / "torch.csv")
+    assert main(["export", str(run), "--format", "onnx"]) == 0
+    proto = onnx.load(str(run / "exports" / "model.onnx"))
+    meta = next(p for p in proto.metadata_props if p.key == "waferlab")
+    contract = json.loads(meta.value)
+    assert contract["ood_method"] == "knn" and contract["wafer_part"] is None
+    del contract["wafer_part"]
+    meta.value = json.dumps({**contract, "version": 2})  # as a file exported before knn+wafer
+    onnx.save(proto, str(tmp_path / "old.onnx"))
+    old = _predict({**setup, "run": tmp_path / "old.onnx"}, tmp_path / "old.csv")
+    np.testing.assert_allclose(old["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+    default = _predict(setup, tmp_path / "default.csv")  # the same network with knn+wafer scores otherwise
+    assert np.abs(default["unknown_score"] - torch_rows["unknown_score"]).max() > 0.1
 
 
 def test_openvino_backend_matches_torch(setup: dict[str, Path], tmp_path: Path) -> None:

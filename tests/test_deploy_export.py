@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from waferlab.deploy.export import Contract, export_onnx, open_session, run_session
-from waferlab.deploy.ood import DEFAULT_METHOD, OODScorer
+from waferlab.deploy.ood import DEFAULT_METHOD, FUSED_PARTS, OODScorer
 from waferlab.deploy.trust import Trust
 from waferlab.engine.predict import InputSpec, PredictOptions, predict
 from waferlab.models import create_model, list_models
@@ -29,9 +29,9 @@ def test_onnx_matches_torch(name: str, head: str, tmp_path: Path) -> None:
     maps = rng.integers(0, 3, (6, SIZE, SIZE), dtype=np.uint8)
     base = predict(model, maps, spec, PredictOptions(device="cpu", features=True))
     method = "mahalanobis" if name == "resnet34" else DEFAULT_METHOD  # both feature scores, one cheaply
-    scorer = OODScorer(method, 1.7).fit(base.features, np.arange(6) % 3)  # statistics of the right shapes
-    if method == "knn+energy":  # a z-scoring that is not the identity
-        scorer.fit_fusion(scorer.parts(base.logits, base.features) * 1.5 + 0.25)
+    scorer = OODScorer(method, 1.7).fit(base.features, np.arange(6) % 3, maps=maps)  # right-shaped statistics
+    if method in FUSED_PARTS:  # a z-scoring that is not the identity
+        scorer.fit_fusion(scorer.parts(base.logits, base.features, maps) * 1.5 + 0.25)
     trust = Trust(temperature=1.7, none_threshold=None, ood_threshold=1.0, scorer=scorer, fingerprint="test")
     path = export_onnx(model, Contract.of(spec, trust, name), trust, tmp_path / f"{name}.onnx")
     session, contract = open_session(path)
@@ -39,9 +39,10 @@ def test_onnx_matches_torch(name: str, head: str, tmp_path: Path) -> None:
     other = rng.integers(0, 3, (3, SIZE, SIZE), dtype=np.uint8)  # another batch size: the batch is dynamic
     for batch in (maps, other):
         ref = predict(model, batch, spec, PredictOptions(device="cpu", temperature=1.7, features=True))
-        _, probs, score = run_session(session, batch, batch_size=4)
+        _, probs, score = run_session(session, batch, batch_size=4, contract=contract)
         assert np.abs(probs - ref.probs).max() <= 1e-4
-        np.testing.assert_allclose(score, trust.scorer.score(ref.logits, ref.features), rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(score, trust.scorer.score(ref.logits, ref.features, batch), rtol=1e-3,
+                                   atol=1e-3)
 
 
 @pytest.mark.parametrize("head", ["linear", "failpool"])

@@ -302,5 +302,13 @@ def test_training_fits_the_unknown_pattern_statistics_on_the_training_part(
     if DEFAULT_METHOD in FEATURE_METHODS:  # fitted on the training maps, not on the validation part
         fitted_on = json.loads((run.path / "ood.json").read_text())["fitted_on"]
         assert fitted_on == f"training part ({len(np.unique(split.train))} maps)"
-        if DEFAULT_METHOD in ("knn", "knn+energy"):
+        if DEFAULT_METHOD in ("knn", "knn+energy", "knn+wafer"):
             assert len(trust.scorer.arrays["bank"]) == len(np.unique(split.train))
+        if trust.scorer.needs_maps:  # the descriptors of the training maps at the run's size, standardised
+            from waferlab.deploy.descriptors import wafer_descriptors
+            from waferlab.engine.predict import input_maps
+
+            bank = trust.scorer.arrays["wafer_bank"]
+            assert len(bank) == len(np.unique(split.train))
+            d = wafer_descriptors(input_maps(split.data.maps[np.unique(split.train)], run.spec()))
+            np.testing.assert_allclose(trust.scorer.arrays["wafer_norm"][0], d.mean(0), rtol=1e-4, atol=1e-5)

@@ -4,6 +4,10 @@ The graph takes uint8 maps (N, S, S) with values 0/1/2, already shrunk to the ru
 resize rule (dynamic batch), and returns ``logits`` (scaled), ``probs`` (calibrated) and ``ood_score``. The
 input contract (size, resize rule, encoding, class names, logit scale, temperature, thresholds, the run's
 fingerprint) is JSON in the model's metadata under :data:`META_KEY`, so the file alone is enough to deploy.
+A ``knn+wafer`` score's second part (classic wafer descriptors, which need connected components: no ONNX op)
+is not in the graph: its ``ood_score`` output is the z-scored deep part, and the contract's ``wafer_part``
+holds the statistics with which waferlab adds the z-scored descriptor part (:func:`finish_ood`); a foreign
+runtime reading ``ood_score`` alone gets the deep part only, whose scale is not ``ood_threshold``'s.
 ``--quantize int8`` writes the network's ops in int8 (:mod:`waferlab.deploy.quantize`) and records that, its
 calibration and its measured agreement with the float32 graph in the contract.
 """
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
     from waferlab.deploy.quantize import QuantizeOptions
 
 META_KEY = "waferlab"
-CONTRACT_VERSION = 2  # 2: the quantisation fields and the resize rule
+CONTRACT_VERSION = 3  # 2: the quantisation fields and the resize rule; 3: wafer_part
 OUTPUTS = ("logits", "probs", "ood_score")
 OPSET = 17
 
@@ -54,6 +58,7 @@ class Contract:
     quantization_check: dict[str, Any] | None = None  # int8 vs float32, held-out maps (compare_outputs)
     version: int = CONTRACT_VERSION
     resize: str = LEGACY_RESIZE  # how maps shrink to image_size before the graph (a file without it: nearest)
+    wafer_part: dict[str, Any] | None = None  # a knn+wafer score's descriptor part (:func:`wafer_part_of`)
 
     @property
     def spec(self) -> InputSpec:
@@ -64,7 +69,54 @@ class Contract:
     def of(cls, spec: InputSpec, trust: Trust, model_name: str = "") -> Contract:
         return cls(spec.image_size, spec.encoding, tuple(spec.class_names), spec.logit_scale,
                    trust.temperature, trust.none_threshold, trust.ood_threshold, trust.scorer.method,
-                   trust.fingerprint, model_name, resize=spec.resize)
+                   trust.fingerprint, model_name, resize=spec.resize, wafer_part=wafer_part_of(trust.scorer))
+
+
+def wafer_part_of(scorer: Any) -> dict[str, Any] | None:
+    """The statistics of a ``knn+wafer`` score's descriptor part as JSON (float32 arrays in base64, exact),
+    None for another method."""
+    import base64
+
+    from waferlab.deploy.descriptors import DESCRIPTOR_NAMES
+
+    if not scorer.needs_maps:
+        return None
+    a = scorer.arrays
+
+    def b64(x: np.ndarray) -> str:
+        return base64.b64encode(np.ascontiguousarray(x, "<f4").tobytes()).decode("ascii")
+
+    return {"descriptors": list(DESCRIPTOR_NAMES), "k": int(scorer.k), "rows": int(len(a["wafer_bank"])),
+            "fusion": [float(v) for v in a["fusion"][1]], "norm": b64(a["wafer_norm"]),
+            "bank": b64(a["wafer_bank"])}
+
+
+def finish_ood(contract: Contract, maps: np.ndarray, graph_score: np.ndarray) -> np.ndarray:
+    """The final unknown-pattern score from the graph's ``ood_score``: itself, or for a ``knn+wafer``
+    export plus the z-scored descriptor part of ``maps`` (as ``OODScorer.fuse`` sums the parts)."""
+    from waferlab.deploy.ood import wafer_distance
+
+    if not contract.wafer_part or len(graph_score) == 0:
+        return graph_score
+    bank, norm, k, (mean, std) = wafer_arrays(contract.wafer_part)
+    z = (wafer_distance(maps, bank, norm, k) - mean) / std
+    return (np.asarray(graph_score, np.float32) + z).astype(np.float32)
+
+
+def wafer_arrays(part: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, tuple[np.float32, np.float32]]:
+    """(bank, norm, k, (mean, std) of the part on the threshold's maps) from :func:`wafer_part_of`'s JSON;
+    ValueError (or KeyError, TypeError) when it is unreadable or was written for other descriptors."""
+    import base64
+
+    from waferlab.deploy.descriptors import DESCRIPTOR_NAMES
+
+    if list(part["descriptors"]) != list(DESCRIPTOR_NAMES):
+        raise ValueError("its descriptors are not this waferlab's")
+    cols, (mean, std) = len(DESCRIPTOR_NAMES), part["fusion"]
+    norm = np.frombuffer(base64.b64decode(part["norm"], validate=True), "<f4").reshape(2, cols)
+    rows = int(part["rows"])
+    bank = np.frombuffer(base64.b64decode(part["bank"], validate=True), "<f4").reshape(rows, cols)
+    return bank, norm, int(part["k"]), (np.float32(mean), np.float32(std))
 
 
 class DeployGraph(nn.Module):
@@ -84,10 +136,10 @@ class DeployGraph(nn.Module):
             w = np.asarray(arrays["whitener"], np.float64)
             self.register_buffer("whitener", torch.as_tensor(w, dtype=torch.float32))
             self.register_buffer("wmeans", torch.as_tensor(arrays["means"] @ w, dtype=torch.float32))
-        elif self.method in ("knn", "knn+energy"):
+        elif self.method in ("knn", "knn+energy", "knn+wafer"):
             self.register_buffer("bank", torch.as_tensor(np.asarray(arrays["bank"], np.float32)))
             self.k = max(1, min(self.k, len(arrays["bank"])))
-            if self.method == "knn+energy":
+            if self.method != "knn":
                 self.register_buffer("fusion", torch.as_tensor(np.asarray(arrays["fusion"], np.float32)))
 
     def forward(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,12 +164,14 @@ class DeployGraph(nn.Module):
         else:
             f = _pooled(store[0].float(), self.pool)  # as ood.pooled of the engine's features
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            if self.method in ("knn", "knn+energy"):  # as ood.knn_distance: k-th largest cosine similarity
+            if self.method in ("knn", "knn+energy", "knn+wafer"):  # as ood.knn_distance: k-th largest cosine
                 kth = torch.topk(f @ self.bank.t(), self.k, dim=1).values[:, -1]
                 score = torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
                 if self.method == "knn+energy":  # as OODScorer.score: z-scored parts, summed
                     parts = torch.stack([score, energy], dim=1)
                     score = ((parts - self.fusion[:, 0]) / self.fusion[:, 1]).sum(dim=1)
+                elif self.method == "knn+wafer":  # the deep part z-scored; finish_ood adds the wafer part
+                    score = (score - self.fusion[0, 0]) / self.fusion[0, 1]
             else:
                 z = f @ self.whitener  # as ood.mahalanobis_min: differences of whitened vectors
                 score = ((z[:, None, :] - self.wmeans[None, :, :]) ** 2).sum(dim=2).min(dim=1).values
@@ -190,7 +244,23 @@ def write_onnx(proto: Any, contract: Contract, out: str | Path) -> Path:
 
 def read_contract(path: str | Path, session: Any) -> Contract:
     """The contract in an ONNX file's metadata; a file without it is a one-line error."""
-    meta = session.get_modelmeta().custom_metadata_map
+    return parse_contract(path, session.get_modelmeta().custom_metadata_map)
+
+
+def contract_of_file(path: str | Path) -> Contract:
+    """The contract of an ONNX file read without an onnxruntime session (the OpenVINO backend)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises its own (protobuf) exception types
+        why = " ".join(str(exc).split())[:200]
+        raise WaferlabError(f"{path}: not a loadable ONNX model ({why})") from None
+    return parse_contract(path, {p.key: p.value for p in proto.metadata_props})
+
+
+def parse_contract(path: str | Path, meta: dict[str, str]) -> Contract:
+    """The contract in the metadata ``meta`` of the ONNX file ``path``."""
     if META_KEY not in meta:
         raise WaferlabError(f"{path}: field {META_KEY!r}: no waferlab metadata in the ONNX file (not written "
                             f"by 'waferlab export'); its input contract is unknown")
@@ -201,11 +271,18 @@ def read_contract(path: str | Path, session: Any) -> Contract:
                                 f"than this waferlab reads ({CONTRACT_VERSION})")
         obj["class_names"] = tuple(obj["class_names"])
         check_resize(obj.get("resize", LEGACY_RESIZE), f"{path}: field {META_KEY!r}.resize")
-        return Contract(**obj)
+        contract = Contract(**obj)
     except WaferlabError:
         raise
     except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
         raise WaferlabError(f"{path}: field {META_KEY!r}: unreadable waferlab metadata ({exc})") from None
+    if contract.wafer_part is not None:
+        try:
+            wafer_arrays(contract.wafer_part)
+        except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+            raise WaferlabError(f"{path}: field {META_KEY!r}.wafer_part: unreadable statistics of the "
+                                f"unknown-pattern score's descriptor part ({exc})") from None
+    return contract
 
 
 def open_session(path: str | Path, threads: int | None = None, optimize: bool = True) -> tuple[Any, Contract]:
@@ -239,8 +316,10 @@ def _providers(ort: Any) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def run_session(session: Any, maps: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(logits, probs, ood_score) of uint8 maps at the contract's size, batch by batch."""
+def run_session(session: Any, maps: np.ndarray, batch_size: int, contract: Contract | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, probs, ood_score) of uint8 maps at the contract's size, batch by batch; with the file's
+    ``contract`` the score is the final one (:func:`finish_ood`), else the graph's output."""
     outs: list[list[np.ndarray]] = [[], [], []]
     for start in range(0, len(maps), batch_size):
         res = session.run(None, {"maps": np.ascontiguousarray(maps[start:start + batch_size])})
@@ -248,7 +327,8 @@ def run_session(session: Any, maps: np.ndarray, batch_size: int) -> tuple[np.nda
             acc.append(arr)
     if not outs[0]:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
-    return tuple(np.concatenate(o) for o in outs)  # type: ignore[return-value]
+    logits, probs, ood = (np.concatenate(o) for o in outs)
+    return logits, probs, ood if contract is None else finish_ood(contract, maps, ood)
 
 
 def export_name(quantization: str = QUANTIZE_MODES[0]) -> str:

@@ -4,10 +4,13 @@
 ``mahalanobis`` (smallest class-conditional Mahalanobis distance of the pooled ``cam_target_layer``
 features, shared Ledoit-Wolf-shrunk covariance, features L2-normalised first), ``knn`` (Sun et al. 2022:
 distance of the L2-normalised pooled features to their k-th nearest neighbour among up to
-:data:`KNN_BANK` maps of the fitting data) and ``knn+energy`` (the two z-scored by their mean and standard
-deviation on the threshold's maps, then summed: each weighs the same). The feature scores pool the map by
-:data:`DEFAULT_POOL` (global average and global max pooling, each L2-normalised, concatenated: measured best
-on the benchmark's tuning fold). The feature statistics are fitted
+:data:`KNN_BANK` maps of the fitting data), ``knn+energy`` (the two z-scored by their mean and standard
+deviation on the threshold's maps, then summed: each weighs the same) and ``knn+wafer`` (``knn`` fused the
+same way with ``wafer``: the Euclidean distance of the map's 18 classic wafer descriptors,
+:mod:`waferlab.deploy.descriptors`, standardised on the fitting data, to their k-th nearest neighbour
+there; it sees the thin lines and compact blobs that the network's features take for ``none``). The
+feature scores pool the map by :data:`DEFAULT_POOL` (global average and global max pooling, each
+L2-normalised, concatenated: measured best on the benchmark's tuning fold). The feature statistics are fitted
 on the training part when one is given (many more maps per class than the validation part) and the
 threshold on validation scores; without a training part (``waferlab calibrate``) on the labelled maps,
 scored out of fold.
@@ -26,10 +29,12 @@ import numpy as np
 from waferlab.errors import WaferlabError
 
 #: Unknown-pattern scores, each needing only logits except those in :data:`FEATURE_METHODS`.
-METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "knn", "knn+energy")
-FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "knn+energy")
+METHODS: tuple[str, ...] = ("msp", "maxlogit", "energy", "mahalanobis", "knn", "knn+energy", "knn+wafer")
+FEATURE_METHODS: tuple[str, ...] = ("mahalanobis", "knn", "knn+energy", "knn+wafer")
+#: Feature methods whose score also needs the maps themselves (uint8, at the run's size: the model's input).
+MAP_METHODS: tuple[str, ...] = ("knn+wafer",)
 #: Chosen by ``benchmarks/open_set.py`` (README "Deploy": AUROC on held-out classes).
-DEFAULT_METHOD = "knn"
+DEFAULT_METHOD = "knn+wafer"
 #: How the feature scores pool the ``cam_target_layer`` map: the engine returns global average and global max
 #: pooling side by side (N, 2C); ``avg+max`` L2-normalises each and concatenates them (each weighs the same).
 POOLINGS: tuple[str, ...] = ("avg", "max", "avg+max")
@@ -42,9 +47,12 @@ KNN_BANK = 4096
 FIT_MAPS = 16384
 #: Arrays each feature method stores, with their number of dimensions.
 ARRAYS: dict[str, dict[str, int]] = {"mahalanobis": {"means": 2, "whitener": 2}, "knn": {"bank": 2},
-                                     "knn+energy": {"bank": 2, "fusion": 2}}
-#: Rows of the ``fusion`` array of ``knn+energy``: (mean, std) of each part on the threshold's maps.
-FUSED_PARTS: tuple[str, ...] = ("knn", "energy")
+                                     "knn+energy": {"bank": 2, "fusion": 2},
+                                     "knn+wafer": {"bank": 2, "fusion": 2, "wafer_bank": 2, "wafer_norm": 2}}
+#: Parts of each fused method; row i of its ``fusion`` array: (mean, std) of part i on the threshold's maps.
+#: ``wafer_norm`` rows: the descriptors' mean and std on the fitting data; ``wafer_bank``: its standardised
+#: descriptors.
+FUSED_PARTS: dict[str, tuple[str, ...]] = {"knn+energy": ("knn", "energy"), "knn+wafer": ("knn", "wafer")}
 
 
 def _logsumexp(z: np.ndarray) -> np.ndarray:
@@ -87,8 +95,14 @@ class OODScorer:
     def needs_features(self) -> bool:
         return self.method in FEATURE_METHODS
 
-    def fit(self, features: np.ndarray, labels: np.ndarray, seed: int = 0) -> OODScorer:
-        """Fit the feature statistics (no-op for the logit scores); returns self."""
+    @property
+    def needs_maps(self) -> bool:
+        return self.method in MAP_METHODS
+
+    def fit(self, features: np.ndarray, labels: np.ndarray, seed: int = 0,
+            maps: np.ndarray | None = None) -> OODScorer:
+        """Fit the feature statistics (no-op for the logit scores; ``maps``: the fitting maps, for a method
+        of :data:`MAP_METHODS`); returns self."""
         if not self.needs_features:
             return self
         f = pooled(features, self.pool)
@@ -100,14 +114,28 @@ class OODScorer:
         else:
             keep = stratified_sample(np.asarray(labels), KNN_BANK, seed)
             self.arrays = {"bank": normalise(f[keep]).astype(np.float32)}
-            if self.method == "knn+energy":  # neutral until fit_fusion sees the threshold's maps
-                self.arrays["fusion"] = np.array([[0.0, 1.0]] * len(FUSED_PARTS), np.float32)
+            if self.needs_maps:
+                self.arrays.update(fit_wafer(self._maps(maps, len(f))[keep]))
+            if self.method in FUSED_PARTS:  # neutral until fit_fusion sees the threshold's maps
+                self.arrays["fusion"] = np.array([[0.0, 1.0]] * len(FUSED_PARTS[self.method]), np.float32)
         return self
 
-    def parts(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+    def _maps(self, maps: np.ndarray | None, n: int) -> np.ndarray:
+        if maps is None or len(maps) != n:
+            raise WaferlabError(f"{self.method} unknown-pattern score needs the {n} maps themselves, got "
+                                f"{'none' if maps is None else len(maps)}")
+        return np.asarray(maps)
+
+    def parts(self, logits: np.ndarray, features: np.ndarray | None = None,
+              maps: np.ndarray | None = None) -> np.ndarray:
         """(N, 2) raw scores of a fused method's parts (:data:`FUSED_PARTS`), before z-scoring."""
         knn = OODScorer("knn", self.temperature, {"bank": self.arrays["bank"]}, self.k, pool=self.pool)
-        return np.stack([knn.score(logits, features), OODScorer("energy", self.temperature).score(logits)], 1)
+        if self.needs_maps:
+            other = wafer_distance(self._maps(maps, len(logits)), self.arrays["wafer_bank"],
+                                   self.arrays["wafer_norm"], self.k)
+        else:
+            other = OODScorer("energy", self.temperature).score(logits)
+        return np.stack([knn.score(logits, features), other], 1)
 
     def fuse(self, parts: np.ndarray) -> np.ndarray:
         """A fused method's score from its parts' raw scores (N, 2): z-scored by ``fusion``, summed."""
@@ -121,8 +149,10 @@ class OODScorer:
             np.float32)
         return self
 
-    def score(self, logits: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """Scores (N,) float32 from scaled logits (N, K) and, for a feature method, pooled features (N, D)."""
+    def score(self, logits: np.ndarray, features: np.ndarray | None = None,
+              maps: np.ndarray | None = None) -> np.ndarray:
+        """Scores (N,) float32 from scaled logits (N, K), for a feature method pooled features (N, D), for a
+        method of :data:`MAP_METHODS` also the maps (N, S, S) uint8 the network saw."""
         z = np.asarray(logits, dtype=np.float64)
         if self.method == "msp":
             p = np.exp(z / self.temperature - _logsumexp(z / self.temperature)[:, None])
@@ -133,8 +163,8 @@ class OODScorer:
             return (-self.temperature * _logsumexp(z / self.temperature)).astype(np.float32)
         if features is None or set(self.arrays) != set(ARRAYS[self.method]):
             raise WaferlabError(f"{self.method} unknown-pattern score needs features and fitted statistics")
-        if self.method == "knn+energy":
-            return self.fuse(self.parts(z, features))
+        if self.method in FUSED_PARTS:
+            return self.fuse(self.parts(z, features, maps))
         f = normalise(pooled(features, self.pool))
         if self.method == "knn":
             return knn_distance(f, self.arrays["bank"], self.k)
@@ -145,7 +175,7 @@ class OODScorer:
         out: dict[str, Any] = {"method": self.method, "temperature": self.temperature, **self.info}
         if self.needs_features:
             out["pool"] = self.pool
-        if self.method in ("knn", "knn+energy"):
+        if self.method in ("knn", *FUSED_PARTS):
             out["k"] = self.k
         if self.arrays:
             out["arrays"] = {k: list(v.shape) for k, v in self.arrays.items()}
@@ -167,10 +197,11 @@ class OODScorer:
         a = scorer.arrays
         if set(a) != set(need) or any(a[k].ndim != nd for k, nd in need.items()) or (
                 scorer.method == "mahalanobis" and a["whitener"].shape != (a["means"].shape[1],) * 2) or (
-                "fusion" in a and a["fusion"].shape != (len(FUSED_PARTS), 2)):
+                "fusion" in a and a["fusion"].shape != (len(FUSED_PARTS[scorer.method]), 2)) or (
+                "wafer_norm" in a and a["wafer_norm"].shape != (2, a["wafer_bank"].shape[1])):
             raise WaferlabError(f"{where}: arrays {sorted(a)}: missing or inconsistent statistics for "
                                 f"{scorer.method!r} (expected {sorted(need)})")
-        if scorer.method in ("knn", "knn+energy") and scorer.k < 1:
+        if scorer.method in ("knn", *FUSED_PARTS) and scorer.k < 1:
             raise WaferlabError(f"{where}: field 'k': must be >= 1, got {scorer.k}")
         return scorer
 
@@ -227,6 +258,30 @@ def knn_distance(f: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> 
     return out
 
 
+def fit_wafer(maps: np.ndarray) -> dict[str, np.ndarray]:
+    """The ``wafer`` part's statistics: descriptors' mean and std on ``maps`` and their standardised rows."""
+    from waferlab.deploy.descriptors import wafer_descriptors
+
+    d = wafer_descriptors(maps).astype(np.float64)
+    norm = np.stack([d.mean(axis=0), d.std(axis=0) + 1e-6])
+    return {"wafer_bank": ((d - norm[0]) / norm[1]).astype(np.float32), "wafer_norm": norm.astype(np.float32)}
+
+
+def wafer_distance(maps: np.ndarray, bank: np.ndarray, norm: np.ndarray, k: int, chunk: int = 1024
+                   ) -> np.ndarray:
+    """Euclidean distance of the standardised descriptors of ``maps`` to their k-th nearest ``bank`` row."""
+    from waferlab.deploy.descriptors import wafer_descriptors
+
+    k = max(1, min(k, len(bank)))
+    z = (wafer_descriptors(maps).astype(np.float64) - norm[0]) / norm[1]
+    b = np.asarray(bank, np.float64)
+    out = np.empty(len(z), np.float32)
+    for s in range(0, len(z), chunk):
+        d2 = (z[s:s + chunk] ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * z[s:s + chunk] @ b.T
+        out[s:s + chunk] = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0))
+    return out
+
+
 def fit_gaussian(features: np.ndarray, labels: np.ndarray, normalise_features: bool = True
                  ) -> tuple[np.ndarray, np.ndarray]:
     """Class means of the (normalised) features and a whitener W of their shared within-class (shrunk)
@@ -243,11 +298,13 @@ def fit_gaussian(features: np.ndarray, labels: np.ndarray, normalise_features: b
 
 @dataclass
 class FitData:
-    """Labelled maps' scaled logits (N, K), class ids (N,) and pooled features (N, D) or None."""
+    """Labelled maps' scaled logits (N, K), class ids (N,), pooled features (N, D) or None and the maps
+    (N, S, S) uint8 at the run's size or None (needed by :data:`MAP_METHODS`)."""
 
     logits: np.ndarray
     labels: np.ndarray
     features: np.ndarray | None = None
+    maps: np.ndarray | None = None
 
 
 def fit_scorer(method: str, val: FitData, temperature: float, train: FitData | None = None,
@@ -267,10 +324,10 @@ def fit_scorer(method: str, val: FitData, temperature: float, train: FitData | N
         raise WaferlabError(f"{method} unknown-pattern score: no features to fit")
     raw = _raw_scorer(scorer)
     if train is not None and train.features is not None and len(train.features):
-        scorer.fit(train.features, train.labels, seed)
+        scorer.fit(train.features, train.labels, seed, train.maps)
         scorer.info["fitted_on"] = f"training part ({len(train.labels)} maps)"
-        return _fused(scorer, raw(scorer, val.logits, val.features))
-    scorer.fit(val.features, val.labels, seed)
+        return _fused(scorer, raw(scorer, val.logits, val.features, val.maps))
+    scorer.fit(val.features, val.labels, seed, val.maps)
     scorer.info["fitted_on"] = f"{len(val.labels)} labelled maps (threshold out of fold)"
     scores: np.ndarray | None = None
     fold = np.random.default_rng(seed).permutation(len(val.labels)) % 2
@@ -278,22 +335,24 @@ def fit_scorer(method: str, val: FitData, temperature: float, train: FitData | N
         fit, held = fold != k, fold == k
         part = scorer
         if fit.sum() >= 2 and held.any():
-            part = OODScorer(method, temperature).fit(val.features[fit], val.labels[fit], seed)
-        s = raw(part, val.logits[held], val.features[held])
+            part = OODScorer(method, temperature).fit(val.features[fit], val.labels[fit], seed,
+                                                      None if val.maps is None else val.maps[fit])
+        s = raw(part, val.logits[held], val.features[held], None if val.maps is None else val.maps[held])
         scores = np.empty((len(val.labels), *s.shape[1:]), np.float32) if scores is None else scores
         scores[held] = s
     return _fused(scorer, scores)
 
 
-def _raw_scorer(scorer: OODScorer) -> Callable[[OODScorer, np.ndarray, np.ndarray | None], np.ndarray]:
-    """The scores a threshold (or, for a fused method, the z-scoring) is fitted on."""
-    if scorer.method == "knn+energy":
-        return lambda s, logits, features: s.parts(logits, features)
-    return lambda s, logits, features: s.score(logits, features)
+def _raw_scorer(scorer: OODScorer) -> Callable[..., np.ndarray]:
+    """The scores a threshold (or, for a fused method, the z-scoring) is fitted on: (scorer, logits,
+    features, maps) -> scores."""
+    if scorer.method in FUSED_PARTS:
+        return lambda s, logits, features, maps: s.parts(logits, features, maps)
+    return lambda s, logits, features, maps: s.score(logits, features, maps)
 
 
 def _fused(scorer: OODScorer, raw: np.ndarray) -> tuple[OODScorer, np.ndarray]:
     """(scorer, final validation scores): a fused method first fits its z-scoring on its parts' scores."""
-    if scorer.method != "knn+energy":
+    if scorer.method not in FUSED_PARTS:
         return scorer, raw
     return scorer, scorer.fit_fusion(raw).fuse(raw)

@@ -132,28 +132,31 @@ class TorchBackend:
         self.spec = spec
 
     def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from waferlab.engine.predict import PredictOptions, predict
+        from waferlab.engine.predict import PredictOptions, input_maps, predict
 
         opts = PredictOptions(device=self.spec.device, batch_size=self.spec.batch_size,
                               temperature=self.trust.temperature, features=self.trust.scorer.needs_features,
                               tta=self.spec.tta)
         pred = predict(self.model, maps, self.contract.spec, opts)
-        return pred.probs, self.trust.scorer.score(pred.logits, pred.features)
+        seen = input_maps(maps, self.contract.spec) if self.trust.scorer.needs_maps else None
+        return pred.probs, self.trust.scorer.score(pred.logits, pred.features, seen)
 
 
 class OnnxBackend:
     """An exported file run by onnxruntime (the contract comes from the file's metadata)."""
 
     def __init__(self, spec: BackendSpec, session: Any = None) -> None:
-        from waferlab.deploy.export import open_session
+        from waferlab.deploy.export import open_session, read_contract
 
-        self.session = session or open_session(onnx_path(spec.run), spec.threads)[0]
+        path = onnx_path(spec.run)
+        self.session = session or open_session(path, spec.threads)[0]
+        self.contract = read_contract(path, self.session)
         self.spec = spec
 
     def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         from waferlab.deploy.export import run_session
 
-        _, probs, ood = run_session(self.session, maps, self.spec.batch_size)
+        _, probs, ood = run_session(self.session, maps, self.spec.batch_size, self.contract)
         return probs, ood
 
 
@@ -170,8 +173,12 @@ class OpenVinoBackend:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if spec.threads:
             config["INFERENCE_NUM_THREADS"] = spec.threads
-        self.compiled = ov.Core().compile_model(str(onnx_path(spec.run)), "CPU", config)
+        from waferlab.deploy.export import contract_of_file
+
+        path = onnx_path(spec.run)
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
         self.outputs = (self.compiled.output("probs"), self.compiled.output("ood_score"))
+        self.contract = contract_of_file(path)
         self.spec = spec
 
     def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +189,9 @@ class OpenVinoBackend:
             ood.append(res[self.outputs[1]])
         if not probs:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
-        return np.concatenate(probs), np.concatenate(ood)
+        from waferlab.deploy.export import finish_ood
+
+        return np.concatenate(probs), finish_ood(self.contract, maps, np.concatenate(ood))
 
 
 def onnx_path(run: str | Path) -> Path:

@@ -201,7 +201,7 @@ def quantize_export(run: Any, proto: Any, contract: Any, opts: QuantizeOptions) 
         print("waferlab: note: no held-out part of the run's data here: int8 not compared with float32",
               file=sys.stderr)
         return qproto, contract
-    outs = [run_session(session_of(g), data.check_maps, 256)[1:] for g in (proto, qproto)]
+    outs = [run_session(session_of(g), data.check_maps, 256, contract)[1:] for g in (proto, qproto)]
     check = compare_outputs(outs[0], outs[1], data.check_labels, contract)
     contract = replace(contract, quantization_check={"on": "the run's test part", **check})
     print(f"waferlab: int8 vs float32 on {check['maps']} held-out maps (the run's test part): top-1 "

@@ -80,13 +80,15 @@ def operating_point(p_none: np.ndarray, is_defect: np.ndarray, target: float) ->
             "n_defect": int(is_defect.sum()), "n_none": int(none.sum())}
 
 
-def fit_trust(run: Run, val: Prediction, val_labels: np.ndarray,
-              options: TrustOptions | None = None, train: FitData | None = None) -> dict[str, Any]:
+def fit_trust(run: Run, val: Prediction, val_labels: np.ndarray, options: TrustOptions | None = None,
+              train: FitData | None = None, val_maps: np.ndarray | None = None) -> dict[str, Any]:
     """Fit calibration, operating point and unknown-pattern threshold on labelled maps; write them to ``run``.
 
     ``val`` comes from :func:`waferlab.engine.predict.predict` with ``features=True`` (needed by the
     feature scores); ``val_labels`` are class ids in the run's class order; ``train`` (optional: logits,
-    labels, features of training maps) is what the feature statistics are fitted on. Returns the summary.
+    labels, features, maps of training maps) is what the feature statistics are fitted on; ``val_maps``
+    (the maps at the run's size) are needed by the scores that read the maps (``ood.MAP_METHODS``).
+    Returns the summary.
     """
     from waferlab.engine.metrics import compute_metrics
 
@@ -100,7 +102,8 @@ def fit_trust(run: Run, val: Prediction, val_labels: np.ndarray,
     probs = softmax(val.logits / temperature)
     before = compute_metrics(y, softmax(val.logits), names)
     after = compute_metrics(y, probs, names)
-    scorer, scores = fit_scorer(opts.ood_method, FitData(val.logits, y, val.features), temperature, train)
+    scorer, scores = fit_scorer(opts.ood_method, FitData(val.logits, y, val.features, val_maps),
+                                 temperature, train)
     ood_t = float(np.quantile(scores, opts.id_recall, method="higher"))
     calibration = {"method": "temperature scaling", "temperature": temperature, "fitted_on": opts.source,
                    "n": int(len(y)), "ece_before": before["ece"], "ece_after": after["ece"],
@@ -270,4 +273,4 @@ def calibrate_run(run_dir: str, data: str, options: TrustOptions | None = None, 
     pred = predict(run.load_model(), p.maps[keep], spec,
                    PredictOptions(device=device, batch_size=batch_size, progress=progress, features=True))
     opts = replace(options or TrustOptions(), source=f"{Path(data).name} ({len(keep)} labelled maps)")
-    return fit_trust(run, pred, y, opts)
+    return fit_trust(run, pred, y, opts, val_maps=p.maps[keep])

@@ -123,6 +123,19 @@ def add_tta_flag(parser: Any) -> None:
     parser.add_argument("--tta", action="store_true", help=TTA_HELP)
 
 
+def input_maps(maps: Any, spec: InputSpec) -> np.ndarray:
+    """uint8 maps (N, H, W) as the network sees them: shrunk to the run's size with its rule (what the scores
+    that read the maps themselves describe, ``waferlab.deploy.ood.MAP_METHODS``)."""
+    import torch
+
+    from waferlab.data.encode import resize_maps
+
+    t = _as_maps(maps).to(torch.uint8)
+    if t.shape[-1] == spec.image_size and t.shape[-2] == spec.image_size:
+        return t.numpy()
+    return resize_maps(t, spec.image_size, spec.resize).numpy()
+
+
 def _as_maps(maps: Any) -> torch.Tensor:
     import torch
 

@@ -66,7 +66,7 @@ RUN_LAYOUT: dict[str, str] = {
     "thresholds.json": "operating point (P(none) threshold) and unknown-pattern threshold",
     "label_thresholds.json": "multilabel runs: per-label decision thresholds (best F1 on the val part)",
     "ood.json": "method and settings of the unknown-pattern score",
-    "ood.safetensors": "its statistics (e.g. the k-NN feature bank, or class means and whitener)",
+    "ood.safetensors": "its statistics (k-NN feature and descriptor banks, or class means and whitener)",
     "trust.md": "report of calibration, operating point and unknown-pattern threshold",
     "calibration.png": "reliability diagrams before and after temperature scaling",
     "timing.json": "training wall time and inference maps/s",

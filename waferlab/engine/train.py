@@ -276,7 +276,7 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
     validation part. Multi-label runs are not calibrated (a note says so).
     """
     from waferlab.deploy.trust import fit_trust
-    from waferlab.engine.predict import predict
+    from waferlab.engine.predict import input_maps, predict
 
     if len(split.val) == 0:
         _note("no validation part: the run is not calibrated (waferlab calibrate RUN --data HELD_OUT)")
@@ -287,7 +287,8 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
         _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
         return val, labels
     try:
-        summary = fit_trust(run, val, labels, train=_train_features(model, split, run, options))
+        summary = fit_trust(run, val, labels, train=_train_features(model, split, run, options),
+                            val_maps=input_maps(split.data.maps[split.val], run.spec()))
     except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
         _note(f"not calibrated ({exc}); run waferlab calibrate RUN --data HELD_OUT")
         return val, labels
@@ -297,16 +298,17 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
 
 
 def _train_features(model: Any, split: SplitData, run: Run, options: Any) -> Any:
-    """Logits, labels and pooled features of (a stratified sample of) the training part, un-augmented:
+    """Logits, labels, pooled features and maps of (a stratified sample of) the training part, un-augmented:
     what the default unknown-pattern score fits its statistics on; ``None`` when it needs none."""
     import numpy as np
 
-    from waferlab.deploy.ood import DEFAULT_METHOD, FEATURE_METHODS, FIT_MAPS, FitData, stratified_sample
-    from waferlab.engine.predict import predict
+    from waferlab.deploy import ood
+    from waferlab.engine.predict import input_maps, predict
 
-    if DEFAULT_METHOD not in FEATURE_METHODS or len(split.train) == 0:
+    if ood.DEFAULT_METHOD not in ood.FEATURE_METHODS or len(split.train) == 0:
         return None
     rows = np.unique(split.train)
-    rows = rows[stratified_sample(split.data.labels[rows], FIT_MAPS, seed=0)]
+    rows = rows[ood.stratified_sample(split.data.labels[rows], ood.FIT_MAPS, seed=0)]
     pred = predict(model, split.data.maps[rows], run.spec(), replace(options, features=True))
-    return FitData(pred.logits, split.data.labels[rows], pred.features)
+    maps = input_maps(split.data.maps[rows], run.spec()) if ood.DEFAULT_METHOD in ood.MAP_METHODS else None
+    return ood.FitData(pred.logits, split.data.labels[rows], pred.features, maps)
