@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from maps_util import blob_wafers
 
 from waferlab.data.augment import Augmenter, balance_by_rotation, dihedral, rotate_nearest
 from waferlab.errors import WaferlabError
@@ -12,16 +13,7 @@ from waferlab.errors import WaferlabError
 
 def wafers(n: int = 16, size: int = 32, seed: int = 0, fail: float = 0.2) -> torch.Tensor:
     """Round wafers with an off-centre blob of failures, so every transform is visible."""
-    g = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    c = (size - 1) / 2
-    inside = (yy - c) ** 2 + (xx - c) ** 2 <= (size / 2) ** 2
-    out = np.zeros((n, size, size), np.uint8)
-    for i in range(n):
-        blob = (yy - g.uniform(4, size - 4)) ** 2 + (xx - g.uniform(4, size / 2)) ** 2 < 16
-        fails = blob | (g.random((size, size)) < fail)
-        out[i] = np.where(inside, np.where(fails, 2, 1), 0)
-    return torch.from_numpy(out)
+    return torch.from_numpy(blob_wafers(n, size, seed, fail))
 
 
 def all_dihedral(x: np.ndarray) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from maps_util import blob_wafers
 from torch import nn
 
 from waferlab.cli import main
@@ -43,15 +44,7 @@ class Flat(nn.Module):
 
 def wafers(n: int, seed: int = 0) -> np.ndarray:
     """Round wafers with an off-centre blob of fails (no symmetry)."""
-    g = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    c = (SIZE - 1) / 2
-    inside = (yy - c) ** 2 + (xx - c) ** 2 <= (SIZE / 2) ** 2
-    out = np.zeros((n, SIZE, SIZE), np.uint8)
-    for i in range(n):
-        blob = (yy - g.uniform(3, 7)) ** 2 + (xx - g.uniform(9, 13)) ** 2 < 6
-        out[i] = np.where(inside, np.where(blob | (g.random((SIZE, SIZE)) < 0.05), 2, 1), 0)
-    return out
+    return blob_wafers(n, SIZE, seed, fail=0.05, centre=((3, 7), (9, 13)), r2=6)
 
 
 def test_views_are_the_rotations_and_mirrors_of_the_input() -> None:
