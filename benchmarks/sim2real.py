@@ -26,8 +26,9 @@ macro-F1 0.777 (seed 0) and 0.774 (seed 1), Scratch recall 0.42 / 0.50; the same
 ``--resize nearest`` and seed 0 gave 0.767, Scratch 0.25 (README, "Synthetic wafers", has the table).
 With this round's generator (denser and more Loc blobs, less broken and grid-aligned scratches; ``--runs
 "synthetic only" --eval-calib``, ~15 min of training per seed): macro-F1 0.803 on the calibration part and
-0.800 on the held-out part (seed 0 only), held-out Loc recall 0.67, Scratch 0.42 (before: 0.789 / 0.777,
-Loc 0.50, Scratch 0.42).
+0.800 on the held-out part with seed 0 (before: 0.789 / 0.777), but 0.770 / 0.723 with seed 1 (before:
+0.812 / 0.774): level within the noise over two seeds. The full command above with it (seeds 0 1):
+synthetic only 0.761, real only 0.758, synthetic + fine-tune 0.787 held-out macro-F1 (README).
 ``--tta`` evaluates with test-time augmentation (8 dihedral views): on last round's runs, without retraining,
 it moved the calibration part's macro-F1 by +0.015 / +0.003 (seeds 0 / 1) and the held-out part's by -0.003 /
 -0.014, so it is off. Domain randomisation (``--synth-set augment_options.KEY=VALUE``, seed 0) lost on the
