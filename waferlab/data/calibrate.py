@@ -186,16 +186,17 @@ def _axis_deviation(pts: np.ndarray) -> float:
 
 
 def _component_stats(failed, inside, r, edge, diameter: float) -> dict:
-    """Longest-line, largest-blob, background-rate and isolation statistics of the failed dies."""
+    """Longest-line, largest-blob (and largest component's die count), background-rate and isolation
+    statistics of the failed dies."""
     from scipy.ndimage import convolve, label
 
     comp, n_comp = label(failed, structure=_EIGHT)
     out = {"line_length": 0.0, "line_straightness": 0.0, "line_fill": 0.0, "line_axis_dev": 45.0,
-           "blob_elongation": 0.0,
-           "blob_solidity": 0.0, "blob_radius": 0.0}
+           "blob_elongation": 0.0, "blob_solidity": 0.0, "blob_radius": 0.0, "largest_cc_dies": 0.0}
     big_mask = np.zeros(failed.shape, bool)
     if n_comp:
         sizes = np.bincount(comp.ravel())[1:]
+        out["largest_cc_dies"] = float(sizes.max())
         order = np.argsort(comp.ravel(), kind="stable")
         starts = np.concatenate([[0], np.cumsum(np.bincount(comp.ravel()))])
         coords = np.stack(np.unravel_index(order, failed.shape), axis=1).astype(float)
@@ -247,7 +248,7 @@ def _cluster_stats(failed, inside, r, edge) -> dict:
 
 
 def _run_stats(failed, inside, edge, diameter: float) -> dict:
-    """Longest straight failed run (a scratch in a noisy wafer), edge die loss runs, largest component."""
+    """Longest straight failed run (a scratch in a noisy wafer) and edge die loss runs."""
     from scipy.ndimage import label
 
     best, best_fill = 0.0, 0.0
@@ -282,12 +283,10 @@ def _run_stats(failed, inside, edge, diameter: float) -> dict:
         k = int(np.argmax(run))
         if run.flat[k] * step > best:
             best, best_fill = run.flat[k] * step, cnt.flat[k] / run.flat[k]
-    comp, n = label(failed, structure=_EIGHT)
-    largest = float(np.bincount(comp.ravel())[1:].max()) if n else 0.0
     outer = inside & (np.floor(edge + 0.5) == 1)
     rim_comp, n_rim = label(failed & outer, structure=_EIGHT)
     runs = int((np.bincount(rim_comp.ravel())[1:] >= 2).sum()) if n_rim else 0
-    return {"line_run": float(best / diameter), "line_run_fill": float(best_fill), "largest_cc_dies": largest,
+    return {"line_run": float(best / diameter), "line_run_fill": float(best_fill),
             "edge_runs": 100.0 * runs / max(int(outer.sum()), 1)}
 
 
