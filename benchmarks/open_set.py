@@ -22,10 +22,9 @@ map (``NAME_d8``: test-time averaging, 8x the inference), the maps themselves an
 names. With those the table adds each held-out class's own AUROC, and a diagnosis: the class the model
 predicts for each held-out class and the classes of its 5 nearest training maps at every layer.
 
-What it found (docs/deploy_measurements.md, two seeds): held-out
-Scratches sit next to ``none`` (about 60 % of their
-5 nearest training maps at every layer, ``none`` also being the predicted class) and ``Loc``; the thin line
-weighs little against the random background fails, and less the larger the original wafer (a 1-die line
+What it found (docs/deploy_measurements.md, two seeds): held-out Scratches sit next to ``none`` (about 60 % of
+their 5 nearest training maps at every layer, ``none`` also being the predicted class) and ``Loc``; the thin
+line weighs little against the random background fails, and less the larger the original wafer (a 1-die line
 thinned by the nearest resize to 64 px): synthetic Scratch AUROC 0.79-0.81 on wafers under 40 dies a side,
 0.52-0.64 on wafers over 64. The logit scores find Scratches (energy, GradNorm 0.84-0.88) but not Donuts or
 Centers (0.47-0.77), the feature scores the reverse; only 8-view averaging gained on every fold, at 8x the

@@ -250,12 +250,12 @@ class WaferDataModule(L.LightningDataModule):
 
 
 def _augmenter(cfg: TrainConfig) -> Any:
-    """The data layer's Augmenter for ``cfg.augment_options`` (None when augmentation is off)."""
+    """The data layer's Augmenter for ``cfg.augment_options`` (None when augmentation is off); the options
+    were checked, in the config's wording, by ``config.validate``."""
     if not cfg.augment:
         return None
-    from waferlab.data.augment import Augmenter, AugmentOptions
+    from waferlab.data.augment import Augmenter
 
-    AugmentOptions.parse(cfg.augment_options)  # the config's wording in errors
     return Augmenter(**cfg.augment_options)
 
 
