@@ -70,7 +70,7 @@ RUN_LAYOUT: dict[str, str] = {
     "trust.md": "report of calibration, operating point and unknown-pattern threshold",
     "calibration.png": "reliability diagrams before and after temperature scaling",
     "timing.json": "training wall time and inference maps/s",
-    "checkpoints/": "Lightning checkpoints: best.ckpt and last.ckpt (what --resume continues from)",
+    "checkpoints/": "Lightning checkpoints: best.ckpt (weights) and last.ckpt (what --resume continues from)",
     "logs/": "Lightning CSV logs (and tb/ when tensorboard is installed)",
     "exports/": "exported models (model.onnx)",
 }

@@ -85,8 +85,9 @@ def _callbacks(cfg: TrainConfig, run: Run, has_val: bool, extra: list[Any]) -> t
                            enable_version_counter=False)
     keep = last
     if cfg.checkpoint == "best" and has_val:
+        # weights only: resuming reads last.ckpt, and the optimizer's moments would double a ResNet34's file
         keep = ModelCheckpoint(dirpath=str(run.checkpoints), filename="best", monitor="val_macro_f1",
-                               mode="max", save_top_k=1, enable_version_counter=False)
+                               mode="max", save_top_k=1, enable_version_counter=False, save_weights_only=True)
     cbs: list[Any] = [*dict.fromkeys([keep, last]), SeedStep(cfg.seed)]
     if cfg.freeze_bn:
         cbs.append(FreezeBN())
