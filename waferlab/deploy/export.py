@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from waferlab.deploy.quantize import QuantizeOptions
 
 META_KEY = "waferlab"
-CONTRACT_VERSION = 3  # 2: the quantisation fields and the resize rule; 3: wafer_part
+CONTRACT_VERSION = 4  # 2: the quantisation fields and the resize rule; 3: wafer_part; 4: int8 thresholds
 OUTPUTS = ("logits", "probs", "ood_score")
 OPSET = 17
 
@@ -56,6 +56,8 @@ class Contract:
     calibration_maps: int = 0  # maps the int8 activation ranges were calibrated on
     calibration_source: str = ""
     quantization_check: dict[str, Any] | None = None  # int8 vs float32, held-out maps (compare_outputs)
+    # int8: the float32 thresholds and how they were moved to the int8 outputs (quantize.transfer_thresholds)
+    threshold_transfer: dict[str, Any] | None = None
     version: int = CONTRACT_VERSION
     resize: str = LEGACY_RESIZE  # how maps shrink to image_size before the graph (a file without it: nearest)
     wafer_part: dict[str, Any] | None = None  # a knn+wafer score's descriptor part (:func:`wafer_part_of`)

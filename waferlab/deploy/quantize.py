@@ -8,7 +8,8 @@ the exported graph stays float32: the one-hot encoding, the classifier layer (:d
 scale and temperature, the softmax and the unknown-pattern score (k-NN bank product, top-k, Mahalanobis,
 energy); the pooled features it reads are dequantised from the last int8 feature map. At export the int8
 graph is compared with the float32 one on the run's test part (held out from training and calibration
-alike) and the figures go into the file's metadata (:func:`compare_outputs`).
+alike) and the figures go into the file's metadata (:func:`compare_outputs`). The operating point and the
+unknown-pattern threshold are moved to the int8 outputs on the calibration maps (:func:`transfer_thresholds`).
 """
 
 from __future__ import annotations
@@ -146,18 +147,19 @@ def quantize_int8(proto: Any, maps: np.ndarray) -> Any:
 
 
 def compare_outputs(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray],
-                    labels: np.ndarray | None, contract: Any) -> dict[str, Any]:
+                    labels: np.ndarray | None, contract: Any, new_contract: Any = None) -> dict[str, Any]:
     """How far ``new`` (probs, unknown scores) moves from ``ref`` on the same maps: top-1 agreement, max abs
-    probability difference, agreement of the defect and unknown flags, Spearman correlation of the unknown
-    scores, and macro-F1 and defect recall (at the operating point) of both when ``labels`` (ids of the
-    contract's classes) are given."""
+    probability difference, agreement of the defect and unknown flags (each at its own contract's
+    thresholds; ``new_contract`` defaults to ``contract``), Spearman correlation of the unknown scores, and
+    macro-F1 and defect recall (at the operating point) of both when ``labels`` (ids of the contract's
+    classes) are given."""
     from scipy.stats import spearmanr
 
     from waferlab.deploy.predict import map_flags
     from waferlab.engine.metrics import compute_metrics
 
     (p0, s0), (p1, s1) = ref, new
-    f0, f1 = map_flags(p0, s0, contract), map_flags(p1, s1, contract)
+    f0, f1 = map_flags(p0, s0, contract), map_flags(p1, s1, new_contract or contract)
     out: dict[str, Any] = {
         "maps": len(p0),
         "top1_agreement": float(np.mean(p0.argmax(1) == p1.argmax(1))),
@@ -175,6 +177,37 @@ def compare_outputs(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, n
             out["defect_recall_fp32"] = float(f0["defect"][is_defect].mean())
             out["defect_recall_int8"] = float(f1["defect"][is_defect].mean())
     return {k: round(v, 6) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def matched_threshold(ref: np.ndarray, new: np.ndarray, t: float, below: bool) -> float:
+    """The threshold on ``new`` that flags as many maps as ``t`` flags of ``ref`` (the same maps; a map is
+    flagged when its value is below ``t``, or above it); ``t`` itself when it flags none or all of them."""
+    n = len(ref)
+    k = int(np.sum(ref < t)) if below else int(np.sum(ref > t))
+    if k in (0, n):
+        return float(t)
+    s = np.sort(np.asarray(new, np.float32))
+    if below:  # flag x < t': just above the k-th smallest
+        return float(np.nextafter(s[k - 1], np.float32(np.inf)))
+    return float(s[n - k - 1])  # flag x > t': the k largest lie above the (n - k)-th smallest
+
+
+def transfer_thresholds(ref: tuple[np.ndarray, np.ndarray], new: tuple[np.ndarray, np.ndarray],
+                        contract: Any, source: str) -> Any:
+    """``contract`` with its operating point (P(none) threshold) and unknown-pattern threshold moved to the
+    int8 graph's outputs ``new`` (probs, scores) so that each flags as many calibration maps as the float32
+    threshold flags of ``ref``: int8 shifts probabilities and scores a little, and a threshold fitted on the
+    float32 outputs would otherwise change the defect recall and the unknown rate it was chosen for."""
+    (p0, s0), (p1, s1) = ref, new
+    names = list(contract.class_names)
+    none_t = contract.none_threshold
+    if none_t is not None and "none" in names:
+        c = names.index("none")
+        none_t = matched_threshold(p0[:, c], p1[:, c], none_t, below=True)
+    ood_t = matched_threshold(np.asarray(s0), np.asarray(s1), contract.ood_threshold, below=False)
+    record = {"on": source, "maps": int(len(p0)), "none_threshold_fp32": contract.none_threshold,
+              "ood_threshold_fp32": contract.ood_threshold}
+    return replace(contract, none_threshold=none_t, ood_threshold=ood_t, threshold_transfer=record)
 
 
 def session_of(proto: Any, threads: int | None = None) -> Any:
@@ -195,14 +228,17 @@ def quantize_export(run: Any, proto: Any, contract: Any, opts: QuantizeOptions) 
 
     data = calibration_set(run, opts)
     qproto = quantize_int8(proto, data.maps)
-    contract = replace(contract, quantization="int8", calibration_maps=len(data.maps),
-                       calibration_source=data.source)
+    fp32 = replace(contract, quantization="int8", calibration_maps=len(data.maps),
+                   calibration_source=data.source)
+    sessions = [session_of(g) for g in (proto, qproto)]
+    calib = [run_session(s, data.maps, 256, fp32)[1:] for s in sessions]
+    contract = transfer_thresholds(calib[0], calib[1], fp32, data.source)
     if data.check_maps is None:
         print("waferlab: note: no held-out part of the run's data here: int8 not compared with float32",
               file=sys.stderr)
         return qproto, contract
-    outs = [run_session(session_of(g), data.check_maps, 256, contract)[1:] for g in (proto, qproto)]
-    check = compare_outputs(outs[0], outs[1], data.check_labels, contract)
+    outs = [run_session(s, data.check_maps, 256, fp32)[1:] for s in sessions]
+    check = compare_outputs(outs[0], outs[1], data.check_labels, fp32, contract)
     contract = replace(contract, quantization_check={"on": "the run's test part", **check})
     print(f"waferlab: int8 vs float32 on {check['maps']} held-out maps (the run's test part): top-1 "
           f"agreement {check['top1_agreement']:.4f}, max |prob diff| {check['max_abs_prob_diff']:.4f}, "
