@@ -4,7 +4,8 @@ thread: maps/s of :func:`waferlab.deploy.descriptors.wafer_descriptors` and of i
 
 Maps: ``synthetic`` (the generator, seed 0), ``lswmd`` (the LSWMD-layout pickle of
 ``benchmarks/predict_throughput.py``: realistic sizes and outlines, random fails) and ``real`` (the 180 real
-WM-811K maps of ../shared/data, when present), each prepared at every size (default resize rule).
+WM-811K maps of ../shared/data or $WAFERLAB_SHARED_DATA, when present), each prepared at every size (default
+resize rule).
 
     python benchmarks/descriptor_speed.py --n 2000 --sizes 64,32
 """
@@ -12,6 +13,7 @@ WM-811K maps of ../shared/data, when present), each prepared at every size (defa
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -22,7 +24,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
-REAL = HERE.parent.parent / "shared" / "data" / "wm811k_mohithmanjunath04_sample_197645f" / "LSWMD_sample.pkl"
+SHARED_DATA = Path(os.environ.get("WAFERLAB_SHARED_DATA", HERE.parent.parent / "shared" / "data"))  # as tests
+REAL = SHARED_DATA / "wm811k_mohithmanjunath04_sample_197645f" / "LSWMD_sample.pkl"
 
 
 def tables(n: int, folder: Path) -> dict:
