@@ -102,7 +102,7 @@ def _describe(maps: np.ndarray) -> np.ndarray:
 @dataclass
 class Outlines:
     """The distinct die masks of a chunk of maps (maps of one product share one) and what depends on the
-    mask alone, computed once per mask: geometry, ring of every pixel, dies per ring, Radon projection."""
+    mask alone, computed once per mask: geometry, ring of every pixel, dies per ring."""
 
     masks: np.ndarray  # (U, S*S) bool
     inverse: np.ndarray  # (N,) the mask of each map
@@ -110,7 +110,6 @@ class Outlines:
     centre: tuple[np.ndarray, np.ndarray]  # (U,) float32 die centroid row, column
     ring: np.ndarray  # (U, S*S) int8 ring (:data:`RING_EDGES`) of each pixel
     ring_dies: np.ndarray  # (U, RINGS) dies per ring
-    projection: np.ndarray  # (bins, U) int16 dies per Radon bin (:func:`radon_matrix`)
 
     @classmethod
     def of(cls, die: np.ndarray) -> Outlines:
@@ -128,7 +127,7 @@ class Outlines:
         ring = _ring_of_pixels(size, centre, np.sqrt(safe / np.pi))
         in_ring = np.where(masks, ring, np.int8(RINGS))  # RINGS: no die
         ring_dies = np.stack([np.count_nonzero(in_ring == r, axis=1) for r in range(RINGS)], 1)
-        return cls(masks, inverse.ravel(), dies, centre, ring, ring_dies, radon_project(masks))
+        return cls(masks, inverse.ravel(), dies, centre, ring, ring_dies)
 
     @property
     def safe(self) -> np.ndarray:
@@ -145,6 +144,7 @@ class Outlines:
 class FailedDies:
     """The failed pixels of a chunk of maps, in raster order (map by map)."""
 
+    flat: np.ndarray  # (K,) index of each in the chunk's (N, S, S) arrays
     map: np.ndarray  # (K,) map of each
     pixel: np.ndarray  # (K,) flat pixel (y * S + x) of each
     count: np.ndarray  # (N,) failed dies per map
@@ -152,9 +152,9 @@ class FailedDies:
     @classmethod
     def of(cls, fail: np.ndarray) -> FailedDies:
         n, size, _ = fail.shape
-        where, pixels = np.flatnonzero(fail), size * size
-        m = where // pixels
-        return cls(m, where - m * pixels, np.bincount(m, minlength=n))
+        flat, pixels = np.flatnonzero(fail), size * size
+        m = flat // pixels
+        return cls(flat, m, flat - m * pixels, np.bincount(m, minlength=n))
 
 
 # ------------------------------------------------------------------------------------------------ rings
@@ -201,22 +201,25 @@ def _clustered_radon(fail: np.ndarray, outlines: Outlines) -> np.ndarray:
     """The Radon family of the clustered fails: their share of dies, then from each bin's binomial z (excess
     over the expectation from the die projection of the map's outline): largest, largest minus its median
     over angles, largest failed share of a bin, best minus orthogonal angle. A map without clustered fails
-    scores 0 throughout, so only the others are projected."""
+    scores 0 throughout, so only the others (and their outlines, once each) are projected."""
     n, size, _ = fail.shape
     cl = _clustered(fail).reshape(n, -1)
     ncl = np.count_nonzero(cl, axis=1)
     rate = ncl.astype(np.float32) / outlines.safe[outlines.inverse]
-    _, nb = radon_matrix(size)
-    pd = outlines.projection.reshape(RADON_ANGLES, nb, -1)
-    used = np.flatnonzero((pd >= RADON_MIN_DIES).any(axis=(0, 2)))  # other bins score 0 for every map
-    bins = slice(used[0], used[-1] + 1) if len(used) else slice(0, 0)
     excess = np.zeros((n, RADON_ANGLES), np.float32)
     share = np.zeros(n, np.float32)
     some = np.flatnonzero(ncl)
-    for s in range(0, len(some), RADON_BLOCK):
-        b = some[s:s + RADON_BLOCK]
-        pf = radon_project(cl[b]).reshape(RADON_ANGLES, nb, -1)[:, bins]
-        excess[b], share[b] = _line_stats(pf, pd[:, bins][:, :, outlines.inverse[b]], rate[b])
+    if len(some):
+        _, nb = radon_matrix(size)
+        outline, of_map = np.unique(outlines.inverse[some], return_inverse=True)  # those maps' outlines
+        pd = radon_project(outlines.masks[outline]).reshape(RADON_ANGLES, nb, -1)  # once per outline
+        used = np.flatnonzero((pd >= RADON_MIN_DIES).any(axis=(0, 2)))  # other bins score 0 for every map
+        bins = slice(used[0], used[-1] + 1) if len(used) else slice(0, 0)
+        pd = pd[:, bins]
+        for s in range(0, len(some), RADON_BLOCK):
+            b = some[s:s + RADON_BLOCK]
+            pf = radon_project(cl[b]).reshape(RADON_ANGLES, nb, -1)[:, bins]
+            excess[b], share[b] = _line_stats(pf, pd[:, :, of_map.ravel()[s:s + RADON_BLOCK]], rate[b])
     best = excess.argmax(1)
     top = excess[np.arange(n), best]
     orth = excess[np.arange(n), (best + RADON_ANGLES // 2) % RADON_ANGLES]
@@ -227,14 +230,18 @@ def _line_stats(pf: np.ndarray, pd: np.ndarray, rate: np.ndarray) -> tuple[np.nd
     """(largest binomial z of a bin per angle (B, angles), largest failed share of a bin (B,)) from the
     clustered-fail and die projections (angles, bins, B) int16 and the clustered rate (B,) float32. A bin
     crossing fewer than RADON_MIN_DIES dies scores 0, as do the empty end bins of every angle (not given)."""
-    ok = pd >= RADON_MIN_DIES
+    bad = pd < RADON_MIN_DIES
+    pd = pd.astype(np.float32)
     spread = pd * rate
     z = pf - spread
     spread *= 1 - rate
     spread += 1
     z /= np.sqrt(spread, out=spread)
-    excess = np.where(ok, z, 0).max(1, initial=0)
-    share = np.where(ok, np.divide(pf, np.maximum(pd, 1), dtype=np.float32), 0).max((0, 1), initial=0)
+    z[bad] = 0
+    excess = z.max(1, initial=0)
+    share = np.divide(pf, np.maximum(pd, 1, out=pd), dtype=np.float32)
+    share[bad] = 0
+    share = share.max((0, 1), initial=0)
     return excess.T, share
 
 
@@ -251,7 +258,7 @@ def _components(fail: np.ndarray, fails: FailedDies, outlines: Outlines) -> np.n
     out = np.zeros((n, 5), np.float64)
     if total == 0:
         return out
-    lbl = lab.reshape(n, -1)[fails.map, fails.pixel]
+    lbl = lab.ravel()[fails.flat]
     sizes = np.bincount(lbl, minlength=total + 1)[1:]
     owner = np.zeros(total, np.int64)
     owner[lbl - 1] = fails.map

@@ -269,10 +269,18 @@ def knn_distance(f: np.ndarray, bank: np.ndarray, k: int, chunk: int = 1024) -> 
     bank = np.asarray(bank, np.float32)
     out = np.empty(len(f), np.float32)
     for s in range(0, len(f), chunk):
-        sim = np.asarray(f[s:s + chunk], np.float32) @ bank.T
-        kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+        kth = kth_value(np.asarray(f[s:s + chunk], np.float32) @ bank.T, k, largest=True)
         out[s:s + chunk] = np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
     return out
+
+
+def kth_value(x: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """The k-th largest (or smallest) value of every row of ``x`` (N, M): the value ``np.partition`` gives,
+    by ``torch.topk``, several times faster on the k-NN scores' (maps, 4,096-row bank) matrices."""
+    import torch
+
+    top = torch.topk(torch.from_numpy(np.ascontiguousarray(x)), k, dim=1, largest=largest)
+    return top.values[:, -1].numpy()
 
 
 def fit_wafer(maps: np.ndarray) -> dict[str, np.ndarray]:
@@ -294,7 +302,7 @@ def wafer_distance(descriptors: np.ndarray, bank: np.ndarray, norm: np.ndarray, 
     out = np.empty(len(z), np.float32)
     for s in range(0, len(z), chunk):
         d2 = (z[s:s + chunk] ** 2).sum(1)[:, None] + (b ** 2).sum(1)[None] - 2 * z[s:s + chunk] @ b.T
-        out[s:s + chunk] = np.sqrt(np.maximum(np.partition(d2, k - 1, axis=1)[:, k - 1], 0.0))
+        out[s:s + chunk] = np.sqrt(np.maximum(kth_value(d2, k, largest=False), 0.0))
     return out
 
 
