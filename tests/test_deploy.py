@@ -375,6 +375,21 @@ def test_descriptors_computed_ahead_score_as_those_computed_in_the_inference_cal
             np.testing.assert_allclose(ahead[1], inline[1], rtol=1e-6, atol=1e-6)
 
 
+def test_the_reader_thread_computes_descriptors_only_beside_a_gpu(setup: dict[str, Path]) -> None:
+    """On the CPU the inference's threads hold every core: the backend computes the descriptors between its
+    forwards instead of a busy reader thread beside them (which slowed a chunk several-fold)."""
+    from waferlab.deploy.export import open_session
+    from waferlab.deploy.predict import PredictJob, descriptors_ahead
+
+    job = PredictJob(str(setup["run"]), str(setup["data"]), "out.csv", device="cpu")
+    assert not descriptors_ahead(job, "torch") and not descriptors_ahead(job, "openvino")
+    if not (setup["run"] / "exports" / "model.onnx").is_file():
+        assert main(["export", str(setup["run"]), "--format", "onnx"]) == 0
+    session, _ = open_session(setup["run"] / "exports" / "model.onnx", optimize=False)
+    if session.get_providers()[0] == "CPUExecutionProvider":
+        assert not descriptors_ahead(job, "onnx", session)
+
+
 def test_a_run_calibrated_with_knn_keeps_knn_and_an_old_export_still_predicts(setup: dict[str, Path],
                                                                               tmp_path: Path) -> None:
     """Runs and ONNX files from before knn+wafer (method knn, contract version 2 without wafer_part) keep

@@ -3,9 +3,9 @@
 The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, 2 bits a
 die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (shrunk to the run's size with
 the run's resize rule), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
-overlap: a reader thread prepares the next chunks (and, for a ``knn+wafer`` score, computes their maps' wafer
-descriptors) and a writer thread formats and writes the previous ones while the main thread infers (numpy,
-torch and the file writes release the GIL for most of their work).
+overlap: a reader thread prepares the next chunks (and, for a ``knn+wafer`` score on a GPU, computes their
+maps' wafer descriptors) and a writer thread formats and writes the previous ones while the main thread infers
+(numpy, torch and the file writes release the GIL for most of their work).
 Output: one row per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML
 gallery. With several devices one worker process per device infers chunks while the parent reads, prepares
 and writes in order.
@@ -365,15 +365,27 @@ def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool,
 
 
 def with_descriptors(chunks: Iterator[Chunk], contract: Any) -> Iterator[Chunk]:
-    """The chunks with the wafer descriptors of the maps the network sees when the contract's
-    unknown-pattern score reads them (``knn+wafer``), computed as the chunks are drawn, so in the reader
-    thread of :func:`prefetch` (overlapping inference); else the chunks as they are."""
+    """The chunks (their maps at the contract's size: what the network sees) with the maps' wafer
+    descriptors when the contract's unknown-pattern score reads them (``knn+wafer``), computed as the chunks
+    are drawn, so in the reader thread of :func:`prefetch` (overlapping inference; numpy only, no torch op
+    beside the inference's OpenMP threads); else the chunks as they are."""
     if contract.wafer_part is None:
         return chunks
     from waferlab.deploy.descriptors import wafer_descriptors
-    from waferlab.engine.predict import input_maps
 
-    return (replace(c, descriptors=wafer_descriptors(input_maps(c.maps, contract.spec))) for c in chunks)
+    return (replace(c, descriptors=wafer_descriptors(c.maps)) for c in chunks)
+
+
+def descriptors_ahead(job: PredictJob, backend: str, session: Any = None) -> bool:
+    """Whether the reader thread computes the chunks' wafer descriptors (:func:`with_descriptors`): when
+    the network runs on a GPU, which they then overlap. On the CPU the inference's threads hold every core
+    and a busy thread beside their OpenMP barriers slowed a chunk several-fold (SP&A-Net, 2 threads: 77 s
+    instead of 9 s for 4,096 maps, README "Deploy"), so the backend computes them between its forwards."""
+    if backend == "torch":
+        from waferlab.engine.predict import resolve_device
+
+        return resolve_device(job.device).type == "cuda"
+    return backend == "onnx" and session is not None and session.get_providers()[0] == "CUDAExecutionProvider"
 
 
 def _chunk(rows: np.ndarray, p: Any) -> Chunk:
@@ -577,8 +589,9 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
         background = BackgroundWriter(lambda item: writer.write(rows_frame(*item, contract)))
         ok = False
         try:
-            for c, probs, ood in infer_stream(job, backend, prefetch(with_descriptors(chunks, contract)),
-                                              session):
+            if descriptors_ahead(job, backend, session):
+                chunks = with_descriptors(chunks, contract)
+            for c, probs, ood in infer_stream(job, backend, prefetch(chunks), session):
                 background.submit((c, probs, ood))
                 flags = map_flags(probs, ood, contract)
                 if gallery is not None:
