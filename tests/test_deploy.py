@@ -152,6 +152,10 @@ def test_knn_wafer_flags_a_held_out_line_pattern_the_features_miss_and_strange_f
     np.testing.assert_allclose(again.score(zeros[:5], kf[:5], km[:5]), s_known[:5], rtol=1e-5)
     with pytest.raises(WaferlabError, match="knn[+]wafer unknown-pattern score needs the 5 maps"):
         scorer.score(zeros[:5], kf[:5])
+    ahead = scorer.describe(km)  # what predict's reader thread computes
+    np.testing.assert_array_equal(scorer.score(zeros[:200], kf, descriptors=ahead), s_known)
+    with pytest.raises(WaferlabError, match="199 maps' descriptors for 200 maps"):
+        scorer.score(zeros[:200], kf, descriptors=ahead[1:])
     with pytest.raises(WaferlabError, match="needs the 200 maps"):
         fit_scorer("knn+wafer", FitData(zeros[:200], vy, vf), 1.0)  # waferlab calibrate without maps
 
@@ -349,6 +353,41 @@ def test_onnx_backend_and_the_onnx_file_alone_match_torch(setup: dict[str, Path]
         assert np.abs(rows["prob"] - torch_rows["prob"]).max() <= 1e-4
         assert (rows["pred_class"] == torch_rows["pred_class"]).all()
         np.testing.assert_allclose(rows["unknown_score"], torch_rows["unknown_score"], rtol=1e-3, atol=1e-3)
+
+
+def test_descriptors_computed_ahead_score_as_those_computed_in_the_inference_call(setup: dict[str, Path]
+                                                                                  ) -> None:
+    """predict computes the wafer descriptors of each chunk in its reader thread (with_descriptors) and
+    hands them to the backend: torch and onnx score them as when they compute them from the maps."""
+    from waferlab.deploy.predict import BackendSpec, iter_chunks, open_backend, with_descriptors
+
+    if not (setup["run"] / "exports" / "model.onnx").is_file():
+        assert main(["export", str(setup["run"]), "--format", "onnx"]) == 0
+    for backend in ("torch", "onnx"):
+        model = open_backend(BackendSpec(str(setup["run"]), backend, "cpu", 16))
+        contract = model.contract
+        assert contract.wafer_part is not None  # the default score, knn+wafer
+        _, chunks = iter_chunks(setup["data"], contract.image_size, 32, False, contract.resize)
+        for c in with_descriptors(chunks, contract):
+            assert c.descriptors is not None and len(c.descriptors) == len(c.maps)
+            ahead, inline = model.infer(c.maps, c.descriptors), model.infer(c.maps)
+            np.testing.assert_allclose(ahead[0], inline[0], rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(ahead[1], inline[1], rtol=1e-6, atol=1e-6)
+
+
+def test_the_reader_thread_computes_descriptors_only_beside_a_gpu(setup: dict[str, Path]) -> None:
+    """On the CPU the inference's threads hold every core: the backend computes the descriptors between its
+    forwards instead of a busy reader thread beside them (which slowed a chunk several-fold)."""
+    from waferlab.deploy.export import open_session
+    from waferlab.deploy.predict import PredictJob, descriptors_ahead
+
+    job = PredictJob(str(setup["run"]), str(setup["data"]), "out.csv", device="cpu")
+    assert not descriptors_ahead(job, "torch") and not descriptors_ahead(job, "openvino")
+    if not (setup["run"] / "exports" / "model.onnx").is_file():
+        assert main(["export", str(setup["run"]), "--format", "onnx"]) == 0
+    session, _ = open_session(setup["run"] / "exports" / "model.onnx", optimize=False)
+    if session.get_providers()[0] == "CPUExecutionProvider":
+        assert not descriptors_ahead(job, "onnx", session)
 
 
 def test_a_run_calibrated_with_knn_keeps_knn_and_an_old_export_still_predicts(setup: dict[str, Path],

@@ -106,3 +106,47 @@ def test_one_labelling_of_the_whole_batch_matches_labelling_each_map_alone() -> 
     np.testing.assert_allclose(batch, alone, rtol=1e-5, atol=1e-6)
     ref = np.array([_components_one_by_one(m) for m in maps])
     np.testing.assert_allclose(batch[:, col("comp_share"):], ref, rtol=1e-4, atol=1e-5)
+
+
+def _same_as_reference(maps: np.ndarray) -> None:
+    """The descriptors equal the first implementation's (tests/descriptors_reference.py) column by column
+    (its 18; columns appended later are not in it)."""
+    from descriptors_reference import reference_descriptors
+
+    want = reference_descriptors(maps)
+    got = wafer_descriptors(maps)
+    np.testing.assert_allclose(got[:, :want.shape[1]], want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [32, 45, 64])
+def test_the_fast_descriptors_equal_the_first_implementation_on_synthetic_maps(size: int) -> None:
+    """Shared outlines (masks computed once), maps without fails or clustered fails, a map without dies,
+    several chunks (CHUNK lowered) and odd sizes give the reference's numbers."""
+    import waferlab.deploy.descriptors as descriptors
+    from waferlab.data.cache import prepare
+    from waferlab.data.synth import generate
+
+    maps = prepare(generate(300, seed=6), size).maps.copy()
+    maps[:20] = maps[20]  # one outline shared by many maps
+    maps[5] = np.where(maps[5] > 0, 1, 0)  # no fails
+    maps[6] = 0  # no dies
+    maps[7][maps[7] == 2] = 1
+    maps[7].reshape(-1)[np.flatnonzero(maps[7])[::7]] = 2  # isolated fails only: nothing clustered
+    _same_as_reference(maps)
+    old = descriptors.CHUNK
+    descriptors.CHUNK = 64
+    try:
+        _same_as_reference(maps)
+    finally:
+        descriptors.CHUNK = old
+
+
+def test_the_fast_descriptors_equal_the_first_implementation_on_real_maps(shared_data) -> None:
+    from waferlab.data.cache import prepare
+    from waferlab.data.readers import load_table
+
+    for src in ("wm811k_mohithmanjunath04_sample_197645f/LSWMD_sample.pkl",
+                "wm811k_caslabai_sub100/sub100_WM-811K.csv"):
+        table = load_table(shared_data / src)
+        for size, rule in ((64, "failkeep"), (32, "nearest")):
+            _same_as_reference(prepare(table, size, resize=rule).maps)

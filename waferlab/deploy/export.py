@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,12 @@ class Contract:
     resize: str = LEGACY_RESIZE  # how maps shrink to image_size before the graph (a file without it: nearest)
     wafer_part: dict[str, Any] | None = None  # a knn+wafer score's descriptor part (:func:`wafer_part_of`)
 
+    @cached_property
+    def wafer_statistics(self) -> tuple[np.ndarray, np.ndarray, int, tuple[np.float32, np.float32]] | None:
+        """:func:`wafer_arrays` of ``wafer_part`` (None without one), decoded from base64 once per contract
+        (predict's backends hold one), not on every chunk."""
+        return None if self.wafer_part is None else wafer_arrays(self.wafer_part)
+
     @property
     def spec(self) -> InputSpec:
         return InputSpec(self.image_size, self.encoding, tuple(self.class_names), self.logit_scale,
@@ -93,15 +100,24 @@ def wafer_part_of(scorer: Any) -> dict[str, Any] | None:
             "bank": b64(a["wafer_bank"])}
 
 
-def finish_ood(contract: Contract, maps: np.ndarray, graph_score: np.ndarray) -> np.ndarray:
+def finish_ood(contract: Contract, maps: np.ndarray, graph_score: np.ndarray,
+               descriptors: np.ndarray | None = None) -> np.ndarray:
     """The final unknown-pattern score from the graph's ``ood_score``: itself, or for a ``knn+wafer``
-    export plus the z-scored descriptor part of ``maps`` (as ``OODScorer.fuse`` sums the parts)."""
+    export plus the z-scored descriptor part of ``maps`` (as ``OODScorer.fuse`` sums the parts), from their
+    wafer ``descriptors`` when they were computed ahead (predict's reader thread)."""
     from waferlab.deploy.ood import wafer_distance
 
-    if not contract.wafer_part or len(graph_score) == 0:
+    if contract.wafer_statistics is None or len(graph_score) == 0:
         return graph_score
-    bank, norm, k, (mean, std) = wafer_arrays(contract.wafer_part)
-    z = (wafer_distance(maps, bank, norm, k) - mean) / std
+    bank, norm, k, (mean, std) = contract.wafer_statistics
+    if descriptors is None:
+        from waferlab.deploy.descriptors import wafer_descriptors
+
+        descriptors = wafer_descriptors(maps)
+    elif len(descriptors) != len(graph_score):
+        raise WaferlabError(f"unknown-pattern score: {len(descriptors)} maps' descriptors for "
+                            f"{len(graph_score)} maps")
+    z = (wafer_distance(descriptors, bank, norm, k) - mean) / std
     return (np.asarray(graph_score, np.float32) + z).astype(np.float32)
 
 
@@ -280,7 +296,7 @@ def parse_contract(path: str | Path, meta: dict[str, str]) -> Contract:
         raise WaferlabError(f"{path}: field {META_KEY!r}: unreadable waferlab metadata ({exc})") from None
     if contract.wafer_part is not None:
         try:
-            wafer_arrays(contract.wafer_part)
+            contract.wafer_statistics  # noqa: B018 - decoded (and kept) here to check it
         except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
             raise WaferlabError(f"{path}: field {META_KEY!r}.wafer_part: unreadable statistics of the "
                                 f"unknown-pattern score's descriptor part ({exc})") from None
@@ -318,10 +334,11 @@ def _providers(ort: Any) -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
-def run_session(session: Any, maps: np.ndarray, batch_size: int, contract: Contract | None = None
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def run_session(session: Any, maps: np.ndarray, batch_size: int, contract: Contract | None = None,
+                descriptors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(logits, probs, ood_score) of uint8 maps at the contract's size, batch by batch; with the file's
-    ``contract`` the score is the final one (:func:`finish_ood`), else the graph's output."""
+    ``contract`` the score is the final one (:func:`finish_ood`, given the maps' wafer ``descriptors`` when
+    they were computed ahead), else the graph's output."""
     outs: list[list[np.ndarray]] = [[], [], []]
     for start in range(0, len(maps), batch_size):
         res = session.run(None, {"maps": np.ascontiguousarray(maps[start:start + batch_size])})
@@ -330,7 +347,7 @@ def run_session(session: Any, maps: np.ndarray, batch_size: int, contract: Contr
     if not outs[0]:
         return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
     logits, probs, ood = (np.concatenate(o) for o in outs)
-    return logits, probs, ood if contract is None else finish_ood(contract, maps, ood)
+    return logits, probs, ood if contract is None else finish_ood(contract, maps, ood, descriptors)
 
 
 def export_name(quantization: str = QUANTIZE_MODES[0]) -> str:

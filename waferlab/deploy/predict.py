@@ -3,8 +3,9 @@
 The source is read once (a pickle must be loaded whole, but an LSWMD pickle's maps stay packed, 2 bits a
 die, see :mod:`waferlab.data.lean`); each chunk of maps is then prepared (shrunk to the run's size with
 the run's resize rule), inferred, scored and written, so memory beyond the raw table stays flat. Three stages
-overlap: a reader thread prepares the next chunks and a writer thread formats and writes the previous ones
-while the main thread infers (numpy, torch and the file writes release the GIL for most of their work).
+overlap: a reader thread prepares the next chunks (and, for a ``knn+wafer`` score on a GPU, computes their
+maps' wafer descriptors) and a writer thread formats and writes the previous ones while the main thread infers
+(numpy, torch and the file writes release the GIL for most of their work).
 Output: one row per map (.csv, .parquet or .jsonl, written atomically), optionally a self-contained HTML
 gallery. With several devices one worker process per device infers chunks while the parent reads, prepares
 and writes in order.
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -67,6 +68,8 @@ class Chunk:
     lot: np.ndarray
     wafer: np.ndarray
     labels: np.ndarray  # class names, "" where unlabelled
+    descriptors: np.ndarray | None = None  # the maps' wafer descriptors, when the unknown-pattern score reads
+    # them (knn+wafer): computed by the reader thread (:func:`with_descriptors`), overlapping inference
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -131,15 +134,18 @@ class TorchBackend:
         self.model = run.load_model("cpu")
         self.spec = spec
 
-    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, maps: np.ndarray, descriptors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated probs, unknown scores) of ``maps``; ``descriptors``: their wafer descriptors computed
+        ahead (:func:`with_descriptors`), else the scorer computes what it needs here."""
         from waferlab.engine.predict import PredictOptions, input_maps, predict
 
         opts = PredictOptions(device=self.spec.device, batch_size=self.spec.batch_size,
                               temperature=self.trust.temperature, features=self.trust.scorer.needs_features,
                               tta=self.spec.tta)
         pred = predict(self.model, maps, self.contract.spec, opts)
-        seen = input_maps(maps, self.contract.spec) if self.trust.scorer.needs_maps else None
-        return pred.probs, self.trust.scorer.score(pred.logits, pred.features, seen)
+        seen = (input_maps(maps, self.contract.spec) if self.trust.scorer.needs_maps and descriptors is None
+                else None)
+        return pred.probs, self.trust.scorer.score(pred.logits, pred.features, seen, descriptors)
 
 
 class OnnxBackend:
@@ -153,10 +159,11 @@ class OnnxBackend:
         self.contract = read_contract(path, self.session)
         self.spec = spec
 
-    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, maps: np.ndarray, descriptors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`TorchBackend.infer`."""
         from waferlab.deploy.export import run_session
 
-        _, probs, ood = run_session(self.session, maps, self.spec.batch_size, self.contract)
+        _, probs, ood = run_session(self.session, maps, self.spec.batch_size, self.contract, descriptors)
         return probs, ood
 
 
@@ -181,7 +188,8 @@ class OpenVinoBackend:
         self.contract = contract_of_file(path)
         self.spec = spec
 
-    def infer(self, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def infer(self, maps: np.ndarray, descriptors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`TorchBackend.infer`."""
         probs, ood = [], []
         for start in range(0, len(maps), self.spec.batch_size):
             res = self.compiled({"maps": np.ascontiguousarray(maps[start:start + self.spec.batch_size])})
@@ -191,7 +199,7 @@ class OpenVinoBackend:
             return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
         from waferlab.deploy.export import finish_ood
 
-        return np.concatenate(probs), finish_ood(self.contract, maps, np.concatenate(ood))
+        return np.concatenate(probs), finish_ood(self.contract, maps, np.concatenate(ood), descriptors)
 
 
 def onnx_path(run: str | Path) -> Path:
@@ -356,6 +364,30 @@ def iter_chunks(src: str | Path, size: int, chunk_size: int, progress: bool,
     return len(table), from_table()
 
 
+def with_descriptors(chunks: Iterator[Chunk], contract: Any) -> Iterator[Chunk]:
+    """The chunks (their maps at the contract's size: what the network sees) with the maps' wafer
+    descriptors when the contract's unknown-pattern score reads them (``knn+wafer``), computed as the chunks
+    are drawn, so in the reader thread of :func:`prefetch` (overlapping inference; numpy only, no torch op
+    beside the inference's OpenMP threads); else the chunks as they are."""
+    if contract.wafer_part is None:
+        return chunks
+    from waferlab.deploy.descriptors import wafer_descriptors
+
+    return (replace(c, descriptors=wafer_descriptors(c.maps)) for c in chunks)
+
+
+def descriptors_ahead(job: PredictJob, backend: str, session: Any = None) -> bool:
+    """Whether the reader thread computes the chunks' wafer descriptors (:func:`with_descriptors`): when
+    the network runs on a GPU, which they then overlap. On the CPU the inference's threads hold every core
+    and a busy thread beside their OpenMP barriers slowed a chunk several-fold (SP&A-Net, 2 threads: 77 s
+    instead of 9 s for 4,096 maps, README "Deploy"), so the backend computes them between its forwards."""
+    if backend == "torch":
+        from waferlab.engine.predict import resolve_device
+
+        return resolve_device(job.device).type == "cuda"
+    return backend == "onnx" and session is not None and session.get_providers()[0] == "CUDAExecutionProvider"
+
+
 def _chunk(rows: np.ndarray, p: Any) -> Chunk:
     from waferlab.data.table import UNLABELED
 
@@ -374,8 +406,8 @@ def _worker(spec: BackendSpec, inq: Any, outq: Any) -> None:
             torch.set_num_threads(spec.threads)
         backend = open_backend(spec)
         while (item := inq.get()) is not None:
-            idx, maps = item
-            outq.put((idx, *backend.infer(maps)))
+            idx, maps, descriptors = item
+            outq.put((idx, *backend.infer(maps, descriptors)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises it
         outq.put((-1, f"{type(exc).__name__}: {exc}", None))
 
@@ -398,7 +430,7 @@ def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session
         spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads(), job.tta)
         model = open_backend(spec, session)
         for c in chunks:
-            yield (c, *model.infer(c.maps))
+            yield (c, *model.infer(c.maps, c.descriptors))
         return
     yield from _parallel(_worker_specs(job, backend, n), chunks)
 
@@ -452,7 +484,7 @@ def _parallel(specs: list[BackendSpec], chunks: Iterator[Chunk]) -> Iterator[tup
             pending[i] = c
             while True:
                 try:
-                    inq.put((i, c.maps), timeout=1.0)
+                    inq.put((i, c.maps, c.descriptors), timeout=1.0)
                     break
                 except queue.Full:
                     collect(block=False)
@@ -557,6 +589,8 @@ def predict_file(job: PredictJob) -> dict[str, Any]:
         background = BackgroundWriter(lambda item: writer.write(rows_frame(*item, contract)))
         ok = False
         try:
+            if descriptors_ahead(job, backend, session):
+                chunks = with_descriptors(chunks, contract)
             for c, probs, ood in infer_stream(job, backend, prefetch(chunks), session):
                 background.submit((c, probs, ood))
                 flags = map_flags(probs, ood, contract)
