@@ -4,7 +4,8 @@ Per model (random weights, calibrated on synthetic maps; speed does not depend o
 
 * end to end: an LSWMD-layout pickle -> CSV through :func:`waferlab.deploy.predict.predict_file` (read,
   prepare, infer, unknown-pattern score, write), maps/s;
-* bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad);
+* bare forward: the model alone on the same maps already prepared and encoded (torch eager, no grad; every
+  bare rate is the median of three passes);
 * ONNX Runtime on the same prepared maps through the exported graph, and end to end with ``--backend onnx``;
 * the int8 export (``waferlab export --quantize int8``, calibrated on the run's validation part) the same
   way, bare and end to end (``predict FILE.onnx``); ``--agreement DIR`` adds, per model, how far int8 moves
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +89,28 @@ def bare_torch(run_dir: Path, maps: np.ndarray, batch: int) -> float:
 
     model = Run.open(run_dir).load_model("cpu")
     xs = [encode(torch.from_numpy(maps[i:i + batch]), "onehot") for i in range(0, len(maps), batch)]
-    with torch.no_grad():
-        model(xs[0])  # warm-up
-        t0 = time.perf_counter()
+
+    def one_pass() -> None:
         for x in xs:
             model(x)
-    return len(maps) / (time.perf_counter() - t0)
+
+    with torch.no_grad():
+        model(xs[0])  # warm-up
+        return median_rate(len(maps), one_pass)
+
+
+#: Passes over the maps per bare rate (their median): one pass varied by 10-35 % between runs on this CPU.
+BARE_PASSES = 3
+
+
+def median_rate(n: int, one_pass: Callable[[], object]) -> float:
+    """maps/s of ``one_pass`` over ``n`` maps: the median of :data:`BARE_PASSES` timed passes."""
+    rates = []
+    for _ in range(BARE_PASSES):
+        t0 = time.perf_counter()
+        one_pass()
+        rates.append(n / (time.perf_counter() - t0))
+    return float(np.median(rates))
 
 
 def bare_onnx(onnx: Path, maps: np.ndarray, batch: int, threads: int | None = None) -> float:
@@ -100,9 +118,7 @@ def bare_onnx(onnx: Path, maps: np.ndarray, batch: int, threads: int | None = No
 
     session, _ = open_session(onnx, threads)
     run_session(session, maps[:batch], batch)
-    t0 = time.perf_counter()
-    run_session(session, maps, batch)
-    return len(maps) / (time.perf_counter() - t0)
+    return median_rate(len(maps), lambda: run_session(session, maps, batch))
 
 
 def bare_openvino(onnx: Path, maps: np.ndarray, batch: int, threads: int, precision: str = "f32"
@@ -118,10 +134,12 @@ def bare_openvino(onnx: Path, maps: np.ndarray, batch: int, threads: int, precis
                                                     "INFERENCE_PRECISION_HINT": precision,
                                                     "PERFORMANCE_HINT": "LATENCY"})
     compiled({"maps": maps[:batch]})
-    t0 = time.perf_counter()
-    for s in range(0, len(maps), batch):
-        compiled({"maps": np.ascontiguousarray(maps[s:s + batch])})
-    return len(maps) / (time.perf_counter() - t0)
+
+    def one_pass() -> None:
+        for s in range(0, len(maps), batch):
+            compiled({"maps": np.ascontiguousarray(maps[s:s + batch])})
+
+    return median_rate(len(maps), one_pass)
 
 
 def stages(run_dir: Path, src: Path, out: Path, batch: int) -> dict:
