@@ -119,7 +119,8 @@ def _same_as_reference(maps: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("size", [32, 45, 64])
-def test_the_fast_descriptors_equal_the_first_implementation_on_synthetic_maps(size: int) -> None:
+def test_the_fast_descriptors_equal_the_first_implementation_on_synthetic_maps(
+        size: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Shared outlines (masks computed once), maps without fails or clustered fails, a map without dies,
     several chunks (CHUNK lowered) and odd sizes give the reference's numbers."""
     import waferlab.deploy.descriptors as descriptors
@@ -133,12 +134,8 @@ def test_the_fast_descriptors_equal_the_first_implementation_on_synthetic_maps(s
     maps[7][maps[7] == 2] = 1
     maps[7].reshape(-1)[np.flatnonzero(maps[7])[::7]] = 2  # isolated fails only: nothing clustered
     _same_as_reference(maps)
-    old = descriptors.CHUNK
-    descriptors.CHUNK = 64
-    try:
-        _same_as_reference(maps)
-    finally:
-        descriptors.CHUNK = old
+    monkeypatch.setattr(descriptors, "CHUNK", 64)
+    _same_as_reference(maps)
 
 
 def test_the_fast_descriptors_equal_the_first_implementation_on_real_maps(shared_data) -> None:

@@ -98,7 +98,7 @@ def _describe(maps: np.ndarray) -> np.ndarray:
     outlines = Outlines.of(maps > 0)
     fails = FailedDies.of(fail)
     share = fails.count.astype(np.float32) / outlines.safe[outlines.inverse]
-    return np.concatenate([share[:, None], _rings(outlines, fails), _clustered_radon(fail, outlines),
+    return np.concatenate([share[:, None], _rings(outlines, fails, share), _clustered_radon(fail, outlines),
                            _components(fail, fails, outlines)], 1)
 
 
@@ -175,14 +175,13 @@ def _ring_of_pixels(size: int, centre: tuple[np.ndarray, np.ndarray], radius: np
     return ring
 
 
-def _rings(outlines: Outlines, fails: FailedDies) -> np.ndarray:
-    """Failed share of each ring of :data:`RING_EDGES` (a ring without dies: the wafer's failed share)."""
+def _rings(outlines: Outlines, fails: FailedDies, share: np.ndarray) -> np.ndarray:
+    """Failed share of each ring of :data:`RING_EDGES` (a ring without dies: the wafer's failed ``share``)."""
     n = len(outlines.inverse)
     ring = outlines.ring[outlines.inverse[fails.map], fails.pixel]
     f = np.bincount(fails.map * RINGS + ring, minlength=n * RINGS).reshape(n, RINGS).astype(np.float64)
     d = outlines.ring_dies[outlines.inverse].astype(np.float64)
-    rate = (fails.count.astype(np.float32) / outlines.safe[outlines.inverse])[:, None]
-    return np.where(d > 0, f / np.maximum(d, 1), rate)
+    return np.where(d > 0, f / np.maximum(d, 1), share[:, None])
 
 
 # ------------------------------------------------------------------------------------------------ Radon

@@ -222,22 +222,30 @@ def session_of(proto: Any, threads: int | None = None) -> Any:
                                 providers=["CPUExecutionProvider"])
 
 
-def quantize_export(run: Any, proto: Any, contract: Any, opts: QuantizeOptions) -> tuple[Any, Any]:
-    """(int8 graph, contract recording the quantisation, its calibration and the held-out check)."""
+def _outputs(sessions: list[Any], maps: np.ndarray, contract: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(probs, final unknown scores) of each session on the same ``maps``; their wafer descriptors (a
+    ``knn+wafer`` contract) are computed once for all sessions."""
+    from waferlab.deploy.descriptors import wafer_descriptors
     from waferlab.deploy.export import run_session
 
+    descriptors = wafer_descriptors(maps) if contract.wafer_part is not None else None
+    return [run_session(s, maps, 256, contract, descriptors)[1:] for s in sessions]
+
+
+def quantize_export(run: Any, proto: Any, contract: Any, opts: QuantizeOptions) -> tuple[Any, Any]:
+    """(int8 graph, contract recording the quantisation, its calibration and the held-out check)."""
     data = calibration_set(run, opts)
     qproto = quantize_int8(proto, data.maps)
     fp32 = replace(contract, quantization="int8", calibration_maps=len(data.maps),
                    calibration_source=data.source)
     sessions = [session_of(g) for g in (proto, qproto)]
-    calib = [run_session(s, data.maps, 256, fp32)[1:] for s in sessions]
+    calib = _outputs(sessions, data.maps, fp32)
     contract = transfer_thresholds(calib[0], calib[1], fp32, data.source)
     if data.check_maps is None:
         print("waferlab: note: no held-out part of the run's data here: int8 not compared with float32",
               file=sys.stderr)
         return qproto, contract
-    outs = [run_session(s, data.check_maps, 256, fp32)[1:] for s in sessions]
+    outs = _outputs(sessions, data.check_maps, fp32)
     check = compare_outputs(outs[0], outs[1], data.check_labels, fp32, contract)
     contract = replace(contract, quantization_check={"on": "the run's test part", **check})
     print(f"waferlab: int8 vs float32 on {check['maps']} held-out maps (the run's test part): top-1 "
