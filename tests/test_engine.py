@@ -312,3 +312,22 @@ def test_training_fits_the_unknown_pattern_statistics_on_the_training_part(
             assert len(bank) == len(np.unique(split.train))
             d = wafer_descriptors(input_maps(split.data.maps[np.unique(split.train)], run.spec()))
             np.testing.assert_allclose(trust.scorer.arrays["wafer_norm"][0], d.mean(0), rtol=1e-4, atol=1e-5)
+
+
+def test_drop_checkpoints_only_of_a_finished_run(tmp_path: Path) -> None:
+    """A finished run's Lightning checkpoints go (bytes freed reported); an unfinished run keeps what
+    --resume needs: a one-line error, nothing deleted."""
+    from waferlab.engine.run import REQUIRED, Run
+
+    run = Run(tmp_path / "r")
+    (run.checkpoints).mkdir(parents=True)
+    run.last_checkpoint.write_bytes(b"x" * 1000)
+    (run.checkpoints / "best.ckpt").write_bytes(b"y" * 500)
+    with pytest.raises(WaferlabError, match="not a finished run"):
+        run.drop_checkpoints()
+    assert run.last_checkpoint.is_file()
+    for name in REQUIRED:
+        (run.path / name).write_text("x")
+    assert run.drop_checkpoints() == 1500
+    assert not run.checkpoints.exists() and all((run.path / n).is_file() for n in REQUIRED)
+    assert run.drop_checkpoints() == 0

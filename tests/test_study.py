@@ -345,6 +345,9 @@ def test_failing_cell_is_recorded_and_the_others_go_on(study: Path) -> None:
     ):
         assert cells[name]["status"] == "finished"
         assert (study / "runs" / name / "metrics.json").is_file()  # an ordinary run directory
+        # its Lightning checkpoints (last.ckpt: optimizer state) were dropped; the weights stay
+        assert not (study / "runs" / name / "checkpoints").exists()
+        assert (study / "runs" / name / "model.safetensors").is_file()
     md = (study / "report" / "report.md").read_text()
     assert "| broken__seed-1 | failed | spanet: option ratio must be an integer >= 1, got -1 |" in md
 
@@ -493,10 +496,11 @@ def test_killed_study_resumes_to_the_same_results_and_emitted_commands_run_as_is
     ).communicate()[0]
     assert "resume from checkpoint" in dry
     rerun = ["study", "run", str(spec), "--data", str(data), "--out", str(out),
-             "--no-report", "--no-progress"]
+             "--no-report", "--no-progress", "--keep-checkpoints"]
     assert main(rerun) == 0
     assert "--resume" in (out / "logs" / "ghostnet_100__seed-3.log").read_text()
     _same_results(ref, cell)
+    assert (cell / "checkpoints" / "last.ckpt").is_file()  # kept on request: 'train --resume' can extend it
     # started again, the finished study trains nothing
     assert main(rerun) == 0
     assert (out / "logs" / "ghostnet_100__seed-3.log").read_text().count("waferlab.cli train") == 2

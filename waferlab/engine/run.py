@@ -148,6 +148,19 @@ class Run:
             return self.read_json("run.json").get("status") == "finished"
         return True
 
+    def drop_checkpoints(self) -> int:
+        """Delete ``checkpoints/`` of a finished run (``model.safetensors`` holds its weights; the Lightning
+        checkpoints only serve ``--resume``, and ``last.ckpt`` carries the optimizer state); bytes freed."""
+        import shutil
+
+        if not self.is_finished():
+            raise WaferlabError(f"{self.path}: not a finished run; its checkpoints are what --resume needs")
+        if not self.checkpoints.is_dir():
+            return 0
+        freed = sum(f.stat().st_size for f in self.checkpoints.rglob("*") if f.is_file())
+        shutil.rmtree(self.checkpoints)
+        return freed
+
     # --- generic JSON / text --------------------------------------------------------------------
     def read_json(self, name: str) -> Any:
         """A JSON file of the layout; a corrupt file is a one-line error naming it."""

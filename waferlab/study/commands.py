@@ -71,6 +71,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="run (or list, or emit) only the cells whose name matches a shell pattern, e.g. "
         "'spanet__*' or '*__seed-0'; comma-separated or repeated; the report shows the rest as not started",
     )
+    r.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep each finished cell's checkpoints/ (Lightning's, for resuming or extending it with "
+        "'waferlab train --resume'); by default they are deleted, model.safetensors holds the weights",
+    )
     r.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     r.add_argument("--no-progress", action="store_true", help="no progress output")
     r.set_defaults(func=_run)
@@ -105,6 +111,7 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         report=not args.no_report,
         only=args.only,
+        keep_checkpoints=args.keep_checkpoints,
     )
     result = run_study(spec, opts)
     if "text" in result:

@@ -25,7 +25,8 @@ from waferlab.study.spec import Cell, StudySpec, parse_spec, train_arguments
 STUDY_LAYOUT = {
     "study.yaml": "the study spec, with the data it ran on",
     "cells.json": "per cell: status (finished/failed), one-line error, training wall time, attempts",
-    "runs/": "one ordinary run directory per cell, named from its axis values",
+    "runs/": "one ordinary run directory per cell, named from its axis values (a finished cell's "
+             "checkpoints/ dropped unless --keep-checkpoints: model.safetensors holds its weights)",
     "logs/": "stdout/stderr of every cell's training (and of the explanations)",
     "explain/": "`waferlab explain --json` of one seed of every group (CAM grids, scores.json)",
     "predictions/": "per-map test predictions and inference speed of each run (report cache)",
@@ -45,6 +46,7 @@ class StudyOptions:
     progress: bool = True
     report: bool = True
     only: list[str] | None = None  # shell-style patterns of cell names (``--only``): run just those
+    keep_checkpoints: bool = False  # keep a finished cell's Lightning checkpoints (only --resume reads them)
 
 
 @dataclass
@@ -223,8 +225,9 @@ def error_line(log_tail: str, rc: int) -> str:
 class _Runner:
     """Runs planned cells on a pool of worker slots; each slot has its own environment (GPU or threads)."""
 
-    def __init__(self, out: Path, state: StudyState, workers: int, progress: bool) -> None:
-        self.out, self.state, self.progress = out, state, progress
+    def __init__(self, out: Path, state: StudyState, workers: int, progress: bool,
+                 keep_checkpoints: bool = False) -> None:
+        self.out, self.state, self.progress, self.keep = out, state, progress, keep_checkpoints
         self.slots: list[dict[str, str]] = worker_envs(workers)
         self.free = list(range(len(self.slots)))
         self.lock = threading.Lock()
@@ -280,6 +283,11 @@ class _Runner:
         seconds = time.perf_counter() - start
         error = None if rc == 0 else error_line(_tail(log), rc)
         status = "finished" if rc == 0 else "failed"
+        if rc == 0 and not self.keep:
+            from waferlab.engine.run import Run
+
+            if Run(pc.run_dir).is_finished():  # a demo's eight cells kept 2 GB of optimizer state
+                Run(pc.run_dir).drop_checkpoints()
         self.state.update(pc.cell.name, status=status, error=error, add_seconds=seconds, add_cpu=cpu)
         with self.lock:
             self.done += 1
@@ -454,7 +462,7 @@ def run_study(spec: StudySpec, opts: StudyOptions) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
-    results = _Runner(out, state, opts.workers, opts.progress).run(todo)
+    results = _Runner(out, state, opts.workers, opts.progress, opts.keep_checkpoints).run(todo)
     failed = sorted(n for n, s in results.items() if s == "failed")
     assert data is not None
     if spec.explain:
