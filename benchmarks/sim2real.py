@@ -143,6 +143,7 @@ class Plan:
     runs: tuple[str, ...] = RUNS
     eval_calib: bool = False
     tta: bool = False  # evaluate with test-time augmentation (the 8 dihedral views; ``evaluate --tta``)
+    val_real: bool = False  # the synthetic run validates on the calibration part (``train --val-data``)
 
 
 def _train(plan: Plan, data: list[str], out: Path, epochs: int, seed: int, *extra: str) -> float:
@@ -186,9 +187,11 @@ def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: i
     With ``plan.eval_calib`` each run is also evaluated on the calibration part (what generator tuning may
     look at) and that summary printed; the table stays held-out only.
     """
-    dirs = dict(zip(RUNS, (out / "synth_only", out / "real_only", out / "synth_ft")))
+    suffix = "_valreal" if plan.val_real else ""
+    dirs = dict(zip(RUNS, (out / f"synth_only{suffix}", out / "real_only", out / f"synth_ft{suffix}")))
+    val = ("--val-data", str(parts["calib"])) if plan.val_real else ()
     train = {"synthetic only": lambda: _train(plan, [str(synth)], dirs["synthetic only"], plan.epochs, seed,
-                                              *_sets(*plan.synth_set)),
+                                              *val, *_sets(*plan.synth_set)),
              "real only": lambda: _train(plan, [str(parts["calib"])], dirs["real only"], plan.real_epochs,
                                          seed, *_sets("fractions=[0.8, 0.2, 0.0]")),
              "synthetic + fine-tune": lambda: _fine_tune(plan, synth, parts["calib"], dirs["synthetic only"],
@@ -235,6 +238,9 @@ def main() -> None:
     ap.add_argument("--eval-calib", action="store_true",
                     help="also evaluate on the calibration part and print it (for generator tuning)")
     ap.add_argument("--tta", action="store_true", help="evaluate with --tta: " + TTA_HELP)
+    ap.add_argument("--val-real", action="store_true",
+                    help="the synthetic run validates on the real calibration part (train --val-data: best "
+                    "epoch, calibration and thresholds chosen on real maps; still trained on synthetic only)")
     args = ap.parse_args()
     if "synthetic + fine-tune" in args.runs and "synthetic only" not in args.runs:
         ap.error("--runs: 'synthetic + fine-tune' starts from the 'synthetic only' run; list both")
@@ -245,7 +251,7 @@ def main() -> None:
           f"real held-out part: {sum(n_held.values())} maps {n_held}", flush=True)
     plan = Plan(args.model, args.image_size, args.epochs, args.real_epochs, args.ft_epochs, args.ft_lr,
                 args.ft_synth, args.ft_real_weight, tuple(args.synth_set), args.resize,
-                tuple(r for r in RUNS if r in args.runs), args.eval_calib, args.tta)
+                tuple(r for r in RUNS if r in args.runs), args.eval_calib, args.tta, args.val_real)
     results: dict[str, list[dict]] = {}
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
@@ -255,7 +261,8 @@ def main() -> None:
         for name, metrics in run_seed(plan, {"calib": calib, "held": held}, synth, out, seed).items():
             results.setdefault(name, []).append(metrics)
     print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, "
-          f"{args.epochs} epochs{'; test-time augmentation' if args.tta else ''}; real: "
+          f"{args.epochs} epochs{'; test-time augmentation' if args.tta else ''}"
+          f"{'; validated on the calibration part (--val-data)' if args.val_real else ''}; real: "
           f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps; "
           f"seeds {' '.join(map(str, args.seeds))} (mean, range over seeds)")
     print(table(results))

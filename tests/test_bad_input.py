@@ -592,3 +592,34 @@ def test_bad_study_input_is_one_line_exit_2_nothing_written(name: str, tmp_path:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------- train
+def _unlabelled_val(d: Path) -> Path:
+    t = _table()
+    t.labels[:] = UNLABELED  # no map of the class set: nothing to validate on
+    write_safe(t, d / "unlabelled.npz")
+    return d / "unlabelled.npz"
+
+
+# (builder of the --val-data source, or None for a missing path -> substrings of the one error line)
+TRAIN_CASES: dict[str, tuple[Callable[[Path], Path] | None, tuple[str, ...]]] = {
+    "val_data_missing": (None, ("val_data not found", "nope.npz")),
+    "val_data_without_labels": (_unlabelled_val, ("unlabelled.npz", "no maps of class set 'all9'")),
+}
+
+
+@pytest.mark.parametrize("name", list(TRAIN_CASES))
+def test_bad_train_input_is_one_line_exit_2_nothing_written(name: str, tmp_path: Path, capsys) -> None:
+    from deploy_util import synth_file
+
+    make, needles = TRAIN_CASES[name]
+    data = synth_file(tmp_path / "train.npz", 45, seed=1)
+    val = make(tmp_path) if make else tmp_path / "nope.npz"
+    out = tmp_path / "run"
+    rc, lines = _run(["train", "--model", "spanet", "--data", str(data), "--val-data", str(val), "--out",
+                      str(out), "--epochs", "1", "--image-size", "32", "--no-progress"], capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert not out.exists()

@@ -192,6 +192,36 @@ def test_several_weighted_sources_and_init_from_a_run(synth_pkl: Path, tmp_path:
     assert Run.open(tuned).config().init == str(first)
 
 
+def test_val_data_is_the_validation_part_and_calibrates_the_run(synth_pkl: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """--val-data: its labelled maps (only they) are the validation part, never trained on; --data's own
+    validation share is trained on; the run's calibration is fitted on those maps and says so."""
+    import json
+
+    from deploy_util import synth_file
+
+    from waferlab.engine.config import build_config
+    from waferlab.engine.datamodule import load_split_data
+
+    real = synth_file(tmp_path / "fab.npz", 40, seed=7, unlabel_every=4)  # 30 labelled maps
+    plain = load_split_data(build_config("default", {"data": str(synth_pkl), "image_size": 32}))
+    split = load_split_data(build_config("default", {"data": str(synth_pkl), "image_size": 32,
+                                                     "val_data": str(real)}))
+    assert len(split.val) == 30 and set(split.source[split.val]) == {1}
+    assert set(split.source[split.epoch_rows(0)]) == {0}  # never trained on
+    assert len(split.train) == len(plain.train) + len(plain.val) and len(split.test) == len(plain.test)
+    assert split.data.maps.shape[1:] == (32, 32)
+
+    out = tmp_path / "run"
+    code, err = _cli(["train", "--model", "spanet", "--data", str(synth_pkl), "--val-data", str(real),
+                      "--out", str(out), "--image-size", "32", "--epochs", "1", "--batch-size", "32",
+                      "--no-progress", "--set", "precise_bn_batches=0"], capsys)
+    assert code == 0, err
+    cal = json.loads((out / "calibration.json").read_text())
+    assert cal["n"] == 30 and "fab.npz (--val-data)" in cal["fitted_on"]
+    assert "calibrated on 30 validation maps" in err
+
+
 def test_a_misspelt_device_is_one_user_error_for_every_command() -> None:
     """The one device rule turns a bad name into a WaferlabError (predict/evaluate printed a traceback)."""
     from waferlab.engine.predict import resolve_device

@@ -83,7 +83,7 @@ def calibration_set(run: Any, opts: QuantizeOptions) -> CalibrationSet:
         p = load_prepared(opts.calib_data, spec.image_size, progress=False, resize=spec.resize)
         maps, labels, source = p.maps, p.labels, Path(opts.calib_data).name
     elif split is None:
-        raise WaferlabError(f"{run.config_values().get('data')}: the run's training data is not here, so its "
+        raise WaferlabError(f"{_missing_data(run)}: the run's training data is not here, so its "
                             f"validation part cannot be rebuilt to calibrate int8; give --calib-data SRC "
                             f"(labelled or not, maps like those to predict)")
     else:
@@ -101,15 +101,26 @@ def calibration_set(run: Any, opts: QuantizeOptions) -> CalibrationSet:
     return out
 
 
+def _missing_data(run: Any) -> str | None:
+    """The first of the run's training sources (``data``, then ``val_data``) that is not here, if any."""
+    from waferlab.engine.config import data_sources
+
+    values = run.config_values()
+    if not values.get("data"):
+        return "config.yaml: field 'data'"
+    paths = [s.path for s in data_sources(values["data"])] + ([Path(values["val_data"])]
+                                                              if values.get("val_data") else [])
+    return next((str(p) for p in paths if not p.exists()), None)
+
+
 def _run_split(run: Any) -> Any:
     """The run's data split again (same config and seed as training), or None when its data is not here."""
-    from waferlab.engine.config import config_from_dict, data_sources
+    from waferlab.engine.config import config_from_dict
     from waferlab.engine.datamodule import load_split_data
 
-    values = {**run.config_values(), "progress": False}
-    if not values.get("data") or not all(s.path.exists() for s in data_sources(values["data"])):
+    if _missing_data(run) is not None:
         return None
-    return load_split_data(config_from_dict(values, "config.yaml"))
+    return load_split_data(config_from_dict({**run.config_values(), "progress": False}, "config.yaml"))
 
 
 class _Reader(CalibrationDataReader):

@@ -9,7 +9,8 @@ from typing import Any
 from waferlab.engine.predict import add_tta_flag
 
 _TRAIN_FLAGS = {  # CLI flag dest -> config key (None values are "not given")
-    "model": "model", "data": "data", "out": "out", "init": "init", "optimizer": "optimizer",
+    "model": "model", "data": "data", "out": "out", "init": "init", "val_data": "val_data",
+    "optimizer": "optimizer",
     "scheduler": "scheduler", "epochs": "epochs", "image_size": "image_size", "resize": "resize",
     "seed": "seed", "batch_size": "batch_size", "lr": "lr", "class_set": "class_set", "encoding": "encoding",
     "split": "split", "loss": "loss", "pretrained": "pretrained", "devices": "devices",
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, action="append", metavar="SRC[:WEIGHT]",
                    help="source file/folder or a prepared cache (.npz); repeat to train on several sources, "
                         "each optionally with a sampling weight, e.g. --data synth.pkl --data fab.pkl:3")
+    p.add_argument("--val-data", metavar="SRC",
+                   help="labelled maps to validate on (best checkpoint, calibration, operating point) "
+                        "instead of a share of --data, e.g. a fab's few labelled maps when training on "
+                        "synthetic ones; --data's own validation share is then trained on")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--config", default=None,
                    help=f"preset name ({', '.join(preset_names())}) or a YAML file (default: default); "

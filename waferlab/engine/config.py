@@ -40,6 +40,7 @@ class TrainConfig:
     pretrained: str | None = None
     data: str | list[str] = ""  # one source, or a list of "PATH" / "PATH:WEIGHT" (weight: sampling share)
     init: str | None = None  # a finished run whose weights training starts from (fine-tuning)
+    val_data: str | None = None  # labelled maps that are the validation part (--data's val share is trained)
     out: str = ""
     class_set: str = "all9"
     encoding: str = "onehot"
@@ -96,8 +97,8 @@ class TrainConfig:
 
     @property
     def has_val(self) -> bool:
-        """True when the split carves out a validation part."""
-        return self.fractions[1] > 0
+        """True when there is a validation part: a ``val_data`` source, or a share of the split."""
+        return bool(self.val_data) or self.fractions[1] > 0
 
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -319,6 +320,11 @@ def validate(cfg: TrainConfig) -> None:
                 raise WaferlabError(f"data not found: {src.path}")
     if cfg.init is not None and not isinstance(cfg.init, str):
         raise WaferlabError(f"config init: expected a run directory, got {cfg.init!r}")
+    if cfg.val_data is not None:
+        if not isinstance(cfg.val_data, str) or not cfg.val_data:
+            raise WaferlabError(f"config val_data: expected a path to labelled maps, got {cfg.val_data!r}")
+        if not Path(cfg.val_data).exists():
+            raise WaferlabError(f"val_data not found: {cfg.val_data}")
 
 
 @dataclass(frozen=True)

@@ -108,14 +108,25 @@ def _concat(parts: list[Any]) -> Any:
                    source="+".join(p.source or "data" for p in parts))
 
 
+def _validate_on(loaded: list[tuple[Any, np.ndarray]], cfg: TrainConfig) -> list[tuple[Any, np.ndarray]]:
+    """``cfg.val_data``: its labelled maps are the validation part (appended as one more source, never
+    trained on); the training sources' own validation share joins their training part."""
+    val = _load_source(DataSource(Path(cfg.val_data)), cfg, resize=True)  # its labelled maps of the set
+    moved = [(p, np.where(parts == "val", "train", parts)) for p, parts in loaded]
+    return moved + [(val, np.full(len(val), "val", dtype=object))]
+
+
 def load_split_data(cfg: TrainConfig) -> SplitData:
     """Read ``cfg.data`` (one or several sources or caches), select the class set, cap, split each source,
     balance the training part."""
     if not cfg.data:
         raise WaferlabError("no training data given (--data SRC)")
     sources = data_sources(cfg.data)
-    loaded = [_split_source(_load_source(s, cfg, resize=len(sources) > 1), cfg, str(s.path))
-              for s in sources]
+    resize = len(sources) > 1 or bool(cfg.val_data)  # several sources meet at cfg.image_size
+    loaded = [_split_source(_load_source(s, cfg, resize), cfg, str(s.path)) for s in sources]
+    if cfg.val_data:
+        loaded = _validate_on(loaded, cfg)
+        sources.append(DataSource(Path(cfg.val_data)))
     if len(loaded) == 1:
         p, parts = loaded[0]
         source = None

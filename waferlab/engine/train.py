@@ -214,6 +214,8 @@ def protocol_card(cfg: TrainConfig, split: SplitData | None = None, **extra: Any
     }
     if cfg.init:
         card["init"] = cfg.init
+    if cfg.val_data:
+        card["val_data"] = cfg.val_data
     if cfg.task != "multiclass":  # class_set does not apply to multi-hot labels
         card["task"] = cfg.task
         card.pop("class_set")
@@ -249,7 +251,7 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
     names = "+".join(Path(s.path).name for s in data_sources(cfg.data))
     run.write_evaluation(metrics, f"{cfg.model} on {names} ({part_name} part)", card)
     _note(f"{part_name} {headline} -> {run.path}")
-    _after_training(run, model, split, options)
+    _after_training(run, model, split, options, cfg.val_data)
 
 
 def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any) -> None:
@@ -269,14 +271,14 @@ def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any) 
     _note("label thresholds (validation best F1): " + ", ".join(f"{k} {v:.2f}" for k, v in fitted.items()))
 
 
-def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any:
+def _after_training(run: Run, model: Any, split: SplitData, options: Any, val_data: str | None = None) -> Any:
     """Validation-part predictions (logits, probs, pooled features), once, and what a deployed model needs
     from them: calibration.json, thresholds.json and ood.json (``waferlab.deploy.trust.fit_trust``).
 
     Returns the :class:`~waferlab.engine.predict.Prediction` and the labels, or ``None`` without a
     validation part. Multi-label runs are not calibrated (a note says so).
     """
-    from waferlab.deploy.trust import fit_trust
+    from waferlab.deploy.trust import TrustOptions, fit_trust
     from waferlab.engine.predict import input_maps, predict
 
     if len(split.val) == 0:
@@ -288,7 +290,9 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any) -> Any
         _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
         return val, labels
     try:
-        summary = fit_trust(run, val, labels, train=_train_features(model, split, run, options),
+        source = f"validation part: {val_data} (--val-data)" if val_data else "validation part"
+        summary = fit_trust(run, val, labels, TrustOptions(source=source),
+                            train=_train_features(model, split, run, options),
                             val_maps=input_maps(split.data.maps[split.val], run.spec()))
     except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
         _note(f"not calibrated ({exc}); run waferlab calibrate RUN --data HELD_OUT")
