@@ -286,8 +286,9 @@ class _Runner:
         if rc == 0 and not self.keep:
             from waferlab.engine.run import Run
 
-            if Run(pc.run_dir).is_finished():  # a demo's eight cells kept 2 GB of optimizer state
-                Run(pc.run_dir).drop_checkpoints()
+            run = Run(pc.run_dir)
+            if run.is_finished():  # a demo's eight cells kept 2 GB of optimizer state
+                run.drop_checkpoints()
         self.state.update(pc.cell.name, status=status, error=error, add_seconds=seconds, add_cpu=cpu)
         with self.lock:
             self.done += 1
