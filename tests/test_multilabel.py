@@ -259,3 +259,27 @@ def test_two_multilabel_sources_join_by_class_name(tmp_path: Path) -> None:
     combos = ["+".join(t for t, on in zip(p.multi_label_names, row) if on) or "none" for row in p.multi_hot]
     assert names.tolist() == combos
     assert set(names) == {"Center", "Loc+Scratch", "Donut", "none"}
+
+
+def test_multilabel_val_data_is_the_validation_part(mixed_cache: Path, tmp_path: Path) -> None:
+    """train --val-data on a multi-label run: the other source's multi-hot maps (only they) validate, the
+    per-label thresholds are fitted on them and label_thresholds.json names that file."""
+    from waferlab.cli import main
+    from waferlab.data.cache import prepare, save_cache
+    from waferlab.data.synth import generate
+    from waferlab.engine.datamodule import load_split_data
+
+    fab = tmp_path / "fab.npz"
+    save_cache(prepare(generate(48, seed=11, mixed=True), ML_SIZE), fab)
+    split = load_split_data(build_config("multilabel", {"model": "mobilenetv2_100", "data": str(mixed_cache),
+                                                        "val_data": str(fab), "image_size": ML_SIZE}))
+    assert len(split.val) == 48 and set(split.source[split.val]) == {1}
+    assert set(split.source[split.epoch_rows(0)]) == {0}  # never trained on
+    assert split.targets(split.val).shape == (48, 8)
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "mobilenetv2_100", "--data", str(mixed_cache), "--val-data", str(fab),
+                 "--out", str(run), "--config", "multilabel", "--epochs", "1", "--image-size", str(ML_SIZE),
+                 "--batch-size", "32", "--no-progress", "--set", "precise_bn_batches=0"]) == 0
+    fitted = json.loads((run / "label_thresholds.json").read_text())
+    assert fitted["n"] == 48 and "fab.npz (--val-data)" in fitted["fitted_on"]

@@ -237,7 +237,7 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
         _note(f"no test part: metrics.json is computed on the {part_name} part")
     options = PredictOptions(device=hw.device, batch_size=cfg.eval_batch_size)
     if cfg.task == "multilabel":
-        _fit_label_thresholds(run, model, split, options)
+        _fit_label_thresholds(run, model, split, options, _val_source(cfg.val_data))
     probs = predict(model, split.data.maps[rows], run.spec(), options).probs
     if cfg.task == "multilabel":
         metrics = compute_multilabel_metrics(split.targets(rows), probs, run.class_names,
@@ -254,7 +254,12 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
     _after_training(run, model, split, options, cfg.val_data)
 
 
-def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any) -> None:
+def _val_source(val_data: str | None) -> str:
+    """What the run's validation part is, as calibration files name it (``fitted_on``)."""
+    return f"validation part: {val_data} (--val-data)" if val_data else "validation part"
+
+
+def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any, source: str) -> None:
     """A multilabel run's per-label thresholds (best F1 on the validation part) -> label_thresholds.json;
     without a validation part every label keeps 0.5 (evaluate and the report say which rule applied)."""
     from waferlab.engine.metrics import fit_label_thresholds
@@ -265,7 +270,7 @@ def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any) 
         return
     probs = predict(model, split.data.maps[split.val], run.spec(), options).probs
     fitted = fit_label_thresholds(split.targets(split.val), probs, run.class_names)
-    run.write_json("label_thresholds.json", {"fitted_on": "validation part", "n": int(len(split.val)),
+    run.write_json("label_thresholds.json", {"fitted_on": source, "n": int(len(split.val)),
                                              "rule": "per label, the threshold of best F1",
                                              "thresholds": fitted})
     _note("label thresholds (validation best F1): " + ", ".join(f"{k} {v:.2f}" for k, v in fitted.items()))
@@ -290,8 +295,7 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any, val_da
         _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
         return val, labels
     try:
-        source = f"validation part: {val_data} (--val-data)" if val_data else "validation part"
-        summary = fit_trust(run, val, labels, TrustOptions(source=source),
+        summary = fit_trust(run, val, labels, TrustOptions(source=_val_source(val_data)),
                             train=_train_features(model, split, run, options),
                             val_maps=input_maps(split.data.maps[split.val], run.spec()))
     except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
