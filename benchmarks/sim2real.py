@@ -13,7 +13,8 @@ the ``waferlab`` CLI:
 Each is evaluated with ``waferlab evaluate`` on the held-out part; the table gives per-class recall,
 macro-F1, the smallest per-class recall, ECE, the largest confusions, and the commands that reproduce it.
 With several ``--seeds`` every run (generator, training) is repeated per seed and the table gives the mean
-and the range over seeds; the real split stays ``--split-seed`` (the calibration part is what the generator
+and the range over seeds, and one more column per run gives the seeds' runs as one model (the ensemble: mean
+probability); the real split stays ``--split-seed`` (the calibration part is what the generator
 was tuned on, so it must not move). ``--resize`` sets the rule that shrinks the maps (the ``resize`` config
 key) for all three runs; their evaluations follow the runs' rule.
 
@@ -181,14 +182,39 @@ def _evaluate(run: Path, data: Path, name: str, tta: bool = False) -> dict:
     return json.loads((out / "metrics.json").read_text())
 
 
+def run_dirs(plan: Plan, out: Path) -> dict[str, Path]:
+    """One seed's run folders, by run name."""
+    suffix = "_valreal" if plan.val_real else ""
+    return dict(zip(RUNS, (out / f"synth_only{suffix}", out / "real_only", out / f"synth_ft{suffix}")))
+
+
+def ensemble(runs: list[Path], data: Path, tta: bool) -> dict:
+    """Metrics of the seeds' runs as one model: the mean of their probabilities (each computed as
+    ``waferlab evaluate`` computes it) on every labelled map of ``data``."""
+    import numpy as np
+
+    from waferlab.data.cache import load_prepared
+    from waferlab.engine.evaluate import map_labels
+    from waferlab.engine.metrics import compute_metrics
+    from waferlab.engine.predict import PredictOptions, predict_probs
+    from waferlab.engine.run import Run
+
+    opened = [Run.open(r) for r in runs]
+    info = opened[0].info
+    p = load_prepared(data, info.image_size, progress=False, resize=info.resize)
+    keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    opts = PredictOptions(batch_size=256, progress=False, tta=tta)
+    probs = [predict_probs(r.load_model(), p.maps[keep], r.spec(), opts) for r in opened]
+    return compute_metrics(y, np.mean(probs, axis=0), info.class_names)
+
+
 def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: int) -> dict[str, dict]:
     """Train the chosen runs of one seed (reusing finished ones), evaluate each on the held-out part.
 
     With ``plan.eval_calib`` each run is also evaluated on the calibration part (what generator tuning may
     look at) and that summary printed; the table stays held-out only.
     """
-    suffix = "_valreal" if plan.val_real else ""
-    dirs = dict(zip(RUNS, (out / f"synth_only{suffix}", out / "real_only", out / f"synth_ft{suffix}")))
+    dirs = run_dirs(plan, out)
     val = ("--val-data", str(parts["calib"])) if plan.val_real else ()
     train = {"synthetic only": lambda: _train(plan, [str(synth)], dirs["synthetic only"], plan.epochs, seed,
                                               *val, *_sets(*plan.synth_set)),
@@ -260,6 +286,10 @@ def main() -> None:
             _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(seed))
         for name, metrics in run_seed(plan, {"calib": calib, "held": held}, synth, out, seed).items():
             results.setdefault(name, []).append(metrics)
+    if len(args.seeds) > 1:  # the seeds' runs as one model (mean probability)
+        for name in plan.runs:
+            dirs = [run_dirs(plan, args.out / f"seed{seed}")[name] for seed in args.seeds]
+            results[f"{name}: ensemble"] = [ensemble(dirs, held, plan.tta)]
     print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, "
           f"{args.epochs} epochs{'; test-time augmentation' if args.tta else ''}"
           f"{'; validated on the calibration part (--val-data)' if args.val_real else ''}; real: "
