@@ -230,3 +230,22 @@ def test_a_misspelt_device_is_one_user_error_for_every_command() -> None:
     with pytest.raises(WaferlabError, match="invalid device 'cdua'"):
         resolve_device("cdua")
     assert resolve_device("cpu").type == "cpu"
+
+
+def test_epoch_lines_leave_out_what_was_not_measured(capsys: pytest.CaptureFixture[str]) -> None:
+    """A run without a validation part printed 'val_loss nan  val_macro_f1 nan' every epoch; those are
+    left out of the line (curves.csv keeps its nan columns)."""
+    from types import SimpleNamespace
+
+    from waferlab.engine.callbacks import EpochLines
+
+    nan = float("nan")
+    module = SimpleNamespace(history=[{"epoch": 1, "train_loss": 0.423, "val_loss": nan, "val_macro_f1": nan,
+                                       "val_accuracy": nan, "lr": 2.7e-4},
+                                      {"epoch": 2, "train_loss": 0.3, "val_loss": 0.25, "val_macro_f1": 0.8,
+                                       "val_accuracy": 0.81, "lr": 1e-4}])
+    EpochLines().on_train_epoch_end(SimpleNamespace(is_global_zero=True, max_epochs=2), module)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "waferlab: epoch 1/2  train_loss 0.423  lr 0.00027"
+    assert lines[1] == ("waferlab: epoch 2/2  train_loss 0.3  val_loss 0.25  val_macro_f1 0.8  "
+                        "val_accuracy 0.81  lr 0.0001")

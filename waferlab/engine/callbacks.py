@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -107,7 +108,8 @@ class EpochLines(L.Callback):
             row = history[self._printed]
             self._printed += 1
             if trainer.is_global_zero:
-                values = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch")
+                values = "  ".join(f"{k} {v:.4g}" for k, v in row.items()  # no validation part: no nan
+                                   if k != "epoch" and not math.isnan(v))
                 print(f"waferlab: epoch {int(row['epoch'])}/{trainer.max_epochs}  {values}", file=sys.stderr)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
