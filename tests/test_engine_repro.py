@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -90,8 +91,15 @@ def test_resume_after_mid_epoch_kill_matches_uninterrupted(reference_run: Path, 
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(_cfg(small_cache, run), callbacks=[_Crash()])
     assert (run / "checkpoints" / "last.ckpt").is_file() and not (run / "metrics.json").exists()
+    killed_log = (run / "logs" / "metrics.csv").read_text()
     resumed = _RngLog()
-    train(_cfg(small_cache, run), resume=True, callbacks=[resumed])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg(small_cache, run), resume=True, callbacks=[resumed])
+    # the killed part's step log is kept (Lightning deleted it, with a warning) and the rest goes beside it
+    assert (run / "logs" / "metrics.csv").read_text() == killed_log
+    assert (run / "logs" / "resume-1" / "metrics.csv").is_file()
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]
     # every replayed step draws dropout from the same RNG state as the uninterrupted run (the per-epoch
     # reseed did not: Lightning draws from the global RNG between epoch start and the first step)
     assert resumed.seen and all(resumed.seen[k] == REFERENCE_RNG.seen[k] for k in resumed.seen)

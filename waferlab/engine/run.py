@@ -71,7 +71,7 @@ RUN_LAYOUT: dict[str, str] = {
     "calibration.png": "reliability diagrams before and after temperature scaling",
     "timing.json": "training wall time and inference maps/s",
     "checkpoints/": "Lightning checkpoints: best.ckpt (weights) and last.ckpt (what --resume continues from)",
-    "logs/": "Lightning CSV logs (and tb/ when tensorboard is installed)",
+    "logs/": "Lightning CSV step logs (tb/ with tensorboard installed); resume-N/: after the Nth resume",
     "exports/": "exported models (model.onnx)",
 }
 REQUIRED = ("model.safetensors", "config.yaml", "classes.json")

@@ -50,10 +50,13 @@ class Hardware:
         return cls(accel, precision, "cpu" if accel == "cpu" else "cuda")
 
 
-def _loggers(run: Run) -> list[Any]:
+def _loggers(run: Run, resume: bool) -> list[Any]:
+    """CSV (and TensorBoard) step logs under ``logs/``; a resumed run logs into ``logs/resume-N/`` (Lightning
+    would delete the killed part's ``metrics.csv``)."""
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    loggers: list[Any] = [CSVLogger(save_dir=str(run.path), name="logs", version="")]
+    version = f"resume-{len(list(run.logs.glob('resume-*'))) + 1}" if resume else ""
+    loggers: list[Any] = [CSVLogger(save_dir=str(run.path), name="logs", version=version)]
     if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
         loggers.append(TensorBoardLogger(save_dir=str(run.logs), name="tb", version=""))
     return loggers
@@ -97,7 +100,8 @@ def _callbacks(cfg: TrainConfig, run: Run, has_val: bool, extra: list[Any]) -> t
     return cbs + list(extra), keep
 
 
-def _trainer(cfg: TrainConfig, hw: Hardware, run: Run, callbacks: list[Any], has_val: bool) -> Any:
+def _trainer(cfg: TrainConfig, hw: Hardware, run: Run, callbacks: list[Any], has_val: bool,
+             resume: bool) -> Any:
     import lightning as L
 
     strategy: Any = cfg.strategy
@@ -109,7 +113,7 @@ def _trainer(cfg: TrainConfig, hw: Hardware, run: Run, callbacks: list[Any], has
         accelerator=hw.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=strategy,
         precision=hw.precision, max_epochs=cfg.epochs,
         deterministic=True if hw.accelerator == "cpu" else ("warn" if cfg.deterministic else False),
-        benchmark=False if cfg.deterministic else None, callbacks=callbacks, logger=_loggers(run),
+        benchmark=False if cfg.deterministic else None, callbacks=callbacks, logger=_loggers(run, resume),
         default_root_dir=str(run.path), enable_progress_bar=cfg.bars, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False, log_every_n_steps=10,
         limit_val_batches=None if has_val else 0)
@@ -170,7 +174,7 @@ def train(cfg: TrainConfig, resume: bool = False, callbacks: list[Any] | None = 
     module = WaferClassifier(_build_model(cfg, data.class_names, hw), cfg, data.class_counts())
     has_val = cfg.has_val and len(data.split.val) > 0
     cbs, keep = _callbacks(cfg, run, has_val, callbacks or [])
-    trainer = _trainer(cfg, hw, run, cbs, has_val)
+    trainer = _trainer(cfg, hw, run, cbs, has_val, resume)
     if rank_zero:
         run = Run.create(cfg.out, overwrite=overwrite, resume=resume)
         run.write_start(cfg, data.class_names)
