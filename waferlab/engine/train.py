@@ -240,8 +240,10 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
         part_name, rows = ("val", split.val) if len(split.val) else ("train", split.train)
         _note(f"no test part: metrics.json is computed on the {part_name} part")
     options = PredictOptions(device=hw.device, batch_size=cfg.eval_batch_size)
+    # what the calibration files say they were fitted on
+    source = f"validation part: {cfg.val_data} (--val-data)" if cfg.val_data else "validation part"
     if cfg.task == "multilabel":
-        _fit_label_thresholds(run, model, split, options, _val_source(cfg.val_data))
+        _fit_label_thresholds(run, model, split, options, source)
     probs = predict(model, split.data.maps[rows], run.spec(), options).probs
     if cfg.task == "multilabel":
         metrics = compute_multilabel_metrics(split.targets(rows), probs, run.class_names,
@@ -255,12 +257,7 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
     names = "+".join(Path(s.path).name for s in data_sources(cfg.data))
     run.write_evaluation(metrics, f"{cfg.model} on {names} ({part_name} part)", card)
     _note(f"{part_name} {headline} -> {run.path}")
-    _after_training(run, model, split, options, cfg.val_data)
-
-
-def _val_source(val_data: str | None) -> str:
-    """What the run's validation part is, as calibration files name it (``fitted_on``)."""
-    return f"validation part: {val_data} (--val-data)" if val_data else "validation part"
+    _after_training(run, model, split, options, source)
 
 
 def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any, source: str) -> None:
@@ -280,7 +277,7 @@ def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any, 
     _note("label thresholds (validation best F1): " + ", ".join(f"{k} {v:.2f}" for k, v in fitted.items()))
 
 
-def _after_training(run: Run, model: Any, split: SplitData, options: Any, val_data: str | None = None) -> Any:
+def _after_training(run: Run, model: Any, split: SplitData, options: Any, source: str) -> Any:
     """Validation-part predictions (logits, probs, pooled features), once, and what a deployed model needs
     from them: calibration.json, thresholds.json and ood.json (``waferlab.deploy.trust.fit_trust``).
 
@@ -299,7 +296,7 @@ def _after_training(run: Run, model: Any, split: SplitData, options: Any, val_da
         _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
         return val, labels
     try:
-        summary = fit_trust(run, val, labels, TrustOptions(source=_val_source(val_data)),
+        summary = fit_trust(run, val, labels, TrustOptions(source=source),
                             train=_train_features(model, split, run, options),
                             val_maps=input_maps(split.data.maps[split.val], run.spec()))
     except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
