@@ -198,18 +198,16 @@ def ensemble(runs: list[Path], data: Path, tta: bool) -> dict:
     ``waferlab evaluate`` computes it) on every labelled map of ``data``."""
     import numpy as np
 
-    from waferlab.data.cache import load_prepared
-    from waferlab.engine.evaluate import map_labels
+    from waferlab.engine.evaluate import labelled_maps
     from waferlab.engine.metrics import compute_metrics
     from waferlab.engine.predict import PredictOptions, predict_probs
     from waferlab.engine.run import Run
 
     opened = [Run.open(r) for r in runs]
     info = opened[0].info
-    p = load_prepared(data, info.image_size, progress=False, resize=info.resize)
-    keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    maps, y = (lm := labelled_maps(info, data, "evaluate")).maps, lm.labels
     opts = PredictOptions(batch_size=256, progress=False, tta=tta)
-    probs = [predict_probs(r.load_model(), p.maps[keep], r.spec(), opts) for r in opened]
+    probs = [predict_probs(r.load_model(), maps, r.spec(), opts) for r in opened]
     return compute_metrics(y, np.mean(probs, axis=0), info.class_names)
 
 

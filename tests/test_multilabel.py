@@ -239,6 +239,10 @@ def test_multilabel_user_errors_are_one_line(mixed_run: Path, mixed_cache: Path,
     out = tmp_path / "p.csv"
     line = _cli_error(["predict", str(mixed_run), "--data", str(mixed_cache), "--out", str(out)], capsys)
     assert "a multilabel run" in line and "label_thresholds.json" in line and not out.exists()
+    before = {f.name: f.read_bytes() for f in mixed_run.iterdir() if f.is_file()}
+    line = _cli_error(["calibrate", str(mixed_run), "--data", str(mixed_cache), "--no-progress"], capsys)
+    assert str(mixed_run) in line and "a multilabel run has no trust files" in line
+    assert before == {f.name: f.read_bytes() for f in mixed_run.iterdir() if f.is_file()}
 
 
 def test_two_multilabel_sources_join_by_class_name(tmp_path: Path) -> None:

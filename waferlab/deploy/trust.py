@@ -257,20 +257,17 @@ def calibrate_run(run_dir: str, data: str, options: TrustOptions | None = None, 
     from dataclasses import replace
     from pathlib import Path
 
-    from waferlab.data.cache import load_prepared
-    from waferlab.engine.evaluate import map_labels
+    from waferlab.engine.evaluate import labelled_maps
     from waferlab.engine.predict import PredictOptions, predict
     from waferlab.engine.run import Run
 
     run = Run.open(run_dir)
+    if run.info.task == "multilabel":
+        raise WaferlabError(f"{run_dir}: a multilabel run has no trust files to fit (its per-label "
+                            "thresholds come from training); 'waferlab calibrate' takes single-label runs")
     spec = run.spec()
-    if not Path(data).exists():
-        raise WaferlabError(f"{data}: no such file or directory")
-    p = load_prepared(data, spec.image_size, progress=progress, resize=spec.resize)
-    keep, y = map_labels(tuple(p.class_names), p.labels, spec.class_names, str(data))
-    if len(keep) == 0:
-        raise WaferlabError(f"{data}: no labelled maps to calibrate on")
-    pred = predict(run.load_model(), p.maps[keep], spec,
+    data_ = labelled_maps(run.info, data, "calibrate on", progress)
+    pred = predict(run.load_model(), data_.maps, spec,
                    PredictOptions(device=device, batch_size=batch_size, progress=progress, features=True))
-    opts = replace(options or TrustOptions(), source=f"{Path(data).name} ({len(keep)} labelled maps)")
-    return fit_trust(run, pred, y, opts, val_maps=p.maps[keep])
+    opts = replace(options or TrustOptions(), source=f"{Path(data).name} ({len(data_.labels)} labelled maps)")
+    return fit_trust(run, pred, data_.labels, opts, val_maps=data_.maps)

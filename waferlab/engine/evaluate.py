@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,38 @@ def map_multi_hot(data_names: tuple[str, ...], multi_hot: np.ndarray, run_names:
     return np.asarray(multi_hot, dtype=np.int64)[:, [col[n] for n in run_names]]
 
 
+@dataclass(frozen=True)
+class LabelledMaps:
+    """A data file's labelled maps prepared at a run's size, with labels as the run's class ids."""
+
+    maps: Any  # the prepared maps of the labelled rows (indexable by the prediction path)
+    labels: np.ndarray  # run class ids (single-label) or multi-hot rows in the run's label order
+    n_dropped: int  # unlabeled rows left out
+
+
+def labelled_maps(info: Any, data: str | Path, purpose: str, progress: bool = False) -> LabelledMaps:
+    """Every labelled map of ``data`` at the run's size and resize rule, labels matched by NAME to the run's
+    classes (``info``: a ``Run.info``); ``purpose`` ("evaluate", "calibrate on") words the no-label error."""
+    from waferlab.data.cache import load_prepared
+
+    if not Path(data).exists():
+        raise WaferlabError(f"{data}: no such file or directory")
+    p = load_prepared(data, info.image_size, progress=progress, resize=info.resize)
+    if info.task == "multilabel":  # every map is labelled: an all-zero row is a map without defect
+        keep = np.arange(len(p))
+        hot = p.require_multi_hot(str(data), "a multilabel run")
+        y = map_multi_hot(tuple(p.multi_label_names), hot, info.class_names, str(data))
+    else:
+        keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    if len(keep) == 0:
+        raise WaferlabError(f"{data}: no labelled maps to {purpose}")
+    return LabelledMaps(maps=p.maps[keep], labels=y, n_dropped=len(p) - len(keep))
+
+
 def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_size: int = 256,
                  device: str | None = None, progress: bool = True, tta: bool = False) -> dict[str, Any]:
     """Evaluate the run in ``run_dir`` on every labelled map of ``data``; metrics/report go to ``out``
     (``tta``: the prediction path's test-time augmentation)."""
-    from waferlab.data.cache import load_prepared
     from waferlab.engine.metrics import compute_metrics, compute_multilabel_metrics
     from waferlab.engine.predict import PredictOptions, predict_probs
     from waferlab.engine.report import write_evaluation
@@ -58,24 +86,12 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
 
     run = Run.open(run_dir)
     info = run.info
-    if not Path(data).exists():
-        raise WaferlabError(f"data not found: {data}")
-    p = load_prepared(data, info.image_size, progress=progress, resize=info.resize)
-    multilabel = info.task == "multilabel"
-    if multilabel:  # every map is labelled: an all-zero row is a map without defect
-        keep = np.arange(len(p))
-        hot = p.require_multi_hot(str(data), "evaluating a multilabel run")
-        y = map_multi_hot(tuple(p.multi_label_names), hot, info.class_names, str(data))
-    else:
-        keep, y = map_labels(tuple(p.class_names), p.labels, info.class_names, str(data))
+    data_ = labelled_maps(info, data, "evaluate", progress)
+    y, multilabel = data_.labels, info.task == "multilabel"
+    if data_.n_dropped:
+        print(f"waferlab: note: {data_.n_dropped} unlabeled map(s) in {data} dropped", file=sys.stderr)
     opts = PredictOptions(device=device, batch_size=batch_size, progress=progress, tta=tta)
-    model = run.load_model()
-    dropped = len(p) - len(keep)
-    if dropped:
-        print(f"waferlab: note: {dropped} unlabeled map(s) in {data} dropped", file=sys.stderr)
-    if len(keep) == 0:
-        raise WaferlabError(f"{data}: no labelled maps to evaluate")
-    probs = predict_probs(model, p.maps[keep], run.spec(), opts)
+    probs = predict_probs(run.load_model(), data_.maps, run.spec(), opts)
     if multilabel:
         metrics = compute_multilabel_metrics(y, probs, info.class_names, threshold=run.label_thresholds())
     else:
@@ -83,9 +99,10 @@ def evaluate_run(run_dir: str | Path, data: str | Path, out: str | Path, batch_s
     metrics["run_dir"] = str(run_dir)
     metrics["data"] = str(data)
     cfg = info.config
-    card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(keep)),
-            "n_unlabeled_dropped": int(dropped), "trained_on": cfg.get("data"), "image_size": info.image_size,
-            "resize": info.resize, "encoding": info.encoding, "seed": cfg.get("seed"), "tta": tta,
+    card = {"run": str(run_dir), "model": info.model_name, "data": str(data), "n_maps": int(len(y)),
+            "n_unlabeled_dropped": int(data_.n_dropped), "trained_on": cfg.get("data"),
+            "image_size": info.image_size, "resize": info.resize, "encoding": info.encoding,
+            "seed": cfg.get("seed"), "tta": tta,
             **({"task": info.task} if multilabel else {"class_set": cfg.get("class_set")})}
     write_evaluation(metrics, out, f"{info.model_name} evaluated on {Path(data).name}", card)
     return metrics
