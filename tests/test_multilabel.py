@@ -144,13 +144,25 @@ def mixed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def mixed_run(mixed_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CI-sized multilabel run (32 px, 200 maps, 1 epoch) through the CLI and the multilabel preset."""
+    import hashlib
+
+    import waferlab.engine.predict as predict_module
     from waferlab.cli import main
 
     run = tmp_path_factory.mktemp("runs") / "mixed"
-    code = main(["train", "--model", "mobilenetv2_100", "--data", str(mixed_cache), "--out", str(run),
-                 "--config", "multilabel", "--epochs", "1", "--image-size", str(ML_SIZE),
-                 "--batch-size", "32", "--no-progress", "--set", "precise_bn_batches=2"])
+    real_predict, parts = predict_module.predict, []
+
+    def counting_predict(model, maps, *args, **kwargs):  # which maps training's own predictions cover
+        parts.append(hashlib.sha1(np.ascontiguousarray(maps).tobytes()).hexdigest())
+        return real_predict(model, maps, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(predict_module, "predict", counting_predict)
+        code = main(["train", "--model", "mobilenetv2_100", "--data", str(mixed_cache), "--out", str(run),
+                     "--config", "multilabel", "--epochs", "1", "--image-size", str(ML_SIZE),
+                     "--batch-size", "32", "--no-progress", "--set", "precise_bn_batches=2"])
     assert code == 0
+    assert len(parts) == len(set(parts)) == 2, parts  # validation part (thresholds), test part: once each
     return run
 
 

@@ -277,34 +277,32 @@ def _fit_label_thresholds(run: Run, model: Any, split: SplitData, options: Any, 
     _note("label thresholds (validation best F1): " + ", ".join(f"{k} {v:.2f}" for k, v in fitted.items()))
 
 
-def _after_training(run: Run, model: Any, split: SplitData, options: Any, source: str) -> Any:
-    """Validation-part predictions (logits, probs, pooled features), once, and what a deployed model needs
-    from them: calibration.json, thresholds.json and ood.json (``waferlab.deploy.trust.fit_trust``).
+def _after_training(run: Run, model: Any, split: SplitData, options: Any, source: str) -> None:
+    """What a deployed model needs from the validation part's predictions (logits, probs, pooled features):
+    calibration.json, thresholds.json and ood.json (``waferlab.deploy.trust.fit_trust``).
 
-    Returns the :class:`~waferlab.engine.predict.Prediction` and the labels, or ``None`` without a
-    validation part. Multi-label runs are not calibrated (a note says so).
+    Multi-label runs are not calibrated (their per-label thresholds were fitted before; a note says so).
     """
     from waferlab.deploy.trust import TrustOptions, fit_trust
     from waferlab.engine.predict import input_maps, predict
 
-    if len(split.val) == 0:
-        _note("no validation part: the run is not calibrated (waferlab calibrate RUN --data HELD_OUT)")
-        return None
-    val = predict(model, split.data.maps[split.val], run.spec(), replace(options, features=True))
-    labels = split.targets(split.val)
     if run.spec().task == "multilabel":
         _note("multi-label run: no temperature calibration (per-label thresholds: label_thresholds.json)")
-        return val, labels
+        return
+    if len(split.val) == 0:
+        _note("no validation part: the run is not calibrated (waferlab calibrate RUN --data HELD_OUT)")
+        return
+    val = predict(model, split.data.maps[split.val], run.spec(), replace(options, features=True))
+    labels = split.targets(split.val)
     try:
         summary = fit_trust(run, val, labels, TrustOptions(source=source),
                             train=_train_features(model, split, run, options),
                             val_maps=input_maps(split.data.maps[split.val], run.spec()))
     except WaferlabError as exc:  # too few validation maps for a threshold: the run stays usable
         _note(f"not calibrated ({exc}); run waferlab calibrate RUN --data HELD_OUT")
-        return val, labels
+        return
     _note(f"calibrated on {len(labels)} validation maps: temperature "
           f"{summary['calibration']['temperature']:.3g}")
-    return val, labels
 
 
 def _train_features(model: Any, split: SplitData, run: Run, options: Any) -> Any:
