@@ -173,8 +173,10 @@ def _fine_tune(plan: Plan, synth: Path, calib: Path, init: Path, out: Path, seed
     ft_data = [real] + ([f"{synth}:{plan.ft_synth:g}"] if plan.ft_synth > 0 else [])
     # synthetic maps mixed in: validation would be mostly synthetic; train on all real maps, keep the last
     ft_split = "fractions=[1.0, 0.0, 0.0]" if plan.ft_synth > 0 else "fractions=[0.8, 0.2, 0.0]"
-    return _train(plan, ft_data, out, plan.ft_epochs, seed, "--init", str(init),
-                  *_sets(*plan.synth_set, ft_split, f"lr={plan.ft_lr}", "warmup_epochs=0"))
+    own = (ft_split, f"lr={plan.ft_lr}", "warmup_epochs=0")
+    keys = {p.split("=", 1)[0].strip() for p in own}  # the synthetic run's own split etc. would be overridden
+    kept = [p for p in plan.synth_set if p.split("=", 1)[0].strip() not in keys]
+    return _train(plan, ft_data, out, plan.ft_epochs, seed, "--init", str(init), *_sets(*kept, *own))
 
 
 def _evaluate(run: Path, data: Path, name: str, tta: bool = False) -> dict:
