@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 _SPEC = importlib.util.spec_from_file_location(
     "sim2real_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "sim2real.py")
 bench = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = bench  # its dataclasses look their module up
 _SPEC.loader.exec_module(bench)
 
 
