@@ -623,3 +623,32 @@ def test_bad_train_input_is_one_line_exit_2_nothing_written(name: str, tmp_path:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     assert not out.exists()
+
+
+# `waferlab evaluate` / `waferlab calibrate` on a user's labelled data: (builder of the data or None for a
+# missing path, substrings of the one error line); {purpose} is "evaluate" or "calibrate on"
+LABELLED_CASES: dict[str, tuple[Callable[[Path], Path] | None, tuple[str, ...]]] = {
+    "data_missing": (None, ("nope.npz", "no such file or directory")),
+    "no_labelled_maps": (_unlabelled_val, ("unlabelled.npz", "no labelled maps to {purpose}")),
+}
+
+
+LABELLED_PARAMS = [(n, c) for c in ("evaluate", "calibrate") for n in LABELLED_CASES]
+
+
+@pytest.mark.parametrize(("name", "command"), LABELLED_PARAMS, ids=[f"{c}-{n}" for n, c in LABELLED_PARAMS])
+def test_labelled_data_errors_are_one_line_exit_2_run_untouched(name: str, command: str,
+                                                                deploy_setup: dict[str, Path], tmp_path: Path,
+                                                                capsys) -> None:
+    make, needles = LABELLED_CASES[name]
+    data = make(tmp_path) if make else tmp_path / "nope.npz"
+    run = _run_copy(deploy_setup, tmp_path)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    out = ["--out", str(tmp_path / "eval")] if command == "evaluate" else []
+    rc, lines = _run([command, str(run), "--data", str(data), *out, "--no-progress"], capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("waferlab: error: "), lines
+    purpose = "evaluate" if command == "evaluate" else "calibrate on"
+    for needle in needles:
+        assert needle.format(purpose=purpose) in lines[0], (needle, lines[0])
+    assert not (tmp_path / "eval").exists()
+    assert before == {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
