@@ -309,8 +309,7 @@ def test_realism_knobs_seeded_and_each_one_changes_the_maps(monkeypatch):
     bend = [np.median([np.sqrt(mn / mx) for mx, mn in map(_mask_axes, t.masks)]) for t in (on, off)]
     assert bend[0] > 1.5 * bend[1]
     on, off = pair(["Scratch"], SCRATCH_DASH=((0.6, 0.8), (0.05, 0.06)), SCRATCH_GAP_MAX=(0.5, 0.5),
-                   SCRATCH_P_MIN=(1.0, 1.0), SCRATCH_LEN=((1.0, 1.6), (1.0, 1.6)),
-                   SCRATCH_SHORT_P=(0.0, 0.0))
+                   SCRATCH_P_MIN=(1.0, 1.0))
     assert np.median(_stat(on, "line_length")) > 1.3 * np.median(_stat(off, "line_length"))
     # Edge-Loc: solid rim blobs instead of arcs; Random: patchy density
     on, off = pair(["Edge-Loc"], EDGE_LOC_BLOB_P=(1.0, 0.0), EDGE_LOC_BLOB_MAX=(0.4, 0.4),
@@ -408,7 +407,7 @@ def test_realism_knobs_leave_mixed_maps_alone(monkeypatch):
                  SCRATCH_KINK_P=1.0, SCRATCH_CURV_SD=1.0, SCRATCH_DASH=(0.5, 0.9), RANDOM_RATE=(0.5, 0.9),
                  RANDOM_PATCHY_P=1.0, EDGE_LOC_SMALL_P=1.0, LOC_R_MIN=0.0, BG_PATCH_SHAPE=1.0,
                  LOC_TINY_P=1.0, LOC_N_BLOBS_P=(0.0, 0.0, 1.0), LOC_P_MIN=0.1, SCRATCH_SHORT_P=1.0,
-                 SCRATCH_AXIS_P=1.0, SCRATCH_LEN=(0.1, 0.2), DONUT_THIN_P=1.0)
+                 SCRATCH_AXIS_P=1.0)
     plain_after = _with_knobs(monkeypatch, 90, 8, None, **knobs)  # the knobs act on WM-811K maps ...
     assert sum(not np.array_equal(x, y) for x, y in zip(plain_before.maps, plain_after.maps)) > 45
     mixed_after = generate(60, seed=8, mixed=True)  # ... but not on mixed ones
@@ -478,33 +477,13 @@ def test_loc_and_scratch_knobs_follow_the_real_statistics(monkeypatch):
     fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks)]) for t in (on, off)]
     assert fill[0] > fill[1] + 0.15
     on, off = pair(["Scratch"], SCRATCH_SHORT_P=(1.0, 0.0), SCRATCH_GAP_MAX=(0.35, 0.35),
-                   SCRATCH_P_MIN=(0.7, 0.7), SCRATCH_LEN=((1.0, 1.6), (1.0, 1.6)))
+                   SCRATCH_P_MIN=(0.7, 0.7))
     assert np.median([k.sum() for k in on.masks]) < 0.7 * np.median([k.sum() for k in off.masks])
     fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks)]) for t in (on, off)]
     assert fill[0] > fill[1] + 0.1  # short scratches are unbroken and not faint
     on, off = pair(["Scratch"], SCRATCH_AXIS_P=(1.0, 0.0), SCRATCH_ALONG_RIM_P=(0.0, 0.0))
     dev = [np.array([_mask_axis_dev(k) for k in t.masks]) for t in (on, off)]
     assert (dev[0] < 3).mean() > 0.8 > 0.3 > (dev[1] < 3).mean()
-
-
-
-def test_scratch_length_and_thin_donut_knobs(monkeypatch):
-    """Scratch length follows SCRATCH_LEN; thin donuts are 1-2-die circles, solid, inside the wafer."""
-    def pair(classes, n=60, **settings):
-        on = _with_knobs(monkeypatch, n, 6, classes, **{k: v[0] for k, v in settings.items()})
-        off = _with_knobs(monkeypatch, n, 6, classes, **{k: v[1] for k, v in settings.items()})
-        return on, off
-
-    on, off = pair(["Scratch"], SCRATCH_LEN=((0.4, 0.6), (1.4, 1.6)), SCRATCH_SHORT_P=(0.0, 0.0))
-    assert np.median([k.sum() for k in on.masks]) < 0.6 * np.median([k.sum() for k in off.masks])
-    on, off = pair(["Donut"], DONUT_THIN_P=(1.0, 0.0))
-    width = [np.median([k.sum() / max(_norm_radius(k.shape)[k > 0].mean(), 1e-6) / (np.pi * sum(k.shape) / 2)
-                        for k in t.masks]) for t in (on, off)]
-    assert width[0] < 2.0 < 2.5 * width[0] < width[1]  # ring width in dies: area / circumference
-    fill = [np.mean([(m[k > 0] == 2).mean() for m, k in zip(t.maps, t.masks) if k.any()]) for t in (on, off)]
-    assert fill[0] > 0.6
-    assert generate(40, seed=6, classes=["Donut"]).maps[0].tobytes() == \
-        generate(40, seed=6, classes=["Donut"]).maps[0].tobytes()
 
 
 def _mask_axis_dev(mask):
