@@ -207,10 +207,10 @@ def ensemble(runs: list[Path], data: Path, tta: bool) -> dict:
 
     opened = [Run.open(r) for r in runs]
     info = opened[0].info
-    maps, y = (lm := labelled_maps(info, data, "evaluate")).maps, lm.labels
+    labelled = labelled_maps(info, data, "evaluate")
     opts = PredictOptions(batch_size=256, progress=False, tta=tta)
-    probs = [predict_probs(r.load_model(), maps, r.spec(), opts) for r in opened]
-    return compute_metrics(y, np.mean(probs, axis=0), info.class_names)
+    probs = [predict_probs(r.load_model(), labelled.maps, r.spec(), opts) for r in opened]
+    return compute_metrics(labelled.labels, np.mean(probs, axis=0), info.class_names)
 
 
 def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: int) -> dict[str, dict]:

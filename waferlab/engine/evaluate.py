@@ -61,8 +61,7 @@ def labelled_maps(info: Any, data: str | Path, purpose: str, progress: bool = Fa
     classes (``info``: a ``Run.info``); ``purpose`` ("evaluate", "calibrate on") words the no-label error."""
     from waferlab.data.cache import load_prepared
 
-    if not Path(data).exists():
-        raise WaferlabError(f"{data}: no such file or directory")
+    # a missing file is the readers' one-line error ("F: no such file or directory")
     p = load_prepared(data, info.image_size, progress=progress, resize=info.resize)
     if info.task == "multilabel":  # every map is labelled: an all-zero row is a map without defect
         keep = np.arange(len(p))
