@@ -256,6 +256,22 @@ def test_verdict_says_when_the_best_and_the_rest_are_within_noise() -> None:
     assert "significantly better" in text and "overlaps" not in text
 
 
+def test_test_part_is_rebuilt_for_a_multi_source_run_and_a_missing_source_is_named(tmp_path: Path) -> None:
+    """A run trained on several sources (``data`` a list) gets its test part back; before, the list was
+    taken for one path and the run had no per-map predictions. A source that is gone is named."""
+    from tests.conftest import synthetic_cache
+    from waferlab.engine.config import build_config
+    from waferlab.study.aggregate import _load_test_part
+
+    cache = synthetic_cache(tmp_path, 90)
+    config = build_config("default", {"data": [str(cache), f"{cache}:2"], "image_size": 32}, []).to_dict()
+    maps, labels, rows = _load_test_part(config, None)
+    assert len(maps) == len(labels) == len(rows) > 0 and maps.shape[1:] == (32, 32)
+    gone = {**config, "val_data": str(tmp_path / "moved.npz")}
+    with pytest.raises(WaferlabError, match="the run's val_data .*moved.npz' is not here"):
+        _load_test_part(gone, str(cache))
+
+
 def test_workers_get_one_gpu_each_or_a_share_of_the_cpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     from waferlab.study.runner import worker_envs
 

@@ -103,14 +103,13 @@ def calibration_set(run: Any, opts: QuantizeOptions) -> CalibrationSet:
 
 def _missing_data(run: Any) -> str | None:
     """The first of the run's training sources (``data``, then ``val_data``) that is not here, if any."""
-    from waferlab.engine.config import data_sources
+    from waferlab.engine.config import missing_data
 
     values = run.config_values()
     if not values.get("data"):
         return "config.yaml: field 'data'"
-    paths = [s.path for s in data_sources(values["data"])] + ([Path(values["val_data"])]
-                                                              if values.get("val_data") else [])
-    return next((str(p) for p in paths if not p.exists()), None)
+    gone = missing_data(values)
+    return None if gone is None else str(gone[1])
 
 
 def _run_split(run: Any) -> Any:

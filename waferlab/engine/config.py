@@ -314,17 +314,24 @@ def validate(cfg: TrainConfig) -> None:
             raise WaferlabError(f"config {name}: expected true or false, got {getattr(cfg, name)!r}")
     if cfg.nesterov and cfg.optimizer != "sgd":
         raise WaferlabError("config nesterov: only meaningful with optimizer sgd (or use optimizer nag)")
-    if cfg.data:
-        for src in data_sources(cfg.data):
-            if not src.path.exists():
-                raise WaferlabError(f"data not found: {src.path}")
     if cfg.init is not None and not isinstance(cfg.init, str):
         raise WaferlabError(f"config init: expected a run directory, got {cfg.init!r}")
-    if cfg.val_data is not None:
-        if not isinstance(cfg.val_data, str) or not cfg.val_data:
-            raise WaferlabError(f"config val_data: expected a path to labelled maps, got {cfg.val_data!r}")
-        if not Path(cfg.val_data).exists():
-            raise WaferlabError(f"val_data not found: {cfg.val_data}")
+    if cfg.val_data is not None and (not isinstance(cfg.val_data, str) or not cfg.val_data):
+        raise WaferlabError(f"config val_data: expected a path to labelled maps, got {cfg.val_data!r}")
+    gone = missing_data({"data": cfg.data, "val_data": cfg.val_data})
+    if gone is not None:
+        raise WaferlabError(f"{gone[0]} not found: {gone[1]}")
+
+
+def missing_data(values: dict[str, Any]) -> tuple[str, Path] | None:
+    """The first training source of a config (its ``data`` entries, then ``val_data``) that is not on this
+    machine, as (field, path); None when all are here (or none is set). Training, int8 calibration and
+    study aggregation rebuild a run's split only from sources that pass this."""
+    for src in data_sources(values["data"]) if values.get("data") else ():
+        if not src.path.exists():
+            return "data", src.path
+    val = values.get("val_data")
+    return ("val_data", Path(val)) if val and not Path(val).exists() else None
 
 
 @dataclass(frozen=True)

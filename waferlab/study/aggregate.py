@@ -134,14 +134,17 @@ def _load_test_part(
     config: dict[str, Any], fallback_data: str | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(maps, labels, row indexes) of a run's test part, re-derived from its config (seeded split)."""
-    from waferlab.engine.config import config_from_dict
+    from waferlab.engine.config import config_from_dict, missing_data
     from waferlab.engine.datamodule import load_split_data
 
+    def gone(values: dict[str, Any]) -> tuple[str, Any] | None:
+        return missing_data(values) if values.get("data") else ("data", values.get("data"))
+
     values = {**config, "progress": False}
-    if not Path(str(values.get("data", ""))).exists() and fallback_data:
+    if gone(values) and fallback_data:
         values["data"] = fallback_data
-    if not Path(str(values.get("data", ""))).exists():
-        raise WaferlabError(f"the run's data {config.get('data')!r} is not here")
+    if (missing := gone(values)) is not None:
+        raise WaferlabError(f"the run's {missing[0]} {str(missing[1])!r} is not here")
     split = load_split_data(config_from_dict(values, "config.yaml"))
     rows = split.test if len(split.test) else split.val
     if not len(rows):
