@@ -259,7 +259,8 @@ def test_verdict_says_when_the_best_and_the_rest_are_within_noise() -> None:
 def test_test_part_is_rebuilt_for_a_multi_source_run_and_a_missing_source_is_named(tmp_path: Path) -> None:
     """A run trained on several sources (``data`` a list) gets its test part back; before, the list was
     taken for one path and the run had no per-map predictions. A source that is gone is named."""
-    from tests.conftest import synthetic_cache
+    from conftest import synthetic_cache
+
     from waferlab.engine.config import build_config
     from waferlab.study.aggregate import _load_test_part
 

@@ -86,6 +86,12 @@ def _split_source(p: Any, cfg: TrainConfig, where: str) -> tuple[Any, np.ndarray
     return p, parts
 
 
+def source_split(src: str | Path, cfg: TrainConfig) -> tuple[Any, np.ndarray]:
+    """One source read at its own size and split exactly as training splits it (class set, cap, seeded
+    parts): (prepared maps, part name per map). Explaining a run's test part reuses it."""
+    return _split_source(_load_source(DataSource(Path(src)), cfg, resize=False), cfg, str(src))
+
+
 def _concat(parts: list[Any]) -> Any:
     """Several prepared sources (same size and class set) as one; lots stay distinct per source.
 

@@ -103,18 +103,13 @@ class _Run:
 
 
 def _test_part(src: str, config: dict[str, Any], size: int, progress: bool):
-    """The test part of a run's split of ``src``, reproduced from the run's config (class set, cap, split)."""
-    from waferlab.data.cache import is_cache, load_prepared, resize_prepared
-    from waferlab.data.splits import assign_splits, select_classes
+    """The test part of a run's split of ``src``, reproduced by training's own split of one source."""
+    from waferlab.data.cache import resize_prepared
     from waferlab.engine.config import config_from_dict
+    from waferlab.engine.datamodule import source_split
 
-    cfg = config_from_dict({**config, "data": str(src)})  # a run's config names its resize rule
-    p = load_prepared(src, None if is_cache(src) else size, progress=progress, resize=cfg.resize)
-    p = select_classes(p, cfg.class_set)
-    if cfg.max_maps is not None and len(p) > cfg.max_maps:  # the same draw as training's
-        rng = np.random.default_rng(cfg.seed)
-        p = p.subset(np.sort(rng.choice(len(p), cfg.max_maps, replace=False)))
-    parts = assign_splits(p, cfg.split, fractions=tuple(cfg.fractions), seed=cfg.seed)
+    cfg = config_from_dict({**config, "data": str(src), "progress": progress})  # names the resize rule
+    p, parts = source_split(src, cfg)
     if not (parts == "test").any():
         raise WaferlabError(f"{src}: the run's {cfg.split} split has no test part")
     test = p.subset(np.flatnonzero(parts == "test"))
