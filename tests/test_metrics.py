@@ -268,6 +268,29 @@ def test_write_evaluation_files(tmp_path: Path) -> None:
         write_evaluation({"accuracy": 1.0}, tmp_path / "bad", "x")
 
 
+def test_write_evaluation_refuses_incomplete_metrics_and_a_file_as_folder(tmp_path: Path) -> None:
+    """Both tasks: a metrics dict lacking a key names the key and its producer; an output path that is a
+    file is refused; nothing is written either way."""
+    from waferlab.engine.metrics import compute_multilabel_metrics
+
+    y = np.array([0, 1, 2, 1])
+    multi = compute_metrics(y, probs_for([0, 1, 1, 1], 3), ["A", "B", "C"])
+    hot = np.array([[1, 0], [0, 1], [1, 1], [0, 0]])
+    multilabel = compute_multilabel_metrics(hot, np.array([[0.9, 0.2], [0.3, 0.8], [0.7, 0.6], [0.1, 0.2]]),
+                                            ["A", "B"])
+    for metrics, key, producer in ((multi, "per_class", "compute_metrics"),
+                                   (multilabel, "per_label", "compute_multilabel_metrics")):
+        partial = {k: v for k, v in metrics.items() if k != key}
+        with pytest.raises(WaferlabError, match=f"metrics lack '{key}': pass the output of {producer}$"):
+            write_evaluation(partial, tmp_path / key, "x")
+        assert not (tmp_path / key).exists()
+        blocker = tmp_path / f"{key}.txt"
+        blocker.write_text("a file")
+        with pytest.raises(WaferlabError, match="exists and is not a folder"):
+            write_evaluation(metrics, blocker, "x")
+        assert blocker.read_text() == "a file"
+
+
 def test_write_evaluation_many_classes(tmp_path: Path) -> None:
     names = [f"type-{i:02d}" for i in range(38)]
     y = np.arange(38 * 3) % 38

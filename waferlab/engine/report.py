@@ -449,13 +449,8 @@ def write_evaluation(
     if metrics.get("task") == "multilabel":
         _write_multilabel_evaluation(metrics, out_dir, title, protocol)
         return
-    for key in ("class_names", "per_class", "confusion_matrix", "confusion_matrix_normalized", "n"):
-        if key not in metrics:
-            raise WaferlabError(f"metrics lack '{key}': pass the output of compute_metrics")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise WaferlabError(f"{out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    keys = ("class_names", "per_class", "confusion_matrix", "confusion_matrix_normalized", "n")
+    out = _evaluation_dir(metrics, keys, "compute_metrics", out_dir)
     names = metrics["class_names"]
     figures = {
         "Confusion matrix (counts)": "confusion_matrix.png",
@@ -476,16 +471,24 @@ def write_evaluation(
 
 def _write_multilabel_evaluation(metrics: dict[str, Any], out_dir: str | os.PathLike[str], title: str,
                                  protocol: dict[str, Any] | None) -> None:
-    for key in ("label_names", "per_label", "exact_match", "threshold", "n"):
-        if key not in metrics:
-            raise WaferlabError(f"metrics lack '{key}': pass the output of compute_multilabel_metrics")
+    out = _evaluation_dir(metrics, ("label_names", "per_label", "exact_match", "threshold", "n"),
+                          "compute_multilabel_metrics", out_dir)
+    write_json(out / "metrics.json", {"title": title, "protocol": dict(protocol or {}), **metrics})
+    write_text(out / "report.md", render_multilabel_report(metrics, title, protocol))
+
+
+
+def _evaluation_dir(metrics: dict[str, Any], keys: tuple[str, ...], producer: str,
+                    out_dir: str | os.PathLike[str]) -> Path:
+    """Check ``metrics`` holds ``keys`` (what ``producer`` returns), then create and return ``out_dir``."""
+    missing = next((k for k in keys if k not in metrics), None)
+    if missing is not None:
+        raise WaferlabError(f"metrics lack '{missing}': pass the output of {producer}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise WaferlabError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "metrics.json", {"title": title, "protocol": dict(protocol or {}), **metrics})
-    write_text(out / "report.md", render_multilabel_report(metrics, title, protocol))
-
+    return out
 
 # ----------------------------------------------------------------------------------------- compare
 
