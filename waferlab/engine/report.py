@@ -477,7 +477,6 @@ def _write_multilabel_evaluation(metrics: dict[str, Any], out_dir: str | os.Path
     write_text(out / "report.md", render_multilabel_report(metrics, title, protocol))
 
 
-
 def _evaluation_dir(metrics: dict[str, Any], keys: tuple[str, ...], producer: str,
                     out_dir: str | os.PathLike[str]) -> Path:
     """Check ``metrics`` holds ``keys`` (what ``producer`` returns), then create and return ``out_dir``."""
@@ -489,6 +488,7 @@ def _evaluation_dir(metrics: dict[str, Any], keys: tuple[str, ...], producer: st
         raise WaferlabError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
 
 # ----------------------------------------------------------------------------------------- compare
 
