@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -165,7 +166,7 @@ def test_several_weighted_sources_and_init_from_a_run(synth_pkl: Path, tmp_path:
     from waferlab.data.cache import prepare, save_cache
     from waferlab.data.synth import generate
     from waferlab.engine.config import build_config
-    from waferlab.engine.datamodule import load_split_data
+    from waferlab.engine.datamodule import WaferDataModule, describe, load_split_data
     from waferlab.engine.run import Run
 
     other = tmp_path / "other.npz"
@@ -177,6 +178,11 @@ def test_several_weighted_sources_and_init_from_a_run(synth_pkl: Path, tmp_path:
     per_source = np.bincount(split.source[rows], minlength=2)
     n_other = int(np.sum(split.source[split.train] == 1))
     assert per_source[1] == round(2.5 * n_other) and per_source[0] == np.sum(split.source[split.train] == 0)
+    assert describe(split, cfg).startswith("s.pkl+other.npz:2.5: ")
+    data = WaferDataModule(cfg, split)
+    data.trainer = SimpleNamespace(world_size=len(rows), global_rank=0, current_epoch=0)  # one map a process
+    with pytest.raises(WaferlabError, match=r"^s\.pkl\+other\.npz:2\.5: too few training maps"):
+        data.train_dataloader()  # the sources by name, not a list's repr
 
     base = ["train", "--model", "resnet34", "--image-size", "32", "--epochs", "1", "--batch-size", "32",
             "--no-progress", "--set", "precise_bn_batches=0"]
@@ -190,6 +196,20 @@ def test_several_weighted_sources_and_init_from_a_run(synth_pkl: Path, tmp_path:
     a, b = Run.open(first).read_weights(), Run.open(tuned).read_weights()
     assert b["classifier.weight"].shape[0] == 8 and a["classifier.weight"].shape[0] == 9
     assert Run.open(tuned).config().init == str(first)
+
+
+def test_missing_data_names_the_first_absent_source(tmp_path: Path) -> None:
+    """data entries first (weights stripped), then val_data; no data passes unless required."""
+    from waferlab.engine.config import missing_data
+
+    here = tmp_path / "a.npz"
+    here.write_bytes(b"")
+    assert missing_data({"data": [str(here)], "val_data": str(here)}) is None
+    assert missing_data({"data": [str(here), f"{tmp_path / 'b.npz'}:2"]}) == ("data", tmp_path / "b.npz")
+    assert missing_data({"data": str(here), "val_data": str(tmp_path / "v.npz")}) == ("val_data",
+                                                                                      tmp_path / "v.npz")
+    assert missing_data({"data": None}) is None
+    assert missing_data({"data": None}, required=True) == missing_data({}, required=True) == ("data", None)
 
 
 def test_val_data_is_the_validation_part_and_calibrates_the_run(synth_pkl: Path, tmp_path: Path,

@@ -271,6 +271,13 @@ def test_test_part_is_rebuilt_for_a_multi_source_run_and_a_missing_source_is_nam
     gone = {**config, "val_data": str(tmp_path / "moved.npz")}
     with pytest.raises(WaferlabError, match="the run's val_data .*moved.npz' is not here"):
         _load_test_part(gone, str(cache))
+    moved = {**config, "data": [str(cache), str(tmp_path / "moved.npz")]}  # --data stands in for data
+    single = _load_test_part({**config, "data": str(cache)}, None)[2]
+    assert np.array_equal(_load_test_part(moved, str(cache))[2], single)
+    with pytest.raises(WaferlabError, match="the run's data .*moved.npz' is not here"):
+        _load_test_part(moved, None)
+    with pytest.raises(WaferlabError, match="^the run's config has no 'data'$"):
+        _load_test_part({**config, "data": None}, None)
 
 
 def test_workers_get_one_gpu_each_or_a_share_of_the_cpu_threads(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -105,11 +105,10 @@ def _missing_data(run: Any) -> str | None:
     """The first of the run's training sources (``data``, then ``val_data``) that is not here, if any."""
     from waferlab.engine.config import missing_data
 
-    values = run.config_values()
-    if not values.get("data"):
-        return "config.yaml: field 'data'"
-    gone = missing_data(values)
-    return None if gone is None else str(gone[1])
+    gone = missing_data(run.config_values(), required=True)
+    if gone is None:
+        return None
+    return "config.yaml: field 'data'" if gone[1] is None else str(gone[1])
 
 
 def _run_split(run: Any) -> Any:

@@ -323,10 +323,12 @@ def validate(cfg: TrainConfig) -> None:
         raise WaferlabError(f"{gone[0]} not found: {gone[1]}")
 
 
-def missing_data(values: dict[str, Any]) -> tuple[str, Path] | None:
+def missing_data(values: dict[str, Any], *, required: bool = False) -> tuple[str, Path | None] | None:
     """The first training source of a config (its ``data`` entries, then ``val_data``) that is not on this
-    machine, as (field, path); None when all are here (or none is set). Training, int8 calibration and
-    study aggregation rebuild a run's split only from sources that pass this."""
+    machine, as (field, path); None when all are here. A config without ``data`` passes (validation allows
+    it) unless ``required``: then it is ("data", None), as int8 calibration and study aggregation need one."""
+    if required and not values.get("data"):
+        return "data", None
     for src in data_sources(values["data"]) if values.get("data") else ():
         if not src.path.exists():
             return "data", src.path
@@ -340,6 +342,12 @@ class DataSource:
 
     path: Path
     weight: float = 1.0
+
+
+def data_label(data: str | list[str]) -> str:
+    """``cfg.data`` as one short label for messages and titles: the file names joined by ``+``, with
+    ``:WEIGHT`` where a source's weight is not 1."""
+    return "+".join(s.path.name + (f":{s.weight:g}" if s.weight != 1 else "") for s in data_sources(data))
 
 
 def data_sources(data: str | list[str]) -> list[DataSource]:

@@ -11,7 +11,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from waferlab.engine.config import DataSource, TrainConfig, data_sources
+from waferlab.engine.config import DataSource, TrainConfig, data_label, data_sources
 from waferlab.engine.sampling import IndexBatchSampler, derive_seed, index_loader
 from waferlab.errors import WaferlabError
 
@@ -224,8 +224,8 @@ class WaferDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Any:
         sampler = self._sampler(self.epoch_rows, self.cfg.batch_size, shuffle=True)
         if len(sampler) == 0:
-            raise WaferlabError(f"{self.cfg.data}: too few training maps ({len(self.epoch_rows)}) for "
-                                f"{self.trainer.world_size} process(es)")
+            raise WaferlabError(f"{data_label(self.cfg.data)}: too few training maps "
+                                f"({len(self.epoch_rows)}) for {self.trainer.world_size} process(es)")
         return index_loader(sampler)
 
     def val_dataloader(self) -> Any:
@@ -278,7 +278,6 @@ def _augmenter(cfg: TrainConfig) -> Any:
 
 def describe(split: SplitData, cfg: TrainConfig) -> str:
     """One line naming the data a run trains on."""
-    names = "+".join(Path(s.path).name + (f":{s.weight:g}" if s.weight != 1 else "")
-                     for s in data_sources(cfg.data))
-    return (f"{names}: {len(split.train)} training maps ({len(split.val)} val, {len(split.test)} test), "
-            f"{len(split.class_names)} {'labels' if split.task == 'multilabel' else 'classes'}")
+    kind = "labels" if split.task == "multilabel" else "classes"
+    return (f"{data_label(cfg.data)}: {len(split.train)} training maps ({len(split.val)} val, "
+            f"{len(split.test)} test), {len(split.class_names)} {kind}")

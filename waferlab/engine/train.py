@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from waferlab.engine.config import TrainConfig, data_sources
+from waferlab.engine.config import TrainConfig, data_label
 from waferlab.engine.datamodule import SplitData, WaferDataModule, describe, load_split_data
 from waferlab.engine.run import Run
 from waferlab.errors import WaferlabError
@@ -254,8 +254,7 @@ def _evaluate_after_training(run: Run, model: Any, cfg: TrainConfig, split: Spli
         headline = f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}"
     metrics["evaluated_on"] = part_name
     card = protocol_card(cfg, split, evaluated_on=part_name, weights=chosen)
-    names = "+".join(Path(s.path).name for s in data_sources(cfg.data))
-    run.write_evaluation(metrics, f"{cfg.model} on {names} ({part_name} part)", card)
+    run.write_evaluation(metrics, f"{cfg.model} on {data_label(cfg.data)} ({part_name} part)", card)
     _note(f"{part_name} {headline} -> {run.path}")
     _after_training(run, model, split, options, source)
 

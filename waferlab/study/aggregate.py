@@ -137,14 +137,14 @@ def _load_test_part(
     from waferlab.engine.config import config_from_dict, missing_data
     from waferlab.engine.datamodule import load_split_data
 
-    def gone(values: dict[str, Any]) -> tuple[str, Any] | None:
-        return missing_data(values) if values.get("data") else ("data", values.get("data"))
-
     values = {**config, "progress": False}
-    if gone(values) and fallback_data:
+    missing = missing_data(values, required=True)
+    if missing is not None and missing[0] == "data" and fallback_data:  # --data stands in for data only
         values["data"] = fallback_data
-    if (missing := gone(values)) is not None:
-        raise WaferlabError(f"the run's {missing[0]} {str(missing[1])!r} is not here")
+        missing = missing_data(values, required=True)
+    if missing is not None:
+        raise WaferlabError("the run's config has no 'data'" if missing[1] is None
+                            else f"the run's {missing[0]} {str(missing[1])!r} is not here")
     split = load_split_data(config_from_dict(values, "config.yaml"))
     rows = split.test if len(split.test) else split.val
     if not len(rows):
