@@ -14,9 +14,10 @@ Each is evaluated with ``waferlab evaluate`` on the held-out part; the table giv
 macro-F1, the smallest per-class recall, ECE, the largest confusions, and the commands that reproduce it.
 With several ``--seeds`` every run (generator, training) is repeated per seed and the table gives the mean
 and the range over seeds, and one more column per run gives the seeds' runs as one model (the ensemble: mean
-probability); the real split stays ``--split-seed`` (the calibration part is what the generator
-was tuned on, so it must not move). ``--resize`` sets the rule that shrinks the maps (the ``resize`` config
-key) for all three runs; their evaluations follow the runs' rule.
+probability; with ``--eval-calib`` its calibration-part summary is printed too, so the ensemble is
+chosen by the same rule as one run); the real split stays ``--split-seed`` (the calibration part is what the
+generator was tuned on, so it must not move). ``--resize`` sets the rule that shrinks the maps (the
+``resize`` config key) for all three runs; their evaluations follow the runs' rule.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sim2real.py --n 6000 --model cbam --image-size 48 \\
         --epochs 4 --seeds 0 1 --synth-set "fractions=[0.85, 0.15, 0.0]" --ft-synth 0.1 --ft-real-weight 3 \\
@@ -299,6 +300,9 @@ def main() -> None:
         for name in plan.runs:
             dirs = [run_dirs(plan, args.out / f"seed{seed}")[name] for seed in args.seeds]
             results[f"{name}: ensemble"] = [ensemble(dirs, held, plan.tta)]
+            if plan.eval_calib and name != "real only":  # what would choose the ensemble, as for one run
+                print(f"\n{name}: ensemble on the calibration part (tuning only, not the result):\n"
+                      f"{summarise(ensemble(dirs, calib, plan.tta))}", flush=True)
     print(f"\n{args.model} at {args.image_size} px ({args.resize}); synthetic: {args.n} maps, "
           f"{args.epochs} epochs{'; test-time augmentation' if args.tta else ''}"
           f"{'; validated on the calibration part (--val-data)' if args.val_real else ''}; real: "
