@@ -87,8 +87,9 @@ def _split_source(p: Any, cfg: TrainConfig, where: str) -> tuple[Any, np.ndarray
 
 
 def source_split(src: str | Path, cfg: TrainConfig) -> tuple[Any, np.ndarray]:
-    """One source read at its own size and split exactly as training splits it (class set, cap, seeded
-    parts): (prepared maps, part name per map). Explaining a run's test part reuses it."""
+    """One source split exactly as training splits it (class set, cap, seeded parts): (prepared maps, part
+    name per map); a cache keeps its own size, other files are read at ``cfg.image_size``, as in training.
+    Explaining a run's test part reuses it."""
     return _split_source(_load_source(DataSource(Path(src)), cfg, resize=False), cfg, str(src))
 
 
