@@ -47,3 +47,13 @@ def test_building_the_cli_does_not_import_torch():
             "print(sorted({'torch', 'matplotlib'} & set(sys.modules)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+def test_predict_summary_keeps_a_slow_rate_readable():
+    """One map in 22 s read '(0 maps/s)'; slow rates keep two significant digits, fast ones are whole."""
+    from waferlab.deploy.commands import predict_summary
+
+    s = {"maps": 1, "seconds": 22.4, "quantization": "none", "defect": 0, "unknown": 0, "low_confidence": 0}
+    assert "(0.045 maps/s)" in predict_summary(s, "p.csv", None)
+    fast = predict_summary({**s, "maps": 9000, "quantization": "int8"}, "p.csv", "g.html")
+    assert "(402 maps/s)" in fast and "(int8 model)" in fast and fast.endswith("; gallery -> g.html")

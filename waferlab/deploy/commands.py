@@ -86,14 +86,18 @@ def _predict(args: argparse.Namespace) -> int:
     job = PredictJob(run=args.run, data=args.data, out=args.out, backend=args.backend, gallery=args.gallery,
                      batch_size=args.batch_size, chunk_size=args.chunk_size, devices=args.devices,
                      device=args.device, progress=not args.no_progress, tta=args.tta)
-    s = predict_file(job)
-    rate = s["maps"] / s["seconds"] if s["seconds"] else float("nan")
-    model = "" if s["quantization"] == QUANTIZE_MODES[0] else f" ({s['quantization']} model)"
-    print(f"waferlab: {s['maps']} maps{model} -> {args.out} ({s['defect']} flagged defect, "
-          f"{s['unknown']} unknown, {s['low_confidence']} low-confidence) in {s['seconds']:.1f} s "
-          f"({rate:.0f} maps/s)"
-          + (f"; gallery -> {args.gallery}" if args.gallery else ""), file=sys.stderr)
+    print(predict_summary(predict_file(job), args.out, args.gallery), file=sys.stderr)
     return 0
+
+
+def predict_summary(s: dict, out: str, gallery: str | None) -> str:
+    """The one line `predict` ends with: counts, time and rate (two significant digits under 10 maps/s)."""
+    rate = s["maps"] / s["seconds"] if s["seconds"] else float("nan")
+    rate_text = f"{rate:.2g}" if rate < 10 else f"{rate:.0f}"
+    model = "" if s["quantization"] == QUANTIZE_MODES[0] else f" ({s['quantization']} model)"
+    return (f"waferlab: {s['maps']} maps{model} -> {out} ({s['defect']} flagged defect, "
+            f"{s['unknown']} unknown, {s['low_confidence']} low-confidence) in {s['seconds']:.1f} s "
+            f"({rate_text} maps/s)" + (f"; gallery -> {gallery}" if gallery else ""))
 
 
 def _calibrate(args: argparse.Namespace) -> int:
