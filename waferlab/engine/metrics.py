@@ -152,14 +152,8 @@ def compute_metrics(
         multiclass_stat_scores,
     )
 
-    class_names = [str(c) for c in class_names]
+    class_names = _checked_classes(class_names, n_bins)
     num_classes = len(class_names)
-    if num_classes == 0:
-        raise WaferlabError("class_names is empty: cannot compute metrics without classes")
-    if len(set(class_names)) != num_classes:
-        raise WaferlabError(f"class_names has duplicates: {', '.join(class_names)}")
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
-        raise WaferlabError(f"n_bins must be a positive integer, got {n_bins!r}")
     y = _as_labels(y_true, class_names)
     n = int(y.size)
     if n == 0:
@@ -188,15 +182,7 @@ def compute_metrics(
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)
     present = support > 0
-    per_class: dict[str, dict[str, Any]] = {}
-    for i, name in enumerate(class_names):
-        if present[i]:
-            entry = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
-        else:
-            entry = {"precision": 0.0 if predicted[i] > 0 else None, "recall": None, "f1": None}
-        entry["support"] = int(support[i])
-        per_class[name] = entry
-
+    per_class = _per_class(class_names, precision, recall, f1, support, predicted)
     with np.errstate(invalid="ignore", divide="ignore"):
         cm_norm = cm / support[:, None]
     cm_norm_list = [[_nan_to_none(v) for v in row] for row in cm_norm.tolist()]
@@ -227,16 +213,45 @@ def compute_metrics(
         "renormalized_rows": renormalized,
     }
     if none_class in class_names:
-        k = class_names.index(none_class)
-        defect = np.arange(num_classes) != k
-        true_defect = int(support[defect].sum())
-        caught = int(cm[defect][:, defect].sum())  # true defect, predicted any defect class
-        pred_none = int(predicted[k])
-        true_none = int(support[k])
-        out["defect_vs_none_recall"] = caught / true_defect if true_defect else None
-        out["none_precision"] = int(cm[k, k]) / pred_none if pred_none else None
-        out["false_alarm_rate"] = int(cm[k, defect].sum()) / true_none if true_none else None
+        out.update(_none_vs_defect(cm, class_names.index(none_class)))
     return out
+
+
+def _checked_classes(class_names: Sequence[str], n_bins: int) -> list[str]:
+    """The class names as strings, refusing an empty or duplicated list and a bad bin count."""
+    names = [str(c) for c in class_names]
+    if not names:
+        raise WaferlabError("class_names is empty: cannot compute metrics without classes")
+    if len(set(names)) != len(names):
+        raise WaferlabError(f"class_names has duplicates: {', '.join(names)}")
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer) or n_bins < 1:
+        raise WaferlabError(f"n_bins must be a positive integer, got {n_bins!r}")
+    return names
+
+
+def _per_class(names: list[str], precision: np.ndarray, recall: np.ndarray, f1: np.ndarray,
+               support: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per-class precision, recall, F1 and support; a class absent from the labels has None ratios."""
+    per_class: dict[str, dict[str, Any]] = {}
+    for i, name in enumerate(names):
+        if support[i] > 0:
+            entry = {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i])}
+        else:
+            entry = {"precision": 0.0 if predicted[i] > 0 else None, "recall": None, "f1": None}
+        entry["support"] = int(support[i])
+        per_class[name] = entry
+    return per_class
+
+
+def _none_vs_defect(cm: np.ndarray, k: int) -> dict[str, float | None]:
+    """Defect-vs-none recall, none precision and false-alarm rate from the confusion matrix (none = k)."""
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    defect = np.arange(len(cm)) != k
+    true_defect, pred_none, true_none = int(support[defect].sum()), int(predicted[k]), int(support[k])
+    caught = int(cm[defect][:, defect].sum())  # true defect, predicted any defect class
+    return {"defect_vs_none_recall": caught / true_defect if true_defect else None,
+            "none_precision": int(cm[k, k]) / pred_none if pred_none else None,
+            "false_alarm_rate": int(cm[k, defect].sum()) / true_none if true_none else None}
 
 
 def top_confusions(metrics: dict[str, Any], k: int = 5) -> list[tuple[str, str, int, float]]:
@@ -289,20 +304,13 @@ def _as_label_probs(probs: Any, n: int, k: int) -> np.ndarray:
     return p
 
 
-def _per_label(names: list[str], present: np.ndarray, precision: np.ndarray, recall: np.ndarray,
-               f1: np.ndarray, ap: np.ndarray, support: np.ndarray, predicted: np.ndarray
-               ) -> dict[str, dict[str, Any]]:
-    """The per-label entries, with ``None`` where a label absent from the truth leaves a ratio undefined."""
-    out: dict[str, dict[str, Any]] = {}
+def _per_label(names: list[str], precision: np.ndarray, recall: np.ndarray, f1: np.ndarray, ap: np.ndarray,
+               support: np.ndarray, predicted: np.ndarray) -> dict[str, dict[str, Any]]:
+    """The per-class entries plus each label's average precision (None when absent) and predicted count."""
+    out = _per_class(names, precision, recall, f1, support, predicted)
     for j, name in enumerate(names):
-        if present[j]:
-            entry = {"precision": float(precision[j]), "recall": float(recall[j]), "f1": float(f1[j]),
-                     "ap": float(ap[j])}
-        else:
-            entry = {"precision": 0.0 if predicted[j] else None, "recall": None, "f1": None, "ap": None}
-        entry["support"] = int(support[j])
-        entry["predicted"] = int(predicted[j])
-        out[name] = entry
+        out[name]["ap"] = float(ap[j]) if support[j] > 0 else None
+        out[name]["predicted"] = int(predicted[j])
     return out
 
 
@@ -404,7 +412,7 @@ def compute_multilabel_metrics(
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
         recall = np.where(present, tp / np.maximum(tp + fn, 1), np.nan)
         f1 = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
-    per_label = _per_label(names, present, precision, recall, f1, ap, support, pred.sum(axis=0))
+    per_label = _per_label(names, precision, recall, f1, ap, support, pred.sum(axis=0))
     for name, t in zip(names, thresholds.tolist()):
         per_label[name]["threshold"] = t
     uniform = bool(np.all(thresholds == thresholds[0]))
