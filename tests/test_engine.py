@@ -77,6 +77,11 @@ def test_resolution_order_preset_then_flags_then_set(tmp_path: Path) -> None:
     ({}, ["bogus_key=1"], "unknown config key 'bogus_key'"),
     ({}, ["lrr=1"], "did you mean 'lr'"),
     ({}, ["nesterov=true"], "nesterov"),
+    ({}, ["precise_bn_batches=-1"], "precise_bn_batches must be >= 0"),
+    ({}, ["precise_bn_batches=2.5"], "precise_bn_batches: expected an integer"),
+    ({}, ["fractions=[0.0, 0.5, 0.5]"], "the train fraction must be > 0"),
+    ({}, ["precision=fp8"], "config precision: unknown value"),
+    ({}, ["devices=0"], "config devices: expected a count >= 1"),
 ])
 def test_bad_values_raise_one_line_errors(overrides: dict, sets: list[str], message: str) -> None:
     with pytest.raises(WaferlabError) as info:

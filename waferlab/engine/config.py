@@ -259,6 +259,7 @@ def validate(cfg: TrainConfig) -> None:
     _number(cfg, "plateau_factor", float, 0.0, strict=True)
     _number(cfg, "plateau_patience", int, 0)
     _number(cfg, "outlier_exposure", float, 0.0)
+    _number(cfg, "precise_bn_batches", int, 0)
     if cfg.outlier_exposure > 0 and (cfg.task != "multiclass" or cfg.head == "cosine"):
         raise WaferlabError(f"config outlier_exposure: needs task multiclass and free logits (head linear or "
                             f"failpool), got task {cfg.task!r}, head {cfg.head!r}")
@@ -283,32 +284,12 @@ def validate(cfg: TrainConfig) -> None:
         AugmentOptions.parse(cfg.augment_options)
     if cfg.min_lr > cfg.lr:
         raise WaferlabError(f"config min_lr ({cfg.min_lr:g}) is larger than lr ({cfg.lr:g})")
-    fr = cfg.fractions
-    if (not isinstance(fr, (list, tuple)) or len(fr) != 3
-            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in fr)):
-        raise WaferlabError(f"config fractions: expected 3 non-negative numbers train,val,test, got {fr!r}")
-    if abs(sum(fr) - 1.0) > 1e-6:
-        raise WaferlabError(f"config fractions must sum to 1, got {fr!r} (sum {sum(fr):g})")
-    if fr[0] <= 0:
-        raise WaferlabError(f"config fractions: the train fraction must be > 0, got {fr!r}")
-    cfg.fractions = [float(x) for x in fr]
+    cfg.fractions = _checked_fractions(cfg.fractions)
     if cfg.scheduler == "plateau" and not cfg.has_val:
         raise WaferlabError("config scheduler: plateau watches the validation part, but fractions has none")
     if cfg.checkpoint == "best" and not cfg.has_val:
         cfg.checkpoint = "last"  # no validation part: nothing to select the best epoch by
-    dev = cfg.devices
-    if isinstance(dev, bool) or not (isinstance(dev, int) and dev >= 1 or isinstance(dev, (str, list))):
-        raise WaferlabError(f"config devices: expected a count >= 1, 'auto' or a list, got {cfg.devices!r}")
-    _choice(cfg, "accelerator", ACCELERATORS)
-    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
-        raise WaferlabError(f"config precision: unknown value {cfg.precision!r}; use one of "
-                            f"{', '.join(PRECISIONS)}")
-    if cfg.precision is not None:
-        cfg.precision = str(cfg.precision)
-    if isinstance(cfg.precise_bn_batches, bool) or not isinstance(cfg.precise_bn_batches, int) \
-            or cfg.precise_bn_batches < 0:
-        raise WaferlabError(f"config precise_bn_batches: expected an integer >= 0, got "
-                            f"{cfg.precise_bn_batches!r}")
+    _validate_hardware(cfg)
     for name in ("nesterov", "augment", "freeze_bn", "deterministic", "compile", "progress"):
         if not isinstance(getattr(cfg, name), bool):
             raise WaferlabError(f"config {name}: expected true or false, got {getattr(cfg, name)!r}")
@@ -321,6 +302,31 @@ def validate(cfg: TrainConfig) -> None:
     gone = missing_data({"data": cfg.data, "val_data": cfg.val_data})
     if gone is not None:
         raise WaferlabError(f"{gone[0]} not found: {gone[1]}")
+
+
+def _checked_fractions(fr: Any) -> list[float]:
+    """train,val,test fractions: three non-negative numbers summing to 1 with a positive train share."""
+    if (not isinstance(fr, (list, tuple)) or len(fr) != 3
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 for x in fr)):
+        raise WaferlabError(f"config fractions: expected 3 non-negative numbers train,val,test, got {fr!r}")
+    if abs(sum(fr) - 1.0) > 1e-6:
+        raise WaferlabError(f"config fractions must sum to 1, got {fr!r} (sum {sum(fr):g})")
+    if fr[0] <= 0:
+        raise WaferlabError(f"config fractions: the train fraction must be > 0, got {fr!r}")
+    return [float(x) for x in fr]
+
+
+def _validate_hardware(cfg: TrainConfig) -> None:
+    """devices, accelerator and precision (normalised to Lightning's string)."""
+    dev = cfg.devices
+    if isinstance(dev, bool) or not (isinstance(dev, int) and dev >= 1 or isinstance(dev, (str, list))):
+        raise WaferlabError(f"config devices: expected a count >= 1, 'auto' or a list, got {cfg.devices!r}")
+    _choice(cfg, "accelerator", ACCELERATORS)
+    if cfg.precision is not None and str(cfg.precision) not in PRECISIONS:
+        raise WaferlabError(f"config precision: unknown value {cfg.precision!r}; use one of "
+                            f"{', '.join(PRECISIONS)}")
+    if cfg.precision is not None:
+        cfg.precision = str(cfg.precision)
 
 
 def missing_data(values: dict[str, Any], *, required: bool = False) -> tuple[str, Path | None] | None:
