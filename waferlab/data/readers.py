@@ -336,19 +336,7 @@ def _read_safe_npz(npz: Any, path: Path, lean: bool = False) -> WaferTable:
             return _read_safe_npz(npz, path)
     else:
         flat = _check_map_block(flat, path, "maps", 2, offsets)
-    columns = {}
-    for key in ("labels", "split", "lot"):
-        col = _member(npz, path, key)
-        if col.shape != (n,) or (n and col.dtype.kind != "U"):
-            raise WaferlabError(f"{path}: field {key!r} has shape {col.shape} and dtype {col.dtype}, "
-                                f"expected {n} strings")
-        columns[key] = col.astype(object)
-    for value in np.unique(columns["labels"]).tolist() if n else []:
-        try:
-            parse_label(value)
-        except ValueError as exc:
-            row = int(np.flatnonzero(columns["labels"] == value)[0])
-            raise WaferlabError(f"{path}: row {row}, field 'labels': {exc}") from None
+    columns = _safe_text_columns(npz, path, n)
     wafer_index = _member(npz, path, "wafer_index")
     orig_shape = _member(npz, path, "orig_shape")
     if wafer_index.shape != (n,) or orig_shape.shape != (n, 2):
@@ -365,20 +353,43 @@ def _read_safe_npz(npz: Any, path: Path, lean: bool = False) -> WaferTable:
             raise WaferlabError(f"{path}: field 'masks' has {mflat.size} values, expected {flat.size}")
         mflat = _check_map_block(mflat, path, "masks", 1, offsets)
         masks = [mflat[offsets[i]:offsets[i + 1]].reshape(maps[i].shape) for i in range(n)]
-    multi_hot, names = None, ()
-    if "multi_hot" in npz.files:
-        multi_hot = _member(npz, path, "multi_hot")
-        names = tuple(_member(npz, path, "multi_label_names").tolist())
-        if multi_hot.shape != (n, len(names)):
-            raise WaferlabError(f"{path}: field 'multi_hot' has shape {multi_hot.shape}, expected "
-                                f"({n}, {len(names)})")
-        multi_hot = _check_map_block(multi_hot, path, "multi_hot", 1)
+    multi_hot, names = _safe_multi_hot(npz, path, n)
     bins, wafer_id = _read_fab_columns(npz, path, offsets, map_shapes)
     source = _member(npz, path, "source") if "source" in npz.files else np.array(str(path))
     return WaferTable(maps=maps, labels=columns["labels"], split=columns["split"], lot=columns["lot"],
                       wafer_index=wafer_index.astype(np.int64), source=str(source.tolist()) or str(path),
                       multi_hot=multi_hot, multi_label_names=names, masks=masks,
                       orig_shape=orig_shape.astype(np.int32), bins=bins, wafer_id=wafer_id)
+
+
+def _safe_text_columns(npz: Any, path: Path, n: int) -> dict[str, np.ndarray]:
+    """A safe file's labels, split and lot columns: n strings each, every label one the readers know."""
+    columns = {}
+    for key in ("labels", "split", "lot"):
+        col = _member(npz, path, key)
+        if col.shape != (n,) or (n and col.dtype.kind != "U"):
+            raise WaferlabError(f"{path}: field {key!r} has shape {col.shape} and dtype {col.dtype}, "
+                                f"expected {n} strings")
+        columns[key] = col.astype(object)
+    for value in np.unique(columns["labels"]).tolist() if n else []:
+        try:
+            parse_label(value)
+        except ValueError as exc:
+            row = int(np.flatnonzero(columns["labels"] == value)[0])
+            raise WaferlabError(f"{path}: row {row}, field 'labels': {exc}") from None
+    return columns
+
+
+def _safe_multi_hot(npz: Any, path: Path, n: int) -> tuple[np.ndarray | None, tuple[str, ...]]:
+    """A safe file's optional multi-hot labels (0/1, one row per map) and their names."""
+    if "multi_hot" not in npz.files:
+        return None, ()
+    multi_hot = _member(npz, path, "multi_hot")
+    names = tuple(_member(npz, path, "multi_label_names").tolist())
+    if multi_hot.shape != (n, len(names)):
+        raise WaferlabError(f"{path}: field 'multi_hot' has shape {multi_hot.shape}, expected "
+                            f"({n}, {len(names)})")
+    return _check_map_block(multi_hot, path, "multi_hot", 1), names
 
 
 def _npy_header(npz: Any, key: str) -> Any:
