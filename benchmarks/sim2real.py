@@ -101,14 +101,14 @@ def _cell(values: list[float]) -> str:
     return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ({min(values):.2f}-{max(values):.2f})"
 
 
-def table(results: dict[str, list[dict]]) -> str:
-    """Markdown: one row per class (recall on the held-out part), one column per training source.
+def table(results: dict[str, list[dict]], part: str = "held-out") -> str:
+    """Markdown: one row per class (recall on ``part`` of the real maps), one column per training source.
 
     ``results`` maps a source name to one metrics dict per seed; cells are the mean (and range) over seeds.
     """
     names = list(results)
     first = results[names[0]][0]
-    head = "| class | held-out maps | " + " | ".join(names) + " |"
+    head = f"| class | {part} maps | " + " | ".join(names) + " |"
     lines = [head, "|---|---:|" + "---:|" * len(names)]
     for c in first["class_names"]:
         support = first["per_class"][c]["support"]
@@ -203,11 +203,12 @@ def ensemble(runs: list[Path], data: Path, tta: bool) -> dict:
     return compute_metrics(labelled.labels, np.mean(probs, axis=0), info.class_names)
 
 
-def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: int) -> dict[str, dict]:
+def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: int
+             ) -> tuple[dict[str, dict], dict[str, dict]]:
     """Train the chosen runs of one seed (reusing finished ones), evaluate each on the held-out part.
 
     With ``plan.eval_calib`` each run is also evaluated on the calibration part (what generator tuning may
-    look at) and that summary printed; the table stays held-out only.
+    look at) and that summary printed. Returns the held-out and the calibration-part metrics by run name.
     """
     dirs = run_dirs(plan, out)
     val = ("--val-data", str(parts["calib"])) if plan.val_real else ()
@@ -217,16 +218,17 @@ def run_seed(plan: Plan, parts: dict[str, Path], synth: Path, out: Path, seed: i
                                          seed, *_sets("fractions=[0.8, 0.2, 0.0]")),
              "synthetic + fine-tune": lambda: _fine_tune(plan, synth, parts["calib"], dirs["synthetic only"],
                                                          dirs["synthetic + fine-tune"], seed)}
-    results = {}
+    results, calib = {}, {}
     for name in plan.runs:
         wall = train[name]()
         results[name] = _evaluate(dirs[name], parts["held"], "heldout", plan.tta)
         print(f"\nseed {seed}, {name} (train {wall:.0f} s) on the held-out real maps:\n"
               f"{summarise(results[name])}", flush=True)
         if plan.eval_calib and name != "real only":  # the real-only run trained on the calibration part
+            calib[name] = _evaluate(dirs[name], parts["calib"], "calib", plan.tta)
             print(f"seed {seed}, {name} on the calibration part (tuning only, not the result):\n"
-                  f"{summarise(_evaluate(dirs[name], parts['calib'], 'calib', plan.tta))}", flush=True)
-    return results
+                  f"{summarise(calib[name])}", flush=True)
+    return results, calib
 
 
 def main() -> None:
@@ -274,13 +276,17 @@ def main() -> None:
                 args.ft_synth, args.ft_real_weight, tuple(args.synth_set), args.resize,
                 tuple(r for r in RUNS if r in args.runs), args.eval_calib, args.tta, args.val_real)
     results: dict[str, list[dict]] = {}
+    calib_results: dict[str, list[dict]] = {}  # the calibration part: what judges a change (--eval-calib)
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
         synth = out / "synth.npz"
         if not synth.is_file():
             _cli("data", "synth", "--n", str(args.n), "--out", str(synth), "--seed", str(seed))
-        for name, metrics in run_seed(plan, {"calib": calib, "held": held}, synth, out, seed).items():
+        held_m, calib_m = run_seed(plan, {"calib": calib, "held": held}, synth, out, seed)
+        for name, metrics in held_m.items():
             results.setdefault(name, []).append(metrics)
+        for name, metrics in calib_m.items():
+            calib_results.setdefault(name, []).append(metrics)
     if len(args.seeds) > 1:  # the seeds' runs as one model (mean probability)
         for name in plan.runs:
             dirs = [run_dirs(plan, args.out / f"seed{seed}")[name] for seed in args.seeds]
@@ -293,6 +299,10 @@ def main() -> None:
           f"{'; validated on the calibration part (--val-data)' if args.val_real else ''}; real: "
           f"{sum(n_calib.values())} calibration-part maps; recall on {sum(n_held.values())} held-out maps; "
           f"seeds {' '.join(map(str, args.seeds))} (mean, range over seeds)")
+    if calib_results:  # the cells a change is judged by (the seeds' mean on the calibration part)
+        print(f"\ncalibration part ({sum(n_calib.values())} maps; judges a change, not the result):")
+        print(table(calib_results, "calibration"))
+        print()
     print(table(results))
     print("\ncommands (python -m waferlab.cli ...):")
     print("\n".join(f"  {c}" for c in COMMANDS))

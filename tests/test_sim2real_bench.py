@@ -26,3 +26,14 @@ def test_fine_tune_command_sets_each_key_once(monkeypatch, tmp_path: Path) -> No
     keys = [s.split("=", 1)[0] for s in sets]
     assert sorted(keys) == sorted(set(keys)) and "loss=focal" in sets
     assert "fractions=[1.0, 0.0, 0.0]" in sets and "lr=0.0003" in sets
+
+
+def test_table_names_the_part_it_reports() -> None:
+    """The calibration-part table (what judges a change) says so in its header; the default stays held-out."""
+    metrics = {"class_names": ["A", "B"], "n": 3, "macro_f1": 0.5, "accuracy": 0.6, "ece": 0.1,
+               "per_class": {"A": {"recall": 1.0, "support": 2}, "B": {"recall": 0.0, "support": 1}}}
+    calib = bench.table({"synthetic only": [metrics, metrics]}, "calibration")
+    assert calib.startswith("| class | calibration maps |")
+    assert "| A recall | 2 | 1.000 (1.00-1.00) |" in calib
+    assert bench.table({"synthetic only": [metrics]}).startswith("| class | held-out maps |")
+    assert "| min class recall | 3 | 0.000 (0.00-0.00) |" in calib
