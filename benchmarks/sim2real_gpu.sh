@@ -19,12 +19,15 @@ t0=$SECONDS
 stamp() { echo "[$((SECONDS - t0)) s] $*"; }
 
 collect() {  # every table and the logs, whatever has finished
-    tail -n 60 "$WORK"/logs/table_*.log > "$RES/summary.txt" 2>/dev/null
+    local f; for f in "$WORK"/logs/table_*.log; do  # each table log from its ensemble summary to its table's end
+        [ -f "$f" ] && { echo "== $(basename "$f")"; awk '/ensemble on the calibration part/{p=1} /^commands/{p=0} p' "$f"; }
+    done > "$RES/summary.txt"
     (cd "$WORK" && find . \( -name '*.log' -o -name 'metrics.json' -o -name 'timing.json' \
         -o -name 'versions.json' -o -name 'config.yaml' \) -print0 | tar czf "$RES/logs.tgz" --null -T -)
 }
 trap collect EXIT
 (while sleep 30; do collect; done) & COLLECTOR=$!
+waitjobs() { local p; for p in $(jobs -p); do [ "$p" = "$COLLECTOR" ] || wait "$p"; done; }  # not the collector
 
 stamp "smoke: CUDA train + evaluate --tta"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -33,7 +36,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     --out "$WORK/smoke/run" --overwrite >> "$WORK/logs/smoke.log" 2>&1 &&
 "${CLI[@]}" evaluate "$WORK/smoke/run" --data "$WORK/smoke/s.npz" --tta --no-progress \
     --out "$WORK/smoke/eval" >> "$WORK/logs/smoke.log" 2>&1
-rc=$?; grep -E "GPU available|macro" "$WORK/logs/smoke.log" | head -5
+rc=$?; grep -E "training|accuracy" "$WORK/logs/smoke.log" | head -5; grep -h '"cuda"' "$WORK"/smoke/run/versions.json
 if [ $rc -ne 0 ]; then tail -n 30 "$WORK/logs/smoke.log"; stamp "smoke failed"; exit 1; fi
 
 stamp "synthetic maps"
@@ -41,7 +44,7 @@ synth() { [ -f "$WORK/synth/$1_s$2.npz" ] || "${CLI[@]}" data synth --n "$1" --s
     --out "$WORK/synth/$1_s$2.npz" > "$WORK/logs/synth_$1_s$2.log" 2>&1; }
 for s in 0 1 2 3 4 5; do synth "$N" $s & done
 for s in 0 1 2; do synth "$N3" $s & done
-wait
+waitjobs
 
 lever() {  # NAME N SEEDS... -- sim2real.py options: one process per seed, then the two tables
     local name=$1 n=$2; shift 2; local seeds=(); while [ "$1" != -- ]; do seeds+=("$1"); shift; done; shift
@@ -64,14 +67,14 @@ lever base "$N" 0 1 2 3 4 5 -- --model cbam --image-size 48 "${LOC[@]}" &
 lever r34 "$N" 0 1 2 -- --model resnet34 --image-size 48 "${LOC[@]}" &
 lever n60k "$N3" 0 1 2 -- --model cbam --image-size 48 --synth-set "balance_targets={Loc: $LOC3}" &
 lever px64 "$N" 0 1 2 -- --model cbam --image-size 64 "${LOC[@]}" &
-wait
+waitjobs
 # the adopted recipe's seeds 0-2 alone (the cells the rule compares with, measured on this GPU)
 mkdir -p "$WORK/base3"; for s in 0 1 2; do ln -sfn "$WORK/base/seed$s" "$WORK/base3/seed$s"; done
 for t in "" --tta; do
     "$PY" benchmarks/sim2real.py --n "$N" --seeds 0 1 2 --out "$WORK/base3" "${COMMON[@]}" --model cbam \
         --image-size 48 "${LOC[@]}" $t > "$WORK/logs/table_base3${t:+_tta}.log" 2>&1 &
 done
-wait
+waitjobs
 stamp "all done"
 kill $COLLECTOR 2>/dev/null
 for f in "$WORK"/logs/table_*.log; do
