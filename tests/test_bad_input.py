@@ -214,6 +214,20 @@ def _foreign_code(d: Path) -> Path:
     return _pickle(Evil(), d / "evil.pkl")
 
 
+def _arrow_text_malformed(d: Path) -> Path:
+    """A text column as pandas >= 3 pickles it when pyarrow is installed, its offsets pointing past its data
+    (pyarrow would read memory it does not own)."""
+    pa = pytest.importorskip("pyarrow")
+
+    class BadArrowText:
+        def __reduce__(self):
+            offsets = pa.py_buffer(np.array([0, 2, 1 << 20], np.int32).tobytes())
+            data = (pa.string(), 2, 0, 0, [None, offsets, pa.py_buffer(b"ab")], [], None)
+            return pa.lib._restore_array, (data,)
+
+    return _pickle({"failureType": BadArrowText()}, d / "arrow.pkl")
+
+
 def _nonexistent(d: Path) -> Path:
     return d / "does_not_exist.pkl"
 
@@ -313,6 +327,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], tuple[str, ...], bool]] = {
     "csv_missing_column": (_csv_missing_column, ("missing column 'failureType'",), True),
     "csv_bad_value": (_csv_bad_value, ("row 1", "'waferMap'", "value 7"), True),
     "foreign_code": (_foreign_code, ("posix.system", "refusing"), True),
+    "arrow_text_malformed": (_arrow_text_malformed, ("arrow.pkl", "pyarrow array is malformed"), True),
     "nonexistent": (_nonexistent, ("no such file",), True),
     "zip_without_pickle": (_zip_named_pkl_zip_without_pickle, ("expected one pickle",), True),
     "stdf_truncated": (_stdf_truncated, ("record", "at byte", "cut short"), True),

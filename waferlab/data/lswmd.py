@@ -9,6 +9,7 @@ proof: only open pickles you trust, convert them once (``waferlab data convert``
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import json
 import lzma
@@ -111,6 +112,9 @@ _SAFE_BUILTINS = frozenset({
 _ALLOWED_ROOTS = ("numpy", "pandas", "datetime", "collections", "decimal", "zoneinfo", "pytz", "dateutil")
 _DENIED_PARTS = ("io", "testing", "util", "plotting", "f2py", "distutils", "ctypeslib", "npyio", "_pytest",
                  "compat", "api", "conftest", "tests", "random", "_sysconfig")
+# pandas >= 3 stores text columns as pyarrow arrays when pyarrow is installed; their pickles rebuild them
+# with these three (a type from its name, a buffer from bytes, an array from those), nothing else of pyarrow's
+_PYARROW_NAMES = frozenset({"type_for_alias", "py_buffer", "_restore_array"})
 _DENIED_NAMES = frozenset({"load", "loads", "read_pickle", "eval", "exec", "system", "open", "fromfile",
                            "memmap", "genfromtxt", "loadtxt", "read_csv", "save", "savez", "tofile",
                            "__import__", "getattr", "setattr"})
@@ -154,7 +158,22 @@ class _LswmdUnpickler(pickle.Unpickler):
         if not _allowed(module, name):
             raise WaferlabError(f"{self._path}: the pickle refers to {module}.{name}, which a wafer-map "
                                 "DataFrame never needs; refusing to load it (untrusted pickle?)")
+        if module == "pyarrow.lib" and name == "_restore_array":
+            return functools.partial(_restore_arrow_array, self._path)
         return super().find_class(module, name)
+
+
+def _restore_arrow_array(path: str, data: Any) -> Any:
+    """pyarrow's ``_restore_array``, then a full validation: the offsets and lengths come from the file, and
+    an array whose offsets point outside its buffers would read memory it does not own."""
+    from pyarrow import lib
+
+    array = lib._restore_array(data)
+    try:
+        array.validate(full=True)
+    except (lib.ArrowException, ValueError) as exc:
+        raise WaferlabError(f"{path}: a text column's pyarrow array is malformed ({exc})") from None
+    return array
 
 
 def _numpy_core() -> str:
@@ -170,6 +189,8 @@ def _allowed(module: str, name: str) -> bool:
         return name in ("_reconstructor", "__newobj__", "__newobj_ex__")
     if module == "_codecs":
         return name == "encode"
+    if module == "pyarrow.lib":
+        return name in _PYARROW_NAMES
     parts = module.split(".")
     return parts[0] in _ALLOWED_ROOTS and not any(p in _DENIED_PARTS for p in parts[1:])
 
