@@ -1,5 +1,6 @@
 """Test-time augmentation in the one prediction path: the 8 dihedral views, their averaged probabilities,
-and ``--tta`` on ``evaluate`` and ``predict`` (torch backend; the ONNX backends refuse it)."""
+and ``--tta`` on ``evaluate`` and ``predict`` (torch backend; the ONNX backends refuse it); and the
+prediction path's precision policy (``PredictOptions.autocast``, ``predict --autocast``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import nn
 
 from waferlab.cli import main
 from waferlab.engine.predict import (
+    AUTOCAST_POLICIES,
     DIHEDRAL_VIEWS,
     InputSpec,
     PredictOptions,
@@ -132,3 +134,54 @@ def test_predict_tta_with_the_torch_backend(setup: dict[str, Path], tmp_path: Pa
         frames[name] = pd.read_csv(out, keep_default_na=False)
     assert len(frames["tta"]) == 20 and list(frames["tta"].columns) == list(frames["plain"].columns)
     assert not np.allclose(frames["plain"]["prob"], frames["tta"]["prob"], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- autocast
+class Recorder(nn.Module):
+    """Records, at each forward, whether CPU bf16 autocast, cuDNN TF32 and CUDA-matmul TF32 were on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.cam_target_layer = self.conv
+        self.seen: list[tuple[bool, bool, bool]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append((torch.is_autocast_enabled("cpu"), torch.backends.cudnn.allow_tf32,
+                          torch.backends.cuda.matmul.allow_tf32))
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_autocast_policy_reaches_the_forward_and_off_turns_tf32_off_then_back_on() -> None:
+    """``off`` is float32 on a GPU too: cuDNN's default TF32 convolutions (10-bit mantissas) are switched
+    off for the forward and the caller's flags restored; ``bf16`` autocasts anywhere, ``auto`` on CUDA."""
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    model = Recorder()
+    try:
+        for policy in AUTOCAST_POLICIES:
+            predict(model, wafers(3), SPEC, PredictOptions(device="cpu", autocast=policy))
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    assert dict(zip(AUTOCAST_POLICIES, model.seen)) == {
+        "auto": (False, True, True), "off": (False, False, False), "bf16": (True, True, True)}
+    assert after == (True, True)
+
+
+def test_predict_autocast_flag_reaches_the_model_and_the_onnx_backend_refuses_bf16(
+        setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    frames = {}
+    for policy in ("off", "bf16"):
+        out = tmp_path / f"{policy}.csv"
+        assert main(["predict", str(setup["run"]), "--data", str(setup["data"]), "--out", str(out),
+                     "--no-progress", "--autocast", policy]) == 0
+        frames[policy] = pd.read_csv(out, keep_default_na=False)
+    diff = np.abs(frames["off"]["prob"] - frames["bf16"]["prob"]).max()
+    assert 0 < diff < 0.2  # bf16's 8-bit mantissas moved every probability a little, none a lot
+    capsys.readouterr()
+    rc = main(["predict", str(setup["run"]), "--data", str(setup["data"]), "--out", str(tmp_path / "x.csv"),
+               "--backend", "onnx", "--autocast", "bf16", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--autocast bf16" in err[0] and "float32" in err[0]
+    assert not (tmp_path / "x.csv").exists()

@@ -8,7 +8,7 @@ import sys
 from waferlab.deploy import DEFAULT_CALIB_MAPS, EXPORT_FORMATS, QUANTIZE_MODES
 from waferlab.deploy.ood import METHODS as OOD_METHODS
 from waferlab.deploy.predict import BACKENDS
-from waferlab.engine.predict import add_tta_flag
+from waferlab.engine.predict import add_autocast_flag, add_tta_flag
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", type=int, default=None,
                    help="worker processes, one per device (default: every CUDA GPU, else 1)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_autocast_flag(p)
     add_tta_flag(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
@@ -85,7 +86,8 @@ def _predict(args: argparse.Namespace) -> int:
 
     job = PredictJob(run=args.run, data=args.data, out=args.out, backend=args.backend, gallery=args.gallery,
                      batch_size=args.batch_size, chunk_size=args.chunk_size, devices=args.devices,
-                     device=args.device, progress=not args.no_progress, tta=args.tta)
+                     device=args.device, progress=not args.no_progress, tta=args.tta,
+                     autocast=args.autocast)
     print(predict_summary(predict_file(job), args.out, args.gallery), file=sys.stderr)
     return 0
 

@@ -57,6 +57,7 @@ class PredictJob:
     device: str | None = None  # torch device for one process ("cpu", "cuda:0"); None = auto
     progress: bool = True
     tta: bool = False  # test-time augmentation (torch backend only: the exported graph sees one view)
+    autocast: str = "auto"  # the torch backend's precision (engine.predict.AUTOCAST_POLICIES)
 
 
 @dataclass
@@ -118,6 +119,7 @@ class BackendSpec:
     batch_size: int
     threads: int | None = None
     tta: bool = False
+    autocast: str = "auto"
 
 
 class TorchBackend:
@@ -141,7 +143,7 @@ class TorchBackend:
 
         opts = PredictOptions(device=self.spec.device, batch_size=self.spec.batch_size,
                               temperature=self.trust.temperature, features=self.trust.scorer.needs_features,
-                              tta=self.spec.tta)
+                              tta=self.spec.tta, autocast=self.spec.autocast)
         pred = predict(self.model, maps, self.contract.spec, opts)
         seen = (input_maps(maps, self.contract.spec) if self.trust.scorer.needs_maps and descriptors is None
                 else None)
@@ -231,6 +233,9 @@ def resolve_backend(job: PredictJob) -> tuple[str, Any, Any]:
     if job.tta and backend != "torch":
         raise WaferlabError(f"--tta: test-time augmentation runs with --backend torch on the run directory "
                             f"(the exported graph sees one view of each map), not --backend {backend}")
+    if job.autocast == "bf16" and backend != "torch":
+        raise WaferlabError(f"--autocast bf16: the torch backend's precision; --backend {backend} runs the "
+                            f"exported float32 graph")
     if is_file:
         if backend not in ONNX_BACKENDS:
             raise WaferlabError(f"{job.run}: an ONNX file runs with --backend onnx or openvino (the torch "
@@ -418,7 +423,7 @@ def _worker_specs(job: PredictJob, backend: str, n: int) -> list[BackendSpec]:
     cuda = backend == "torch" and torch.cuda.is_available() and job.device in (None, "cuda")
     threads = max(1, (os.cpu_count() or 1) // n)
     return [BackendSpec(job.run, backend, f"cuda:{i}" if cuda else (job.device or "cpu"), job.batch_size,
-                        threads, job.tta) for i in range(n)]
+                        threads, job.tta, job.autocast) for i in range(n)]
 
 
 def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session: Any = None
@@ -427,7 +432,8 @@ def infer_stream(job: PredictJob, backend: str, chunks: Iterator[Chunk], session
     ``session``) or one per device."""
     n = job.devices or _default_devices(backend)
     if n <= 1:
-        spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads(), job.tta)
+        spec = BackendSpec(job.run, backend, job.device, job.batch_size, _process_threads(), job.tta,
+                           job.autocast)
         model = open_backend(spec, session)
         for c in chunks:
             yield (c, *model.infer(c.maps, c.descriptors))

@@ -7,6 +7,8 @@ batching, resizing, encoding and the logit scale / temperature are decided in on
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 AUTOCAST_POLICIES = ("auto", "off", "bf16")  # auto: bf16 on CUDA, full precision elsewhere
+AUTOCAST_HELP = ("precision of the forward pass: auto = bf16 autocast on CUDA, float32 elsewhere; off = "
+                 "float32 everywhere, TF32 off too (rows move with --batch-size or --chunk-size only by "
+                 "float32 rounding, as an ONNX export's do); bf16 = bf16 autocast on any device")
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,12 @@ def dihedral_view(x: torch.Tensor, t: int) -> torch.Tensor:
     return torch.flip(x, dims=(-1,)) if t >= 4 else x
 
 
+def add_autocast_flag(parser: Any) -> None:
+    """``--autocast`` on a command's argparse parser, built from :data:`AUTOCAST_POLICIES`."""
+    parser.add_argument("--autocast", choices=AUTOCAST_POLICIES, default=AUTOCAST_POLICIES[0],
+                        help=AUTOCAST_HELP)
+
+
 def add_tta_flag(parser: Any) -> None:
     """``--tta`` on a command's argparse parser: the same flag and help for evaluate and predict."""
     parser.add_argument("--tta", action="store_true", help=TTA_HELP)
@@ -162,6 +173,23 @@ def _feature_hook(model: nn.Module, store: list[torch.Tensor]):
     return layer.register_forward_hook(hook)
 
 
+@contextlib.contextmanager
+def _strict_float32(on: bool) -> Iterator[None]:
+    """TF32 off for cuDNN convolutions and CUDA matmuls while ``on`` (cuDNN's default is TF32 on Ampere and
+    later: 10-bit mantissas, so ``autocast off`` would not be float32); the previous flags come back after."""
+    import torch
+
+    if not on:
+        yield
+        return
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+
+
 def _view_logits(model: nn.Module, x: torch.Tensor, spec: InputSpec, opts: PredictOptions,
                  dev: torch.device) -> np.ndarray:
     """Scaled logits (views, B, K) of an encoded batch: one view, or the 8 dihedral ones with ``opts.tta``."""
@@ -170,7 +198,8 @@ def _view_logits(model: nn.Module, x: torch.Tensor, spec: InputSpec, opts: Predi
     outs = []
     for t in range(DIHEDRAL_VIEWS if opts.tta else 1):
         bf16 = _use_bf16(opts.autocast, dev)
-        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bf16), \
+                _strict_float32(opts.autocast == "off"):
             out = model(x if t == 0 else dihedral_view(x, t))
         outs.append(out.float().reshape(len(x), -1).cpu().numpy() * spec.logit_scale)
     return np.stack(outs)
