@@ -102,7 +102,8 @@ def read_tsk(path: Path, options: FabOptions) -> list[FabWafer]:
     if tuple(c % 65536 for c in counts) != h.totals:
         raise fab_error(path, "header", f"totals tested/pass/fail {'/'.join(map(str, h.totals))} disagree "
                                         f"with the die cells ({'/'.join(map(str, counts))})")
-    bins = np.where(status > 0, words[..., 2] & 63, -1).astype(np.int32)
+    # int32 before the -1: a Python -1 beside uint16 cells is truncated to 65535 (numpy 2) or raises (2.5)
+    bins = np.where(status > 0, (words[..., 2] & 63).astype(np.int32), -1)
     mark = side_from_angle(h.flat, "up")
     return [FabWafer(map=turn_mark_down(status.astype(np.uint8), mark), bins=turn_mark_down(bins, mark),
                      lot=h.lot, wafer_id=h.wafer_id, slot=h.slot or None)]
