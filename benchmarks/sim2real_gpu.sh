@@ -6,6 +6,7 @@
 # (plain and --tta). RESULTS_DIR gets summary.txt (every table) and logs.tgz (logs and metrics, no weights),
 # refreshed every 30 s. S2R_N, S2R_N3, S2R_LOC, S2R_LOC3, S2R_EPOCHS shrink it for a dry run on a CPU.
 set -uo pipefail
+[ $# -ge 2 ] || { echo "usage: $0 SHARED_DATA RESULTS_DIR [WORK_DIR]" >&2; exit 2; }
 SHARED=$(realpath "$1"); RES=$(realpath -m "$2"); WORK=$(realpath -m "${3:-/tmp/s2r}")
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
@@ -55,10 +56,10 @@ lever() {  # NAME N SEEDS... -- sim2real.py options: one process per seed, then 
     done
     wait
     stamp "$name: runs done"
-    "$PY" benchmarks/sim2real.py --n "$n" --seeds "${seeds[@]}" --out "$WORK/$name" "${COMMON[@]}" "$@" \
-        > "$WORK/logs/table_${name}.log" 2>&1
-    "$PY" benchmarks/sim2real.py --n "$n" --seeds "${seeds[@]}" --out "$WORK/$name" "${COMMON[@]}" "$@" \
-        --tta > "$WORK/logs/table_${name}_tta.log" 2>&1
+    for t in "" --tta; do  # the tables from the finished runs, plain then with test-time augmentation
+        "$PY" benchmarks/sim2real.py --n "$n" --seeds "${seeds[@]}" --out "$WORK/$name" "${COMMON[@]}" "$@" \
+            $t > "$WORK/logs/table_${name}${t:+_tta}.log" 2>&1
+    done
     stamp "$name: tables done"
 }
 stamp "levers"
